@@ -1,0 +1,169 @@
+"""Model configuration: one dataclass for the dense Llama / Qwen2 / Qwen3 family, read from and written to
+HF `config.json` dictionaries.
+
+Derive, don't re-enter: every architectural number comes from the checkpoint's config.json. Keys we do not
+model (token ids, `torch_dtype`, `auto_map`, ...) are kept in `hf_extra` and written back unchanged so a saved
+folder still loads in HF transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+# HF architectures string per family, used when saving a folder that had none.
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# config.json keys that ModelConfig owns; everything else goes to hf_extra.
+_OWNED_KEYS = {
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "max_position_embeddings", "attention_bias", "mlp_bias",
+    "tie_word_embeddings", "hidden_act", "blockdiff",
+}
+
+
+@dataclass
+class DiffusionInfo:
+    """Block-diffusion facts stored under the `blockdiff` key of config.json (absent for AR checkpoints)."""
+
+    mask_token_id: int  # id of [MASK] in the vocabulary
+    block_size: int  # tokens per block the model was last trained with (decoding default)
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"  # one of FAMILIES
+    vocab_size: int = 1024  # rows of the embedding / head
+    hidden_size: int = 256  # model width d
+    intermediate_size: int = 688  # SwiGLU inner width
+    num_layers: int = 4
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (GQA when < num_heads)
+    head_dim: int = 64  # per-head width (Qwen3 sets it independently of hidden_size)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # HF rope parameters beyond theta (type "linear" / "llama3")
+    max_position_embeddings: int = 4096  # positions the model was trained for (tokens)
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v projections
+    o_bias: bool = False  # Llama attention_bias=True also biases the output projection
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
+    tie_word_embeddings: bool = False
+    diffusion: DiffusionInfo | None = None
+    hf_extra: dict[str, Any] = field(default_factory=dict)  # unmodelled config.json keys, written back as-is
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"model family {self.family!r} is not supported; allowed: {', '.join(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+            )
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {rope_type!r} is not supported; allowed: {', '.join(ROPE_TYPES)}")
+
+    @property
+    def rope_type(self) -> str:
+        s = self.rope_scaling or {}
+        return s.get("rope_type", s.get("type", "default"))
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.diffusion is not None
+
+    def num_parameters(self) -> int:
+        d, hd = self.hidden_size, self.head_dim
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+        mlp = 3 * d * self.intermediate_size
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * d) + emb + d
+
+    # ----------------------------------------------------------------------------------- HF conversion
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Read an HF config.json dict. `source` names the file in error messages."""
+        model_type = hf.get("model_type")
+        if model_type not in FAMILIES:
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not a supported dense family; allowed: {', '.join(FAMILIES)}"
+            )
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
+        heads = int(hf["num_attention_heads"])
+        kv_heads = int(hf.get("num_key_value_heads") or heads)
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        # transformers >= 5 writes `rope_parameters` (theta inside); older versions `rope_theta` + `rope_scaling`.
+        rope_params = dict(hf.get("rope_parameters") or {})
+        theta = float(rope_params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling = hf.get("rope_scaling") or None
+        if scaling is None and rope_params.get("rope_type", "default") != "default":
+            scaling = rope_params
+        attention_bias = bool(hf.get("attention_bias", False))
+        family = model_type
+        diffusion = None
+        if isinstance(hf.get("blockdiff"), dict) and "mask_token_id" in hf["blockdiff"]:
+            diffusion = DiffusionInfo(int(hf["blockdiff"]["mask_token_id"]), int(hf["blockdiff"]["block_size"]))
+        return cls(
+            family=family,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            # Qwen2 always has q/k/v bias and no o bias; Llama's attention_bias covers all four projections.
+            qkv_bias=True if family == "qwen2" else attention_bias,
+            o_bias=False if family == "qwen2" else attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=family == "qwen3",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            diffusion=diffusion,
+            hf_extra={k: copy.deepcopy(v) for k, v in hf.items() if k not in _OWNED_KEYS},
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF config.json dict (rope written in both the old and the transformers-5 spelling)."""
+        out: dict[str, Any] = copy.deepcopy(self.hf_extra)
+        out.setdefault("architectures", [HF_ARCHITECTURES[self.family]])
+        rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rope_parameters.update(self.rope_scaling)
+        out.update(
+            model_type=self.family,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_parameters=rope_parameters,
+            max_position_embeddings=self.max_position_embeddings,
+            hidden_act="silu",
+            mlp_bias=self.mlp_bias,
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        if self.rope_scaling:
+            out["rope_scaling"] = dict(self.rope_scaling)
+        if self.family == "llama":
+            out["attention_bias"] = self.o_bias or self.qkv_bias
+        elif self.family == "qwen3":
+            out["attention_bias"] = self.qkv_bias
+        if self.diffusion is not None:
+            out["blockdiff"] = asdict(self.diffusion)
+        return out

@@ -1,0 +1,170 @@
+"""The decoder: one plain-PyTorch transformer for the dense Llama / Qwen2 / Qwen3 family.
+
+It takes token ids (or input embeddings), positions and an attention mask and returns logits. It knows nothing
+of noise, losses, sampling or parallelism (STYLE.md item 1). Whether it behaves as an AR model or a
+block-diffusion model is decided entirely by the mask the caller passes and by how the caller reads the logits.
+
+KV cache protocol (duck-typed, implemented in `blockdiff.decode.cache`): if `cache` is given, every attention
+layer calls `cache.update(layer_idx, k, v)` with this forward's keys/values [b, hkv, T, d] and attends to the
+returned keys/values (the cached prefix followed by these T tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import apply_rope, attend, rope_cos_sin, rope_inv_freq
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and scale after casting back, as Llama / Qwen reference code does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache=None) -> Tensor:
+        b, T, _ = x.shape
+        q = self.wq(x).view(b, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, T, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attend(q, k, v, mask)  # [b, h, T, d]
+        return self.wo(out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)  # gate
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)  # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache=None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Fresh random init (only for models trained from scratch; checkpoints overwrite it)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.tok_embeddings(input_ids)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+        mask=None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        cache=None,
+    ) -> Tensor:
+        """input_ids [b, T] (or inputs_embeds [b, T, d]), positions [b, T] (default arange),
+        mask: bool [b|1, 1, T, K] / BlockMask / None (all visible). Returns logits [b, T, V]."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        b, T = x.shape[:2]
+        if positions is None:
+            positions = torch.arange(T, device=x.device).expand(b, T)
+        elif positions.dim() == 1:
+            positions = positions.expand(b, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        return self.output(self.norm(x))
+
+
+def resize_vocab(model: Transformer, new_size: int) -> None:
+    """Grow the embedding (and untied head) to `new_size` rows, e.g. to add a [MASK] token.
+
+    New rows are initialised to the mean of the existing rows (embedding and head alike): a token that starts
+    "average" perturbs no existing logit ranking much and has a non-degenerate norm. LLaDA2 found that
+    re-initialising the mask embedding hurt (forgetting); for an added token there is nothing to keep, so the
+    mean is the neutral choice (the same default as HF's `resize_token_embeddings(mean_resizing=True)` uses for
+    its mean).
+    """
+    old = model.tok_embeddings.weight
+    n_old, d = old.shape
+    if new_size < n_old:
+        raise ValueError(f"resize_vocab only grows the vocabulary ({n_old} -> {new_size} requested)")
+    if new_size == n_old:
+        return
+    tied = model.output.weight is model.tok_embeddings.weight
+    emb = nn.Embedding(new_size, d, device=old.device, dtype=old.dtype)
+    with torch.no_grad():
+        emb.weight[:n_old] = old
+        emb.weight[n_old:] = old.mean(0, keepdim=True)
+    model.tok_embeddings = emb
+    if tied:
+        model.output.weight = emb.weight
+    else:
+        head = nn.Linear(d, new_size, bias=False, device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            head.weight[:n_old] = model.output.weight
+            head.weight[n_old:] = model.output.weight.mean(0, keepdim=True)
+        model.output = head
+    model.cfg.vocab_size = new_size
