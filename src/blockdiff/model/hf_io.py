@@ -144,21 +144,27 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     extra_files: dict[str, object] | None = None,
+    write_extra=None,
 ) -> Path:
-    """Write `folder` atomically in the HF layout. `extra_files` maps file name -> JSON-able object."""
+    """Write `folder` atomically in the HF layout. `extra_files` maps file name -> JSON-able object;
+    `write_extra(tmp_folder)` may write further files (optimizer state, ...) inside the same atomic swap."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         sd = hf_state_dict(model, dtype)
         hf_cfg = model.cfg.to_hf()
-        hf_cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+        # transformers >= 4.56 reads `dtype` before `torch_dtype`: overwrite both, or a `dtype` kept in hf_extra
+        # from the source folder would mislabel the weights we write.
+        hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
         write_json_atomic(tmp / "config.json", hf_cfg)
         _write_weights(sd, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
         for name, obj in (extra_files or {}).items():
             write_json_atomic(tmp / name, obj)
+        if write_extra is not None:
+            write_extra(tmp)
         _swap_in(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -196,7 +202,11 @@ def _swap_in(tmp: Path, folder: Path) -> None:
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
         os.replace(folder, old)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            os.replace(old, folder)  # put the good checkpoint back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, folder)
