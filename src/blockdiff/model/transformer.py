@@ -121,9 +121,12 @@ class Transformer(nn.Module):
         *,
         inputs_embeds: Tensor | None = None,
         cache=None,
+        logits_slice: slice | None = None,
     ) -> Tensor:
         """input_ids [b, T] (or inputs_embeds [b, T, d]), positions [b, T] (default arange),
-        mask: bool [b|1, 1, T, K] / BlockMask / None (all visible). Returns logits [b, T, V]."""
+        mask: bool [b|1, 1, T, K] / BlockMask / None (all visible). Returns logits [b, T, V].
+        `logits_slice` limits the head to those positions (e.g. the noisy half of [x_t ; x0]): the head is the
+        largest matmul at real vocab sizes, so skipping positions whose logits are never read saves time."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -135,6 +138,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
+        if logits_slice is not None:
+            x = x[:, logits_slice]
         return self.output(self.norm(x))
 
 

@@ -1,0 +1,164 @@
+"""The `blockdiff` command line: a thin layer over the public API (STYLE.md item 4).
+
+    blockdiff make-data  write the bundled corpus (synthetic tasks + Python stdlib source) as jsonl
+    blockdiff convert    AR checkpoint -> block-diffusion checkpoint with a WSD recipe, then a report
+    blockdiff merge      average the top-k checkpoints of a run by validation ELBO
+    blockdiff generate   decode a prompt with a converted model (threshold rule, exact block KV cache)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r}: expected section.field=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_make_data(args) -> int:
+    from .data.bundled import write_bundled_corpus
+
+    c = write_bundled_corpus(args.out, train_examples=args.train_examples, train_code_chars=args.code_chars,
+                             valid_examples=args.valid_examples, seed=args.seed)
+    print(f"wrote {c.train} and {c.valid}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import print_report, run_conversion
+    from .train.recipe import load_recipe
+
+    overrides = _parse_set(args.set)
+    if args.model:
+        overrides["model.path"] = str(Path(args.model).resolve())
+    recipe = load_recipe(args.recipe, overrides)
+    res = run_conversion(recipe, args.out, resume=args.resume, progress=not args.no_progress)
+    print_report(res.report)
+    print(f"model: {res.model_dir}\nreport: {res.report_path}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .train.merge import merge_top_k
+
+    res = merge_top_k(args.run, args.k, args.out, block_size=args.block_size)
+    for c, nll in res.chosen:
+        print(f"  {c.name}: val NLL {nll:.4f} nats/token")
+    print(f"averaged {len(res.chosen)} checkpoints at block size {res.block_size} -> {res.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .data.tokenizer import load_tokenizer
+    from .decode.engine import BlockDecodeConfig, ar_generate, block_generate
+    from .model.hf_io import load_pretrained
+
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    tok = load_tokenizer(args.model)
+    model = load_pretrained(args.model).eval()
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt is empty after tokenisation")
+    info = model.cfg.diffusion
+    if args.ar or info is None:
+        if not args.ar:
+            print(f"[blockdiff] {args.model} has no blockdiff diffusion section: decoding it as an AR model", file=sys.stderr)
+        g = ar_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids,
+                        temperature=args.temperature, generator=gen)
+    else:
+        cfg = BlockDecodeConfig(block_size=args.block_size or info.block_size, steps=args.steps,
+                                threshold=args.threshold, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature)
+        g = block_generate(model, ids, cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)
+    print(tok.decode(g.tokens))
+    print(f"[{g.n_generated} tokens, {g.forwards} forwards, TPF {g.tpf:.2f}, {g.n_generated / max(g.seconds, 1e-9):.1f} tokens/s]",
+          file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    d = sub.add_parser("make-data", help="write the bundled corpus as jsonl", formatter_class=fmt,
+                       description="Write train.jsonl / valid.jsonl: synthetic tasks with exact answers plus Python "
+                                   "standard-library source, generated deterministically on this machine.")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--train-examples", type=int, default=120_000, help="synthetic task documents in train.jsonl (count)")
+    d.add_argument("--valid-examples", type=int, default=400, help="held-out task documents in valid.jsonl (count)")
+    d.add_argument("--code-chars", type=int, default=1_000_000, help="stdlib source in train.jsonl (characters)")
+    d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.set_defaults(func=cmd_make_data)
+
+    c = sub.add_parser("convert", help="convert an AR checkpoint with a WSD recipe", formatter_class=fmt,
+                       description="Run a recipe (TOML): load the AR checkpoint, add a mask token if needed, train "
+                                   "through the recipe's phases (block size, steps or tokens, lr), checkpoint, merge "
+                                   "the top-k checkpoints, evaluate and write report.md / report.json in --out.")
+    c.add_argument("--recipe", required=True, help="recipe file (TOML), e.g. recipes/tiny_wsd.toml")
+    c.add_argument("--out", required=True, help="run folder: checkpoints/, final/, merged/, metrics.jsonl, loss.png, report")
+    c.add_argument("--model", default=None, help="starting HF folder; overrides [model] path of the recipe")
+    c.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    c.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a recipe field (repeatable), e.g. --set train.batch_size=4 (value parsed as JSON)")
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    m = sub.add_parser("merge", help="average the top-k checkpoints of a run", formatter_class=fmt,
+                       description="Average the parameters of the k checkpoints with the lowest validation ELBO "
+                                   "(same block size) into a new HF folder.")
+    m.add_argument("--run", required=True, help="run folder holding checkpoints/")
+    m.add_argument("--k", type=int, default=3, help="number of checkpoints to average")
+    m.add_argument("--out", required=True, help="output HF folder")
+    m.add_argument("--block-size", type=int, default=None,
+                   help="only checkpoints evaluated at this block size (tokens; default: the last checkpoint's)")
+    m.set_defaults(func=cmd_merge)
+
+    g = sub.add_parser("generate", help="decode a prompt", formatter_class=fmt,
+                       description="Decode one prompt. Block-diffusion models use the LLaDA2.0 threshold rule with "
+                                   "an exact block KV cache; AR models (or --ar) decode greedily token by token.")
+    g.add_argument("--model", required=True, help="HF folder (converted or AR)")
+    g.add_argument("--prompt", required=True, help="prompt text (no template applied)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (tokens)")
+    g.add_argument("--block-size", type=int, default=0, help="block size B (tokens; 0 = the model's trained block size)")
+    g.add_argument("--steps", type=int, default=32, help="denoising steps per block; quota = ceil(B/steps) tokens/step")
+    g.add_argument("--threshold", type=float, default=0.95, help="commit masked slots with confidence above this (0-1)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = argmax)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data.documents import DataError
+    from .train.loop import TrainingDiverged
+    from .train.recipe import RecipeError
+
+    try:
+        return args.func(args)
+    except (RecipeError, DataError, TrainingDiverged, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"blockdiff {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

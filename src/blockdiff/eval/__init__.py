@@ -1,0 +1,1 @@
+"""Evaluation of decoders on held-out prompts."""

@@ -1,0 +1,74 @@
+"""The forward (noising) process of masked diffusion: mask ratios t, absorbing-mask corruption, and the
+Gaussian noise on masked-position embeddings used while converting an AR model.
+
+Sources: LLaDA2.0 report (arXiv 2512.15745) section on the BDLM objective (linear schedule alpha_t = 1 - t,
+each token masked independently with probability t) and its "noise on masked embeddings" stabiliser; BD3-LM
+for per-block t. Departures: the embedding-noise std and its annealing are not published (SYSTEM.md 2.4): ours
+are documented at `embedding_noise_std`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+T_PER = ("sample", "block")
+
+
+def sample_t(
+    batch: int,
+    seq_len: int,
+    *,
+    t_lo: float,
+    t_hi: float,
+    per: str = "sample",
+    block_size: int = 1,
+    positions: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> Tensor:
+    """Mask ratio for every token, [b, L], drawn from U[t_lo, t_hi].
+
+    per="sample": one t per row (LLaDA2 / dFactory); per="block": one t per (row, block) where a token's block is
+    positions // block_size (BD3-LM), so each block is an independent diffusion problem.
+    """
+    if not 0.0 <= t_lo <= t_hi <= 1.0:
+        raise ValueError(f"mask-ratio bandwidth must satisfy 0 <= t_lo <= t_hi <= 1, got [{t_lo}, {t_hi}]")
+    if per == "sample":
+        u = torch.rand(batch, 1, generator=generator)
+        t = (t_lo + (t_hi - t_lo) * u).expand(batch, seq_len)
+    elif per == "block":
+        if positions is None:
+            positions = torch.arange(seq_len).expand(batch, seq_len)
+        blocks = positions.cpu() // block_size  # [b, L]
+        n_blocks = int(blocks.max()) + 1
+        u = torch.rand(batch, n_blocks, generator=generator)
+        t = torch.gather(t_lo + (t_hi - t_lo) * u, 1, blocks.long())
+    else:
+        raise ValueError(f"t_per must be one of {T_PER}, got {per!r}")
+    return t.to(device).contiguous()
+
+
+def mask_positions(t: Tensor, eligible: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Absorbing-mask draw: position i is masked with probability t[i] if eligible[i]. Returns bool [b, L]."""
+    u = torch.rand(t.shape, generator=generator).to(t.device)
+    return (u < t) & eligible
+
+
+def embedding_noise_std(model) -> float:
+    """Default std of the Gaussian noise added to masked-position embeddings during conversion.
+
+    Ours (not published): the RMS of the embedding table's entries, i.e. mean row norm / sqrt(d). Noise of that
+    size makes a masked position's input as large as a typical token's, so the near-zero (or mean-initialised)
+    [MASK] embedding cannot produce the degenerate, tiny-norm activations that caused the gradient spikes the
+    LLaDA2 authors describe at high mask ratios.
+    """
+    w = model.tok_embeddings.weight.detach().float()
+    return float(w.norm(dim=-1).mean() / w.shape[-1] ** 0.5)
+
+
+def annealed_std(std0: float, step: int, anneal_steps: int) -> float:
+    """Linear anneal from std0 at step 0 to 0 at `anneal_steps` (0 disables the noise)."""
+    if anneal_steps <= 0 or std0 <= 0:
+        return 0.0
+    return std0 * max(0.0, 1.0 - step / anneal_steps)

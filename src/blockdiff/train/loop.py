@@ -1,0 +1,265 @@
+"""The one visible training loop (STYLE.md item 3). Conversion (CPT with the WSD block schedule) and AR
+pretraining of the bundled base model differ only in the objective function and the phases.
+
+Per optimiser step: look up the phase (block size, lr) -> `grad_accum` micro-batches through the objective ->
+NaN/inf guard -> clip -> AdamW step -> metrics. Evaluation (validation ELBO perplexity) and checkpoints happen
+every N steps and at every phase end. A checkpoint holds everything for an exact resume (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data.documents import read_documents
+from ..data.packing import BatchStream, PackedDataset, pack, tokenize_documents
+from ..data.tokenizer import Tokenizer, load_tokenizer
+from ..model.config import DiffusionInfo
+from ..model.hf_io import load_pretrained
+from ..model.transformer import Transformer, resize_vocab
+from ..objectives.diffusion import DiffusionLossConfig, ar_loss, ar_nll, diffusion_loss, elbo_nll
+from ..objectives.noise import annealed_std, embedding_noise_std
+from . import checkpoint as ckpt_io
+from .metrics import MetricsLog, plot_curves
+from .recipe import Recipe
+from .schedule import Schedule
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path  # HF folder of the model after the last step
+    steps: int
+    evals: list[dict] = field(default_factory=list)  # every validation record of the run
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but no CUDA device is available")
+    return dev
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA; fp32 on CPU (bf16 is ~37x slower than fp32 on the project's CPUs)."""
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def prepare_model(recipe: Recipe, device: torch.device) -> tuple[Transformer, Tokenizer]:
+    """Load the starting checkpoint; for diffusion, make sure a [MASK] token exists (adding it to the
+    tokenizer and growing embedding + head when absent, see `resize_vocab` for the initialisation)."""
+    tok = load_tokenizer(recipe.model.path)
+    model = load_pretrained(recipe.model.path, device=device)
+    if recipe.objective.kind == "diffusion":
+        tok = tok.with_mask_token(recipe.model.mask_token)
+        if tok.mask_id >= model.cfg.vocab_size:
+            resize_vocab(model, tok.mask_id + 1)
+        block = recipe.phases[-1].block_size
+        model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id, block_size=block)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(
+            f"{recipe.model.path}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+            f"{model.cfg.vocab_size}"
+        )
+    return model, tok
+
+
+def load_data(recipe: Recipe, tok: Tokenizer, run_dir: Path) -> tuple[PackedDataset, PackedDataset | None]:
+    cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else run_dir.parent / ".cache" / "tokens"
+    d = recipe.data
+
+    def build(paths: list[str]) -> PackedDataset:
+        docs = read_documents(paths, text_field=d.text_field)
+        corpus = tokenize_documents(docs, tok, cache)
+        return pack(corpus, d.seq_len, pad_id=tok.pad_id, eos_pad_multiple=d.eos_pad_multiple)
+
+    train = build(d.train)
+    valid = build(d.valid) if d.valid else None
+    return train, valid
+
+
+def _valid_batches(valid: PackedDataset, rows: int, batch_size: int, device) -> list[dict]:
+    n = min(rows, len(valid))
+    out = []
+    for i in range(0, n, batch_size):
+        j = min(i + batch_size, n)
+        out.append({"input_ids": valid.input_ids[i:j].to(device), "doc_ids": valid.doc_ids[i:j].to(device),
+                    "positions": valid.positions[i:j].to(device)})
+    return out
+
+
+def evaluate(model, recipe: Recipe, batches: list[dict], block_size: int, mask_id: int | None, amp) -> float:
+    """Held-out per-token NLL (nats): negative ELBO for diffusion, next-token NLL for AR."""
+    was_training = model.training
+    model.eval()
+    with amp():
+        if recipe.objective.kind == "ar":
+            nll = ar_nll(model, batches)
+        else:
+            nll = elbo_nll(model, batches, mask_token_id=mask_id, block_size=block_size)
+    model.train(was_training)
+    return nll
+
+
+def build_optimizer(model, recipe: Recipe) -> torch.optim.AdamW:
+    t = recipe.train
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embeddings" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.phases[0].lr, betas=(t.beta1, t.beta2), foreach=True)
+
+
+def train(
+    recipe: Recipe,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Run (or resume) a recipe into `run_dir`. `max_steps` stops early after that many global steps
+    (checkpointing first), e.g. to test interruption and resume."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = recipe.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    amp_dtype = autocast_dtype(t.dtype, device)
+
+    def amp():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+    torch.manual_seed(t.seed)
+    generator = torch.Generator().manual_seed(t.seed)
+    schedule = Schedule(recipe)
+    model, tok = prepare_model(recipe, device)
+    train_data, valid_data = load_data(recipe, tok, run_dir)
+    stream = BatchStream(train_data, t.batch_size, seed=t.seed)
+    valid_batches = _valid_batches(valid_data, recipe.data.valid_rows, t.batch_size, device) if valid_data else []
+    optimizer = build_optimizer(model, recipe)
+    start = 0
+    evals: list[dict] = []
+    latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
+    if resume and latest is None:
+        print(f"[blockdiff] no checkpoint in {run_dir}/checkpoints: starting from step 0")
+    if latest is not None:
+        resumed = load_pretrained(latest, device=device)
+        model.load_state_dict(resumed.state_dict())
+        state = ckpt_io.load_resume_state(latest, optimizer, generator)
+        stream.load_state_dict(state["data"])
+        start, evals = state["step"], state.get("evals", [])
+        print(f"[blockdiff] resumed from {latest} at step {start}")
+    elif any((run_dir / "checkpoints").glob("step_*")):
+        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
+    log = MetricsLog(run_dir / "metrics.jsonl", truncate_from_step=start)
+    noise_std0 = 0.0
+    if recipe.objective.kind == "diffusion" and recipe.objective.embed_noise:
+        noise_std0 = recipe.objective.embed_noise_std or embedding_noise_std(model)
+    noise_steps = int(round(recipe.objective.embed_noise_frac * schedule.total_steps))
+    mask_id = tok.mask_id if recipe.objective.kind == "diffusion" else None
+    o = recipe.objective
+    end = schedule.total_steps if max_steps is None else min(schedule.total_steps, max_steps)
+    last_good = latest
+    model.train()
+    bar = tqdm(total=schedule.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    t0, tokens_seen = time.perf_counter(), 0
+
+    def save(step: int, phase_end: bool) -> Path:
+        ph = schedule.phase_at(step - 1)
+        if model.cfg.diffusion is not None:
+            model.cfg.diffusion.block_size = min(ph.block_size, recipe.data.seq_len)
+        state = {"step": step, "phase": ph.name, "block_size": ph.block_size, "phase_end": phase_end,
+                 "data": stream.state_dict(), "evals": evals, "val_nll": evals[-1]["val_nll"] if evals and evals[-1]["step"] == step else None}
+        path = ckpt_io.save_checkpoint(run_dir, step, model=model, tokenizer=tok, optimizer=optimizer,
+                                       generator=generator, trainer_state=state, recipe=recipe.to_dict())
+        ckpt_io.prune_checkpoints(run_dir, t.keep_last)
+        return path
+
+    for step in range(start, end):
+        phase = schedule.phase_at(step)
+        lr = schedule.lr_at(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_cfg = None
+        if o.kind == "diffusion":
+            loss_cfg = DiffusionLossConfig(mask_token_id=mask_id, block_size=phase.block_size, weighting=o.weighting,
+                                           t_lo=o.t_lo, t_hi=o.t_hi, t_per=o.t_per, complementary=o.complementary)
+        std = annealed_std(noise_std0, step, noise_steps)
+        micro: list[dict] = []
+        for _ in range(t.grad_accum):
+            batch = {k: v.to(device) for k, v in stream.next_batch().items()}
+            with amp():
+                if o.kind == "diffusion":
+                    loss, m = diffusion_loss(model, batch, loss_cfg, generator=generator, embed_noise_std=std)
+                else:
+                    loss, m = ar_loss(model, batch)
+            if not torch.isfinite(loss):
+                _diverged(step, phase, "loss", float(loss), last_good)
+            (loss / t.grad_accum).backward()
+            micro.append(m)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(gnorm):
+            _diverged(step, phase, "gradient norm", float(gnorm), last_good)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += recipe.tokens_per_step
+        elapsed = time.perf_counter() - t0
+        record = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
+        record.update(step=step + 1, phase=phase.name, block_size=phase.block_size, lr=lr, grad_norm=float(gnorm),
+                      embed_noise_std=std, tokens_per_s=tokens_seen / max(elapsed, 1e-9))
+        log.write(record)
+        bar.update(1)
+        bar.set_postfix(B=phase.block_size, loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        done = step + 1
+        phase_end = schedule.is_phase_end(step)
+        if valid_batches and (done % t.eval_every == 0 or phase_end or done == end):
+            eval_b = min(phase.block_size, recipe.data.seq_len)
+            nll = evaluate(model, recipe, valid_batches, eval_b, mask_id, amp)
+            rec = {"step": done, "phase": phase.name, "block_size": eval_b, "val_nll": nll,
+                   "val_ppl": math.exp(min(nll, 50.0)), "phase_end": phase_end}
+            evals.append(rec)
+            log.write({"eval": True, **rec})
+            bar.write(f"[eval] step {done} {phase.name} B={eval_b}: val ELBO ppl {rec['val_ppl']:.3f}")
+        if done % t.save_every == 0 or phase_end or done == end:
+            last_good = save(done, phase_end)
+    bar.close()
+    wall = time.perf_counter() - t0
+    final_dir = run_dir / "final"
+    if end == schedule.total_steps and last_good is not None:
+        from ..model.hf_io import save_pretrained
+
+        save_pretrained(model, final_dir, tokenizer=tok)
+    plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", schedule)
+    return TrainResult(run_dir, final_dir, end, evals, wall, tokens_seen / max(wall, 1e-9))
+
+
+def _diverged(step: int, phase, what: str, value: float, last_good: Path | None) -> None:
+    where = f"{last_good}" if last_good is not None else "none yet (no checkpoint was written)"
+    raise TrainingDiverged(
+        f"training stopped at step {step + 1} (phase {phase.name}, block size {phase.block_size}): {what} is {value}. "
+        f"No update was applied and nothing was saved. Last good checkpoint: {where}. "
+        "Lower the phase lr or raise warmup_steps, then continue with --resume."
+    )
