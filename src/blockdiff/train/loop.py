@@ -160,6 +160,11 @@ def train(
     stream = BatchStream(train_data, t.batch_size, seed=t.seed)
     valid_batches = _valid_batches(valid_data, recipe.data.valid_rows, t.batch_size, device) if valid_data else []
     optimizer = build_optimizer(model, recipe)
+    # Derived from the starting model, before any resumed weights are loaded, so a resumed run anneals the
+    # same noise as an uninterrupted one.
+    noise_std0 = 0.0
+    if recipe.objective.kind == "diffusion" and recipe.objective.embed_noise:
+        noise_std0 = recipe.objective.embed_noise_std or embedding_noise_std(model)
     start = 0
     evals: list[dict] = []
     latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
@@ -175,9 +180,6 @@ def train(
     elif any((run_dir / "checkpoints").glob("step_*")):
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
     log = MetricsLog(run_dir / "metrics.jsonl", truncate_from_step=start)
-    noise_std0 = 0.0
-    if recipe.objective.kind == "diffusion" and recipe.objective.embed_noise:
-        noise_std0 = recipe.objective.embed_noise_std or embedding_noise_std(model)
     noise_steps = int(round(recipe.objective.embed_noise_frac * schedule.total_steps))
     mask_id = tok.mask_id if recipe.objective.kind == "diffusion" else None
     o = recipe.objective
@@ -217,7 +219,7 @@ def train(
                 else:
                     loss, m = ar_loss(model, batch)
             if not torch.isfinite(loss):
-                _diverged(step, phase, "loss", float(loss), last_good)
+                _diverged(step, phase, "loss", float(loss.detach()), last_good)
             (loss / t.grad_accum).backward()
             micro.append(m)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))

@@ -51,6 +51,10 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
     acc = {n: p.detach().to(torch.float64).clone() for n, p in base.named_parameters()}
     for path in paths[1:]:
         other = dict(load_pretrained(path).named_parameters())
+        if other.keys() != acc.keys():  # e.g. another depth or an untied head: never average a subset
+            diff = sorted(other.keys() ^ acc.keys())
+            raise ValueError(f"{path}: parameters differ from {paths[0]} ({', '.join(diff[:4])}"
+                             f"{', ...' if len(diff) > 4 else ''})")
         for n, a in acc.items():
             if other[n].shape != a.shape:
                 raise ValueError(f"{path}: parameter {n} has shape {tuple(other[n].shape)}, expected {tuple(a.shape)}")

@@ -18,14 +18,14 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= truncate_from_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        # Open per record: nothing is left open when training stops on an exception (e.g. divergence).
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        self._f.close()
+        pass
 
 
 def read_metrics(path: Path) -> list[dict]:

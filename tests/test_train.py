@@ -1,0 +1,303 @@
+"""The training loop on a tiny model, CPU: an interrupted-and-resumed run equals an uninterrupted one bit for bit
+(also with gradient accumulation, and inside the embedding-noise anneal), gradient accumulation 2x1 equals 1x2,
+two runs with one seed are identical, checkpoints hold everything a resume and HF transformers need, the
+[MASK] token is added once, the NaN guard stops before any bad update is saved, and bad input fails early."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import blockdiff.train.loop as loop
+from blockdiff.data.documents import DataError
+from blockdiff.data.tokenizer import load_tokenizer
+from blockdiff.model.hf_io import load_pretrained
+from blockdiff.train.checkpoint import list_checkpoints, load_trainer_state
+from blockdiff.train.loop import TrainingDiverged, train
+from blockdiff.train.metrics import read_metrics
+from blockdiff.train.recipe import parse_recipe
+from blockdiff.train.schedule import Schedule
+
+L = 32  # seq_len of every recipe here
+
+# B=1 (AR-like) -> B=L (MDLM) -> B=4; saves at 3, 6, 9, 10; the embedding noise anneals over the first 8 steps.
+THREE_PHASES = [{"block_size": 1, "steps": 3, "lr": 1e-3}, {"block_size": L, "steps": 3, "lr": 2e-3},
+                {"block_size": 4, "steps": 4, "lr": 1e-3}]
+
+
+def make_recipe(model_dir: Path, paths: dict[str, Path], phases=THREE_PHASES, **sections):
+    raw = {
+        "model": {"path": str(model_dir)},
+        "data": {"train": [str(paths["train"])], "valid": [str(paths["valid"])], "seq_len": L, "valid_rows": 8},
+        "train": {"batch_size": 4, "eval_every": 3, "save_every": 3, "warmup_steps": 2, "decay_steps": 3,
+                  "threads": 1, "device": "cpu"},  # exact equalities are a CPU property
+        "objective": {"embed_noise_frac": 0.8},
+        "phases": phases,
+    }
+    for name, fields in sections.items():
+        raw.setdefault(name, {}).update(fields)
+    return parse_recipe(raw, source="test-recipe")
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_pretrained(folder).state_dict()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs between {a} and {b}"
+
+
+def train_lines(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if not r.get("eval")]
+
+
+def eval_lines(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("eval")]
+
+
+def ckpt_steps(run_dir: Path) -> list[int]:
+    return [int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)]
+
+
+def no_temp_folders(run_dir: Path) -> None:
+    leftovers = [p for p in run_dir.rglob(".*") if p.name != ".cache" and ".cache" not in p.parts]
+    assert not leftovers, f"temporary files left: {leftovers}"
+
+
+# Compared between runs; tokens_per_s is wall-clock.
+DETERMINISTIC = ("step", "phase", "block_size", "lr", "loss", "masked_nll", "masked_acc", "mask_frac", "grad_norm",
+                 "embed_noise_std")
+
+
+@pytest.fixture(scope="module")
+def run_a(tiny_ar_dir, tiny_data, tmp_path_factory):
+    """The uninterrupted reference run (3 phases, 10 steps) from the AR model without a mask token."""
+    recipe = make_recipe(tiny_ar_dir, tiny_data)
+    run_dir = tmp_path_factory.mktemp("run_a") / "run"
+    result = train(recipe, run_dir, progress=False)
+    return recipe, run_dir, result
+
+
+# ------------------------------------------------------------------------------ exact resume
+def test_resume_mid_phase_equals_uninterrupted_run(run_a, tmp_path):
+    recipe, dir_a, res_a = run_a
+    assert res_a.steps == recipe.total_steps == 10
+    dir_b = tmp_path / "run"
+    part = train(recipe, dir_b, progress=False, max_steps=5)  # killed mid phase 2, between saves at 3 and 6
+    assert part.steps == 5 and not (dir_b / "final").exists()
+    assert ckpt_steps(dir_b) == [3, 5], "max_steps must checkpoint before stopping"
+    # the fresh run B and the fresh run A agree up to the shared checkpoint
+    assert_same_weights(dir_a / "checkpoints/step_000003", dir_b / "checkpoints/step_000003")
+
+    res_b = train(recipe, dir_b, progress=False, resume=True)
+    assert res_b.steps == 10
+    assert_same_weights(dir_a / "final", dir_b / "final")
+    assert_same_weights(dir_a / "checkpoints/step_000010", dir_b / "checkpoints/step_000010")
+
+    lines_a, lines_b = train_lines(dir_a), train_lines(dir_b)
+    assert [r["step"] for r in lines_b] == list(range(1, 11)), "duplicate or missing step lines after resume"
+    for ra, rb in zip(lines_a, lines_b):
+        assert {k: ra[k] for k in DETERMINISTIC} == {k: rb[k] for k in DETERMINISTIC}
+    assert any(r["embed_noise_std"] > 0 for r in lines_b[5:]), "resume point should lie inside the noise anneal"
+    evals_a = {r["step"]: r["val_nll"] for r in eval_lines(dir_a)}
+    evals_b = {r["step"]: r["val_nll"] for r in eval_lines(dir_b)}
+    assert len(eval_lines(dir_b)) == len(evals_b), "duplicate eval lines after resume"
+    assert evals_b.keys() == evals_a.keys() | {5}  # the interrupted run also evaluated where it stopped
+    assert all(evals_b[s] == v for s, v in evals_a.items())
+    no_temp_folders(dir_b)
+
+
+def test_resume_with_grad_accum(tiny_ar_dir, tiny_data, tmp_path):
+    phases = [{"block_size": 1, "steps": 2, "lr": 1e-3}, {"block_size": 8, "steps": 3, "lr": 1e-3}]
+    recipe = make_recipe(tiny_ar_dir, tiny_data, phases, train={"grad_accum": 2, "batch_size": 2, "save_every": 2})
+    train(recipe, tmp_path / "a", progress=False)
+    train(recipe, tmp_path / "b", progress=False, max_steps=3)
+    state = load_trainer_state(tmp_path / "b/checkpoints/step_000003")
+    assert state["step"] == 3
+    n_rows = state["data"]["n_sequences"]
+    assert state["data"]["epoch"] * n_rows + state["data"]["index"] == 3 * 2 * 2  # steps * grad_accum * batch
+    train(recipe, tmp_path / "b", progress=False, resume=True)
+    assert_same_weights(tmp_path / "a/final", tmp_path / "b/final")
+    la, lb = train_lines(tmp_path / "a"), train_lines(tmp_path / "b")
+    assert [r["step"] for r in lb] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_grad_accum_2x1_equals_1x2(tiny_ar_dir, tiny_data, tmp_path):
+    """Every token masked (t = 1): no randomness, so two micro-batches of 1 row give the gradient of one batch of
+    2 rows (the ELBO loss is normalised per row-token, all rows have L tokens)."""
+    common = dict(objective={"t_lo": 1.0, "t_hi": 1.0, "embed_noise": False}, data={"valid": []})
+    phases = [{"block_size": 8, "steps": 1, "lr": 1e-3}]
+    one = make_recipe(tiny_ar_dir, tiny_data, phases, train={"batch_size": 2, "grad_accum": 1}, **common)
+    two = make_recipe(tiny_ar_dir, tiny_data, phases, train={"batch_size": 1, "grad_accum": 2}, **common)
+    train(one, tmp_path / "one", progress=False)
+    train(two, tmp_path / "two", progress=False)
+    (r1,), (r2,) = train_lines(tmp_path / "one"), train_lines(tmp_path / "two")
+    assert r1["mask_frac"] == r2["mask_frac"] == 1.0
+    assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-6)
+    assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ determinism
+def test_same_seed_same_weights_other_seed_differs(run_a, tmp_path):
+    recipe, dir_a, _ = run_a
+    train(recipe, tmp_path / "same", progress=False, max_steps=3)
+    assert_same_weights(dir_a / "checkpoints/step_000003", tmp_path / "same/checkpoints/step_000003")
+    other = make_recipe(recipe.model.path, {"train": Path(recipe.data.train[0]), "valid": Path(recipe.data.valid[0])},
+                        train={"seed": 1})
+    train(other, tmp_path / "other", progress=False, max_steps=3)
+    wa, wo = weights(dir_a / "checkpoints/step_000003"), weights(tmp_path / "other/checkpoints/step_000003")
+    assert any(not torch.equal(wa[k], wo[k]) for k in wa)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("step,block", [(3, 1), (6, L), (10, 4)])
+def test_checkpoint_contents(run_a, step, block):
+    recipe, run_dir, _ = run_a
+    ckpt = run_dir / f"checkpoints/step_{step:06d}"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "optimizer.pt", "rng.pt",
+            "trainer_state.json", "recipe.json"} <= names
+    tok = load_tokenizer(ckpt)
+    assert tok.mask_token == "<|mask|>" and tok.mask_id is not None
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["blockdiff"] == {"mask_token_id": tok.mask_id, "block_size": block}
+    assert cfg["vocab_size"] == tok.vocab_size
+
+    state = load_trainer_state(ckpt)
+    assert state["step"] == step and state["block_size"] == block
+    assert state["phase_end"] == (step in (3, 6, 10))
+    d = state["data"]
+    assert d["epoch"] * d["n_sequences"] + d["index"] == step * recipe.train.batch_size
+    assert isinstance(state["val_nll"], float) and math.isfinite(state["val_nll"])
+    assert json.loads((ckpt / "recipe.json").read_text()) == json.loads(json.dumps(recipe.to_dict()))
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    assert optim["state"] and all(int(s["step"]) == step for s in optim["state"].values())
+    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+    assert {"noise", "torch", "python", "numpy"} <= rng.keys()
+
+    model = load_pretrained(ckpt)
+    assert model.cfg.diffusion.mask_token_id == tok.mask_id and model.cfg.diffusion.block_size == block
+
+
+def test_checkpoint_loads_in_hf_transformers(run_a):
+    transformers = pytest.importorskip("transformers")
+    _, run_dir, _ = run_a
+    ckpt = run_dir / "checkpoints/step_000010"
+    ours = load_pretrained(ckpt).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
+    ids = torch.randint(0, ours.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        got = ours(ids, torch.arange(12)[None], torch.ones(12, 12, dtype=torch.bool).tril()[None, None])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    assert hf_tok.convert_tokens_to_ids("<|mask|>") == ours.cfg.diffusion.mask_token_id
+
+
+def test_mask_token_added_when_absent(run_a, tiny_ar_dir):
+    _, run_dir, _ = run_a
+    parent_tok = load_tokenizer(tiny_ar_dir)
+    assert parent_tok.mask_id is None
+    parent = load_pretrained(tiny_ar_dir)
+    v = parent.cfg.vocab_size
+    final = load_pretrained(run_dir / "final")
+    tok = load_tokenizer(run_dir / "final")
+    assert tok.vocab_size == parent_tok.vocab_size + 1 and tok.mask_id == parent_tok.vocab_size
+    assert final.cfg.vocab_size == v + 1 and final.tok_embeddings.weight.shape[0] == v + 1
+    assert final.cfg.diffusion.mask_token_id == tok.mask_id and final.cfg.diffusion.block_size == 4
+    assert tok.encode("add 1+2=") == parent_tok.encode("add 1+2=")  # the old tokens keep their ids
+    # every trainable parameter moved (old vocabulary rows compared)
+    for (name, p0), p1 in zip(parent.named_parameters(), final.parameters()):
+        assert not torch.equal(p0, p1[: p0.shape[0]]), f"{name} did not move"
+
+
+def test_mask_token_reused_when_present(tiny_bd_dir, tiny_data, tmp_path):
+    tok0 = load_tokenizer(tiny_bd_dir)
+    v0 = load_pretrained(tiny_bd_dir).cfg.vocab_size
+    assert tok0.mask_id is not None
+    recipe = make_recipe(tiny_bd_dir, tiny_data, [{"block_size": 8, "steps": 1, "lr": 1e-3}])
+    train(recipe, tmp_path / "run", progress=False)
+    tok = load_tokenizer(tmp_path / "run/final")
+    model = load_pretrained(tmp_path / "run/final")
+    assert tok.vocab_size == tok0.vocab_size and tok.mask_id == tok0.mask_id
+    assert model.cfg.vocab_size == v0 and model.cfg.diffusion.mask_token_id == tok0.mask_id
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_metrics_and_loss_curve(run_a):
+    recipe, run_dir, res = run_a
+    sched = Schedule(recipe)
+    lines = train_lines(run_dir)
+    assert [r["step"] for r in lines] == list(range(1, 11))
+    for r in lines:
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+        assert r["lr"] == sched.lr_at(r["step"] - 1)
+        assert r["block_size"] == sched.phase_at(r["step"] - 1).block_size
+    evals = eval_lines(run_dir)
+    assert [r["step"] for r in evals] == [3, 6, 9, 10]
+    assert [r["block_size"] for r in evals] == [1, L, 4, 4]
+    for r in evals:
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_nll"]))
+    assert [e["val_nll"] for e in res.evals] == [r["val_nll"] for r in evals]
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ NaN / inf guard
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+def test_divergence_stops_before_saving(what, tiny_ar_dir, tiny_data, tmp_path, monkeypatch):
+    phases = [{"block_size": 1, "steps": 3, "lr": 1e-3}, {"block_size": 8, "steps": 3, "lr": 1e-3}]
+    recipe = make_recipe(tiny_ar_dir, tiny_data, phases, train={"save_every": 2})
+    real, calls = loop.diffusion_loss, []
+
+    def poisoned(model, batch, cfg, **kw):
+        loss, m = real(model, batch, cfg, **kw)
+        calls.append(1)
+        if len(calls) == 5:  # step 5 (1-based), phase 2
+            if what == "loss":
+                loss = loss * float("nan")
+            else:  # finite loss, non-finite gradient: d sqrt(x)/dx at 0
+                loss = loss + torch.sqrt(0.0 * model.norm.weight.sum())
+        return loss, m
+
+    monkeypatch.setattr(loop, "diffusion_loss", poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as e:
+        train(recipe, run_dir, progress=False)
+    last_good = run_dir / "checkpoints/step_000004"
+    msg = str(e.value)
+    assert "step 5" in msg and "phase2-B8" in msg and what in msg and str(last_good) in msg
+    assert ckpt_steps(run_dir) == [2, 3, 4]
+    assert not (run_dir / "final").exists()
+    no_temp_folders(run_dir)
+    assert load_pretrained(last_good).cfg.diffusion.block_size == 8
+    assert [r["step"] for r in train_lines(run_dir)] == [1, 2, 3, 4]
+
+    monkeypatch.setattr(loop, "diffusion_loss", real)  # "continue with --resume" works from there
+    assert train(recipe, run_dir, progress=False, resume=True).steps == 6
+    assert [r["step"] for r in train_lines(run_dir)] == list(range(1, 7))
+
+
+# ------------------------------------------------------------------------------ refusals
+def test_refuses_to_overwrite_a_run(run_a):
+    recipe, run_dir, _ = run_a
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(recipe, run_dir, progress=False)
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_bad_data_fails_before_any_checkpoint(tiny_ar_dir, tiny_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": "two"}\n{"text": oops}\n')
+    recipe = make_recipe(tiny_ar_dir, {"train": bad, "valid": tiny_data["valid"]})
+    with pytest.raises(DataError, match=rf"{bad}:3: invalid JSON"):
+        train(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run/checkpoints").exists()
