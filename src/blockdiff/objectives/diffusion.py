@@ -55,7 +55,7 @@ def build_mask(mode: str, *, seq_len: int, device, block_size=None, doc_ids=None
 
 
 def noised_inputs(batch: dict[str, Tensor], cfg: DiffusionLossConfig, generator: torch.Generator | None):
-    """Draw t and the mask; returns (x0, x_t, masked, t, doc_ids, positions), with the complementary copy
+    """Draw t and the mask; returns (x0, x_t, masked, t, eligible, doc_ids, positions), with the complementary copy
     appended along the batch when enabled."""
     x0 = batch["input_ids"]
     b, L = x0.shape

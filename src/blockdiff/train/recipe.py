@@ -176,6 +176,9 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: invalid TOML: {e}") from None
+    for name in _SECTIONS:  # checked here: overrides and path resolution below index into these tables
+        if name in raw and not isinstance(raw[name], dict):
+            raise RecipeError(f"{path}: [{name}]: expected a table, got {type(raw[name]).__name__}")
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if not name or section not in _SECTIONS:
@@ -191,6 +194,8 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     for key in ("train", "valid"):
         if isinstance(raw.get("data", {}).get(key), list):
             raw["data"][key] = [resolve(p) if isinstance(p, str) else p for p in raw["data"][key]]
+    if isinstance(raw.get("data", {}).get("cache_dir"), str):
+        raw["data"]["cache_dir"] = resolve(raw["data"]["cache_dir"])
     return parse_recipe(raw, source=str(path))
 
 
