@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.data.bundled import write_bundled_corpus
+from blockdiff.data.bundled import BundledCorpus, write_bundled_corpus
 from blockdiff.data.tasks import generate_examples
 from blockdiff.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 from blockdiff.decode.engine import ar_generate
@@ -50,30 +50,35 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run in --work (same arguments)")
     args = ap.parse_args()
 
     t0 = time.time()
     work = Path(args.work)
-    if work.exists():
-        shutil.rmtree(work)
-    corpus = write_bundled_corpus(work / "data", train_examples=args.train_examples, train_code_chars=args.code_chars,
-                                  seed=args.seed)
-    texts = [json.loads(line)["text"] for line in corpus.train.read_text().splitlines()]
-    tok = train_bpe_tokenizer(texts, args.vocab, SPECIALS)
     init = work / "init"
-    init.mkdir(parents=True)
-    save_tokenizer(tok, init, eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
-                   model_max_length=2048)
+    if args.resume and (work / "run" / "checkpoints").is_dir():
+        corpus = BundledCorpus(work / "data" / "train.jsonl", work / "data" / "valid.jsonl")
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        corpus = write_bundled_corpus(work / "data", train_examples=args.train_examples,
+                                      train_code_chars=args.code_chars, seed=args.seed)
+        texts = [json.loads(line)["text"] for line in corpus.train.read_text().splitlines()]
+        tok = train_bpe_tokenizer(texts, args.vocab, SPECIALS)
+        init.mkdir(parents=True)
+        save_tokenizer(tok, init, eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+                       model_max_length=2048)
     tk = load_tokenizer(init)
     cfg = ModelConfig(family="llama", vocab_size=tk.vocab_size, hidden_size=args.hidden,
                       intermediate_size=int(args.hidden * 2.6875) // 16 * 16, num_layers=args.layers,
                       num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 128), head_dim=64,
                       rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True,
                       hf_extra={"bos_token_id": None, "eos_token_id": tk.eos_id, "pad_token_id": tk.pad_id})
-    torch.manual_seed(args.seed)
-    model = Transformer(cfg)
-    model.init_weights(seed=args.seed)
-    save_pretrained(model, init, tokenizer=tk)
+    if not (init / "config.json").exists():
+        torch.manual_seed(args.seed)
+        model = Transformer(cfg)
+        model.init_weights(seed=args.seed)
+        save_pretrained(model, init, tokenizer=tk)
     print(f"model: {cfg.num_parameters() / 1e6:.2f}M parameters, vocab {cfg.vocab_size}")
     recipe = parse_recipe({
         "model": {"path": str(init)},
@@ -84,7 +89,7 @@ def main() -> None:
         "objective": {"kind": "ar"},
         "phases": [{"name": "ar-pretrain", "block_size": 1, "lr": args.lr, "steps": args.steps}],
     }, source="make_base_model")
-    result = train(recipe, work / "run")
+    result = train(recipe, work / "run", resume=args.resume)
     final = load_pretrained(result.final_dir)
     final.eval()
     examples = generate_examples("heldout", args.eval_prompts, seed=123)
