@@ -8,6 +8,8 @@ Block decoding, per prompt:
   only the block's B tokens against the cache (bidirectional inside the block), picks a token and confidence
   per masked slot and commits per the rule; when no mask is left, one more forward writes the block's clean
   K/V and the cache commits it. Stop after the block that holds EOS or once max_new_tokens are generated.
+  Early exit inside the last block: once every slot before the first committed EOS (or before the token
+  budget) is committed, the remaining masked slots are never decoded -- the output is already final.
 Counting (SYSTEM.md 6.5): forwards exclude the prefill and include the cache-writing forward of each
 finished block (except the last); generated tokens count up to and including EOS.
 """
@@ -58,6 +60,19 @@ class Generation:
         return self.n_generated / max(self.forwards, 1)
 
 
+def _output_final(row, mask_id: int, eos: set[int], *, lo: int, end: int) -> bool:
+    """True when the visible output in row[lo:end] can no longer change: every slot before the first committed
+    EOS (or before `end`, the token budget) is committed. Slots after that EOS, or past the budget, would be
+    trimmed anyway, so denoising them is wasted forwards (committed tokens never change under this rule)."""
+    region = row[lo:end].tolist()
+    for t in region:
+        if t == mask_id:
+            return False
+        if t in eos:
+            return True
+    return True
+
+
 def _trim(gen: list[int], eos_ids: set[int], limit: int) -> tuple[list[int], int, bool]:
     gen = gen[:limit]
     for i, t in enumerate(gen):
@@ -89,10 +104,8 @@ def block_generate(model, prompt: list[int], cfg: BlockDecodeConfig, *, mask_id:
         lo, hi = b * B, (b + 1) * B
         pos = torch.arange(lo, hi, device=device)[None]
         steps = 0
-        while True:
+        while not _output_final(canvas[0], mask_id, eos, lo=max(lo, P), end=min(hi, P + cfg.max_new_tokens)):
             masked = canvas[:, lo:hi] == mask_id
-            if not masked.any():
-                break
             logits = model(canvas[:, lo:hi], positions=pos, mask=None, cache=cache)  # [1, B, V]
             forwards += 1
             steps += 1

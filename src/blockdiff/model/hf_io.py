@@ -43,6 +43,7 @@ def write_json_atomic(path: Path, obj) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
+    _chmod_default(Path(tmp), 0o666)  # mkstemp makes 0600; match what open() would create
     os.replace(tmp, path)
 
 
@@ -152,6 +153,7 @@ def save_pretrained(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
+        _chmod_default(tmp, 0o777)  # mkdtemp makes 0700; give the folder the permissions mkdir would
         sd = hf_state_dict(model, dtype)
         hf_cfg = model.cfg.to_hf()
         # transformers >= 4.56 reads `dtype` before `torch_dtype`: overwrite both, or a `dtype` kept in hf_extra
@@ -195,6 +197,12 @@ def _write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: i
             weight_map[k] = name
             total += t.numel() * t.element_size()
     write_json_atomic(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _chmod_default(path: Path, mode: int) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def _swap_in(tmp: Path, folder: Path) -> None:

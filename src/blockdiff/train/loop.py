@@ -9,8 +9,8 @@ every N steps and at every phase end. A checkpoint holds everything for an exact
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +186,9 @@ def train(
     end = schedule.total_steps if max_steps is None else min(schedule.total_steps, max_steps)
     last_good = latest
     model.train()
-    bar = tqdm(total=schedule.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    # On a terminal the bar refreshes twice a second; in a log file (CI, nohup) every 30 s, not every step.
+    bar = tqdm(total=schedule.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t0, tokens_seen = time.perf_counter(), 0
 
     def save(step: int, phase_end: bool) -> Path:
