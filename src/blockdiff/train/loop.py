@@ -236,7 +236,7 @@ def train(
                       embed_noise_std=std, tokens_per_s=tokens_seen / max(elapsed, 1e-9))
         log.write(record)
         bar.update(1)
-        bar.set_postfix(B=phase.block_size, loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(B=phase.block_size, loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         done = step + 1
         phase_end = schedule.is_phase_end(step)
         if valid_batches and (done % t.eval_every == 0 or phase_end or done == end):
