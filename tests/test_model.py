@@ -295,3 +295,24 @@ def test_config_to_hf_from_hf_round_trip(case):
     for name in cfg.__dataclass_fields__:
         if name != "hf_extra":
             assert getattr(again, name) == getattr(cfg, name), name
+
+
+@pytest.mark.parametrize("sl", [slice(0, 9), slice(5, 17), slice(16, 17)])
+def test_logits_slice_equals_sliced_full_forward(sl):
+    """The last layer computes only the requested positions; results equal the full forward, sliced."""
+    from blockdiff.model.config import ModelConfig
+    from blockdiff.model.masks import dense_mask
+    from blockdiff.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    model = Transformer(cfg)
+    model.init_weights(seed=1)
+    ids = torch.randint(0, 64, (2, 17))
+    pos = torch.arange(17).expand(2, 17)
+    for mask in (dense_mask("block_causal", seq_len=17, block_size=1), None):
+        full = model(ids, positions=pos, mask=mask)
+        part = model(ids, positions=pos, mask=mask, logits_slice=sl)
+        assert part.shape == full[:, sl].shape
+        torch.testing.assert_close(part, full[:, sl], atol=1e-5, rtol=1e-5)

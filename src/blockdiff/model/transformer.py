@@ -45,19 +45,27 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache=None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache=None, q_slice: slice | None = None) -> Tensor:
+        """Self-attention over x [b, T, d]. With `q_slice`, only those positions are queries (keys and values
+        still come from all T); the output is [b, len(q_slice), d]. `mask` must then be dense or None."""
         b, T, _ = x.shape
-        q = self.wq(x).view(b, T, self.n_heads, self.head_dim)
+        xq = x if q_slice is None else x[:, q_slice]
+        Tq = xq.shape[1]
+        q = self.wq(xq).view(b, Tq, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, T, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if q_slice is not None:
+            q, k = apply_rope(q, cos[:, :, q_slice], sin[:, :, q_slice]), apply_rope(k, cos, sin)
+            mask = None if mask is None else mask[:, :, q_slice]
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, mask)  # [b, h, T, d]
-        return self.wo(out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim))
+        out = attend(q, k, v, mask)  # [b, h, Tq, d]
+        return self.wo(out.transpose(1, 2).reshape(b, Tq, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -81,8 +89,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache=None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache=None, out_slice: slice | None = None) -> Tensor:
+        """With `out_slice`, only those positions' outputs are computed (the rest still serve as keys/values)."""
+        h = self.attention(self.attention_norm(x), cos, sin, mask, cache, q_slice=out_slice)
+        x = (x if out_slice is None else x[:, out_slice]) + h
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -136,9 +146,14 @@ class Transformer(nn.Module):
         elif positions.dim() == 1:
             positions = positions.expand(b, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
-        if logits_slice is not None:
+        # The last layer only needs outputs where logits are read: its other positions matter only as keys and
+        # values. With a dense (or no) mask and no cache, its queries, attention rows and FFN are restricted to
+        # `logits_slice` (on [x_t ; x0] that skips the clean half's last-layer compute). Elsewhere, slice after.
+        fused = logits_slice is not None and cache is None and (mask is None or isinstance(mask, Tensor))
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, out_slice=logits_slice if fused and i == last else None)
+        if logits_slice is not None and not fused:
             x = x[:, logits_slice]
         return self.output(self.norm(x))
 
