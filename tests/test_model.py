@@ -316,3 +316,41 @@ def test_logits_slice_equals_sliced_full_forward(sl):
         part = model(ids, positions=pos, mask=mask, logits_slice=sl)
         assert part.shape == full[:, sl].shape
         torch.testing.assert_close(part, full[:, sl], atol=1e-5, rtol=1e-5)
+
+
+def test_bd_train_perturbation_through_the_model():
+    """Through the full model on the [x_t ; x0] layout: changing a token a query must not see (a later noisy
+    block, a clean token of its own or a later block, another document) leaves that query's logits exactly
+    unchanged; changing one it must see changes them."""
+    from blockdiff.model.config import ModelConfig
+    from blockdiff.model.masks import dense_mask
+    from blockdiff.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    model = Transformer(cfg)
+    model.init_weights(seed=3)
+    L, B = 16, 4
+    doc = torch.tensor([[0] * 12 + [1] * 4])
+    pos = torch.tensor([list(range(12)) + list(range(4))])
+    mask = dense_mask("bd_train", seq_len=L, block_size=B, doc_ids=doc, positions=pos)
+    ids = torch.randint(0, 49, (1, 2 * L))
+    full_pos = torch.cat([pos, pos], 1)
+    base = model(ids, positions=full_pos, mask=mask)
+    q = 5  # noisy query in block 1 of document 0
+    cases = {  # key index -> must the query see it?
+        4: True,  # noisy, same block
+        L + 2: True,  # clean, earlier block
+        L + 5: False,  # clean, same block
+        L + 9: False,  # clean, later block
+        9: False,  # noisy, later block
+        13: False,  # noisy, other document
+        L + 13: False,  # clean, other document
+    }
+    for k, visible in cases.items():
+        changed = ids.clone()
+        changed[0, k] = (changed[0, k] + 1) % 49
+        out = model(changed, positions=full_pos, mask=mask)
+        differs = not torch.equal(out[0, q], base[0, q])
+        assert differs == visible, f"key {k}: visible={visible} but differs={differs}"
