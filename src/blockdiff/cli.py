@@ -71,8 +71,8 @@ def cmd_generate(args) -> int:
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
+    model = load_pretrained(args.model).eval()  # first: its errors name the model folder and config.json
     tok = load_tokenizer(args.model)
-    model = load_pretrained(args.model).eval()
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt is empty after tokenisation")
