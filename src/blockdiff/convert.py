@@ -36,19 +36,27 @@ class ConvertResult:
 def evaluate_parent_and_converted(recipe: Recipe, parent: Path, converted: Path, seed: int = 123) -> dict:
     ev = recipe.eval
     examples = generate_examples("heldout", ev.tasks, seed=seed)
-    tok_p = load_tokenizer(parent)
-    ar = load_pretrained(parent).eval()
-    parent_res = evaluate_tasks(examples, tok_p, lambda ids: ar_generate(ar, ids, max_new_tokens=ev.max_new_tokens,
-                                                                          eos_ids=tok_p.eos_ids))
-    tok_c = load_tokenizer(converted)
-    bd = load_pretrained(converted).eval()
-    info = bd.cfg.diffusion
-    dcfg = BlockDecodeConfig(block_size=info.block_size, steps=ev.steps, threshold=ev.threshold,
-                             max_new_tokens=ev.max_new_tokens)
-    conv_res = evaluate_tasks(examples, tok_c, lambda ids: block_generate(bd, ids, dcfg, mask_id=info.mask_token_id,
-                                                                          eos_ids=tok_c.eos_ids))
+
+    def run(folder: Path) -> tuple[dict, str]:
+        """Decode with the model's own kind: greedy AR for AR checkpoints, threshold block decoding for
+        block-diffusion ones (a parent may itself be a converted model when a conversion is continued)."""
+        tok = load_tokenizer(folder)
+        model = load_pretrained(folder).eval()
+        info = model.cfg.diffusion
+        if info is None:
+            res = evaluate_tasks(examples, tok, lambda ids: ar_generate(model, ids, max_new_tokens=ev.max_new_tokens,
+                                                                        eos_ids=tok.eos_ids))
+            return res, "greedy AR, KV cache"
+        dcfg = BlockDecodeConfig(block_size=info.block_size, steps=ev.steps, threshold=ev.threshold,
+                                 max_new_tokens=ev.max_new_tokens)
+        res = evaluate_tasks(examples, tok, lambda ids: block_generate(model, ids, dcfg, mask_id=info.mask_token_id,
+                                                                       eos_ids=tok.eos_ids))
+        return res, f"threshold {ev.threshold}, B={info.block_size}, steps={ev.steps}, block KV cache"
+
+    parent_res, parent_dec = run(parent)
+    conv_res, conv_dec = run(converted)
     return {"prompts": len(examples), "max_new_tokens": ev.max_new_tokens,
-            "decode": {"block_size": info.block_size, "steps": ev.steps, "threshold": ev.threshold},
+            "decoding": {"ar_parent": parent_dec, "converted": conv_dec},
             "ar_parent": parent_res, "converted": conv_res}
 
 
@@ -106,13 +114,12 @@ def format_report(r: dict) -> str:
         lines += ["", f"Top-{m['k']} merge at B = {m['block_size']}: {picks}"]
     if "tasks" in r:
         t = r["tasks"]
-        d = t["decode"]
         lines += ["", f"## Held-out synthetic tasks ({t['prompts']} prompts, max {t['max_new_tokens']} new tokens, batch 1)", "",
                   "| model | decoding | accuracy | " + " | ".join(t["ar_parent"]["per_task"]) + " | TPF | tokens/s |",
                   "|---|---|---|" + "---|" * len(t["ar_parent"]["per_task"]) + "---|---|"]
-        for name, dec in (("AR parent", "greedy AR, KV cache"),
-                          ("converted", f"threshold {d['threshold']}, B={d['block_size']}, steps={d['steps']}, block KV cache")):
-            res = t["ar_parent" if name == "AR parent" else "converted"]
+        parent_name = "AR parent" if t["decoding"]["ar_parent"].startswith("greedy AR") else "parent"
+        for name, key in ((parent_name, "ar_parent"), ("converted", "converted")):
+            res, dec = t[key], t["decoding"][key]
             per = " | ".join(f"{v:.3f}" for v in res["per_task"].values())
             lines.append(f"| {name} | {dec} | {res['accuracy']:.3f} | {per} | {res['tpf']:.2f} | {res['tps']:.1f} |")
         lines += ["", "Samples (converted):", ""]
