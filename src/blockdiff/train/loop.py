@@ -22,7 +22,7 @@ from ..data.documents import read_documents
 from ..data.packing import BatchStream, PackedDataset, pack, tokenize_documents
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..model.config import DiffusionInfo
-from ..model.hf_io import load_pretrained
+from ..model.hf_io import load_pretrained, save_pretrained
 from ..model.transformer import Transformer, resize_vocab
 from ..objectives.diffusion import DiffusionLossConfig, ar_loss, ar_nll, diffusion_loss, elbo_nll
 from ..objectives.noise import annealed_std, embedding_noise_std
@@ -253,8 +253,6 @@ def train(
     wall = time.perf_counter() - t0
     final_dir = run_dir / "final"
     if end == schedule.total_steps and last_good is not None:
-        from ..model.hf_io import save_pretrained
-
         save_pretrained(model, final_dir, tokenizer=tok)
     plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", schedule)
     return TrainResult(run_dir, final_dir, end, evals, wall, tokens_seen / max(wall, 1e-9))
