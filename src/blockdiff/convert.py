@@ -10,6 +10,7 @@ tokens per second; the wall time.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,6 @@ def run_conversion(recipe: Recipe, out: str | Path, *, resume: bool = False, pro
 
 
 def _ppl(nll: float) -> float:
-    import math
-
     return round(math.exp(min(nll, 50.0)), 4)
 
 
