@@ -25,8 +25,9 @@ FLAGS = {
     "make-data": ["--out", "--train-examples", "--valid-examples", "--code-chars", "--seed"],
     "convert": ["--recipe", "--out", "--model", "--resume", "--set", "--no-progress"],
     "merge": ["--run", "--k", "--out", "--block-size"],
-    "generate": ["--model", "--prompt", "--max-new-tokens", "--block-size", "--steps", "--threshold", "--temperature",
-                 "--seed", "--ar"],
+    "generate": ["--model", "--prompt", "--prompt-file", "--mode", "--max-new-tokens", "--block-size", "--steps",
+                 "--threshold", "--edit-threshold", "--max-post-steps", "--temperature", "--top-k", "--top-p",
+                 "--ignore-eos", "--seed", "--stop", "--stream", "--trace", "--ar"],
 }
 
 RECIPE = """\

@@ -62,35 +62,143 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _decode_config(args, info):
+    from .decode.engine import DecodeConfig
+
+    return DecodeConfig(mode=args.mode, block_size=args.block_size or info.block_size, steps=args.steps,
+                        threshold=args.threshold, edit_threshold=args.edit_threshold,
+                        max_post_steps=args.max_post_steps, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, ignore_eos=args.ignore_eos)
+
+
+class _StreamPrinter:
+    """Prints row 0's text as its blocks become final (what a server would stream). With stop strings, the last
+    len(stop) - 1 characters are held back until the row is done, so a stop string is never half-printed."""
+
+    def __init__(self, tok, eos_ids, stops=()):
+        self.tok, self.eos, self.stops, self.shown = tok, set(eos_ids), [s for s in stops if s], ""
+
+    def __call__(self, u) -> None:
+        from .decode.engine import find_stop
+
+        if u.row != 0:
+            return
+        final = u.tokens[:u.n_final]
+        for i, t in enumerate(final):
+            if t in self.eos:
+                final = final[:i]
+                break
+        text = self.tok.decode(final)
+        cut = find_stop(text, self.stops) if self.stops else None
+        if cut is not None:
+            text = text[:cut]
+        elif self.stops and not u.done:
+            text = text[:max(len(self.shown), len(text) - max(len(s) for s in self.stops) + 1)]
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def _load_for_decoding(path: str):
+    from .data.tokenizer import load_tokenizer
+    from .model.hf_io import load_pretrained
+
+    model = load_pretrained(path).eval()  # first: its errors name the model folder and config.json
+    tok = load_tokenizer(path)
+    return model, tok
+
+
 def cmd_generate(args) -> int:
     import torch
 
-    from .data.tokenizer import load_tokenizer
-    from .decode.engine import BlockDecodeConfig, ar_generate, block_generate
-    from .model.hf_io import load_pretrained
+    from .decode.engine import ar_generate, find_stop, generate
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model = load_pretrained(args.model).eval()  # first: its errors name the model folder and config.json
-    tok = load_tokenizer(args.model)
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise ValueError("--prompt is empty after tokenisation")
+    model, tok = _load_for_decoding(args.model)
+    texts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt-file {path} does not exist")
+        texts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("give at least one --prompt (or --prompt-file with one prompt per line)")
+    prompts = [tok.encode(t) for t in texts]
+    for k, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {k + 1} is empty after tokenisation")
     info = model.cfg.diffusion
     if args.ar or info is None:
         if not args.ar:
             print(f"[blockdiff] {args.model} has no blockdiff diffusion section: decoding it as an AR model", file=sys.stderr)
-        g = ar_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids,
-                        temperature=args.temperature, generator=gen)
+        gens = [ar_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids,
+                            temperature=args.temperature, generator=gen) for ids in prompts]
+        seconds = sum(g.seconds for g in gens)
     else:
-        cfg = BlockDecodeConfig(block_size=args.block_size or info.block_size, steps=args.steps,
-                                threshold=args.threshold, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature)
-        g = block_generate(model, ids, cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)
-    print(tok.decode(g.tokens))
-    print(f"[{g.n_generated} tokens, {g.forwards} forwards, TPF {g.tpf:.2f}, {g.n_generated / max(g.seconds, 1e-9):.1f} tokens/s]",
-          file=sys.stderr)
+        cfg = _decode_config(args, info)
+        trace = None
+        callbacks = []
+        if args.trace:
+            from .decode.trace import TraceWriter
+
+            trace = TraceWriter(args.trace, cfg, prompts, mask_id=info.mask_token_id, eos_ids=tok.eos_ids,
+                                token_text=lambda t: tok.decode([t]))
+            callbacks.append(trace)
+        if args.stream and len(prompts) == 1:
+            callbacks.append(_StreamPrinter(tok, tok.eos_ids, args.stop or ()))
+
+        def on_step(u):
+            for f in callbacks:
+                f(u)
+
+        try:
+            gens = generate(model, prompts, cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen,
+                            stop=args.stop or (), decode=tok.decode, on_step=on_step if callbacks else None)
+        except BaseException:
+            if trace is not None:
+                trace.close(None)
+            raise
+        if trace is not None:
+            trace.close(gens)
+        seconds = max(g.seconds for g in gens)
+    for k, g in enumerate(gens):
+        text = tok.decode(g.tokens)
+        if args.stop:
+            cut = find_stop(text, args.stop)
+            text = text if cut is None else text[:cut]
+        if args.stream and len(prompts) == 1 and info is not None and not args.ar:
+            print()
+        else:
+            print(text if len(gens) == 1 else f"[{k + 1}] {text}")
+    n = sum(g.n_generated for g in gens)
+    fwd = sum(g.forwards for g in gens)
+    print(f"[{len(gens)} prompt(s), {n} tokens, {fwd} forwards, TPF {n / max(fwd, 1):.2f}, "
+          f"{n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def _add_decoding_args(g) -> None:
+    from .decode.engine import MODES
+
+    g.add_argument("--mode", default="threshold", choices=list(MODES),
+                   help="decoding rule: threshold = LLaDA2.0 (0.95); S = LLaDA2.1 speed (M2T 0.5, T2T 0.0); "
+                        "Q = LLaDA2.1 quality (M2T 0.7, T2T 0.5); joint = S/Q with your thresholds; dinfer; "
+                        "factor = Fast-dLLM; credit = dInfer credit")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per prompt (tokens)")
+    g.add_argument("--block-size", type=int, default=0, help="block size B (tokens; 0 = the model's trained block size)")
+    g.add_argument("--steps", type=int, default=32, help="denoising steps per block; quota = ceil(B/steps) tokens/step")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="M2T: unmask slots with confidence above this (0-1; default: the mode's)")
+    g.add_argument("--edit-threshold", type=float, default=None,
+                   help="T2T: edit a token when the model prefers another with probability above this (0-1; S/Q/joint)")
+    g.add_argument("--max-post-steps", type=int, default=16, help="edit-only passes after a block fills (S/Q/joint)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = argmax)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0-1]")
+    g.add_argument("--ignore-eos", action="store_true", help="decode the whole budget even after EOS (benchmarks)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,17 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only checkpoints evaluated at this block size (tokens; default: the last checkpoint's)")
     m.set_defaults(func=cmd_merge)
 
-    g = sub.add_parser("generate", help="decode a prompt", formatter_class=fmt,
-                       description="Decode one prompt. Block-diffusion models use the LLaDA2.0 threshold rule with "
-                                   "an exact block KV cache; AR models (or --ar) decode greedily token by token.")
+    g = sub.add_parser("generate", help="decode prompts", formatter_class=fmt,
+                       description="Decode one or more prompts (one batch). Block-diffusion models use the batched "
+                                   "engine with an exact block KV cache and the chosen rule: threshold (LLaDA2.0), "
+                                   "S or Q (LLaDA2.1 M2T + T2T editing), dinfer, factor (Fast-dLLM) or credit; AR "
+                                   "models (or --ar) decode greedily token by token.")
     g.add_argument("--model", required=True, help="HF folder (converted or AR)")
-    g.add_argument("--prompt", required=True, help="prompt text (no template applied)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (tokens)")
-    g.add_argument("--block-size", type=int, default=0, help="block size B (tokens; 0 = the model's trained block size)")
-    g.add_argument("--steps", type=int, default=32, help="denoising steps per block; quota = ceil(B/steps) tokens/step")
-    g.add_argument("--threshold", type=float, default=0.95, help="commit masked slots with confidence above this (0-1)")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = argmax)")
-    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--prompt", action="append", help="prompt text, no template applied (repeatable: one batch)")
+    g.add_argument("--prompt-file", default=None, help="text file with one prompt per line (added to --prompt)")
+    _add_decoding_args(g)
+    g.add_argument("--stop", action="append", help="stop string (repeatable); the output is cut before it")
+    g.add_argument("--stream", action="store_true", help="print the text as blocks become final (one prompt)")
+    g.add_argument("--trace", default=None, help="write every step's events (position, token, M2T/T2T, confidence) "
+                                                 "to this JSONL file")
     g.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
     g.set_defaults(func=cmd_generate)
     return p

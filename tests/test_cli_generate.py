@@ -1,0 +1,83 @@
+"""`blockdiff generate` with the batched engine: modes, batches of prompts, streaming, --trace, stop strings, and
+bad input -> exit 2 with one line naming the problem (and no trace file left behind)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_cli import assert_usage_error, run_cli
+
+
+@pytest.mark.parametrize("mode", ["threshold", "S", "Q", "dinfer", "factor", "credit"])
+def test_generate_modes(tiny_bd_dir, mode):
+    code, stdout, stderr = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "add 1+2=", "--mode", mode,
+                                    "--max-new-tokens", 8, "--block-size", 4])
+    assert code == 0, stderr
+    assert "TPF" in stderr and "tokens/s" in stderr and "1 prompt(s)" in stderr
+
+
+def test_generate_batch_equals_single(tiny_bd_dir, tmp_path):
+    prompts = ["add 1+2=", "reverse abc=", "sort 3 1 2="]
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(prompts[1:]) + "\n\n")
+    code, stdout, stderr = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", prompts[0], "--prompt-file", pf,
+                                    "--max-new-tokens", 6, "--block-size", 4, "--ignore-eos"])
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert "3 prompt(s)" in stderr and "18 tokens" in stderr
+    for k, p in enumerate(prompts):
+        c1, single, _ = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", p, "--max-new-tokens", 6,
+                                 "--block-size", 4, "--ignore-eos"])
+        assert c1 == 0
+        assert f"[{k + 1}] {single.rstrip(chr(10))}" in lines
+
+
+def test_generate_stream_and_trace(tiny_bd_dir, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    code, stdout, stderr = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "add 1+2=", "--mode", "S",
+                                    "--max-new-tokens", 12, "--block-size", 4, "--stream", "--trace", trace,
+                                    "--ignore-eos"])
+    assert code == 0, stderr
+    code2, plain, _ = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "add 1+2=", "--mode", "S",
+                               "--max-new-tokens", 12, "--block-size", 4, "--ignore-eos"])
+    assert stdout == plain  # streamed pieces add up to the same text
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert lines[0]["type"] == "meta" and lines[-1]["type"] == "done"
+    assert any(x["type"] == "event" and x["kind"] == "m2t" for x in lines)
+    assert all("text" in x for x in lines if x["type"] == "event")
+
+
+def test_generate_stop_string(tiny_bd_dir):
+    args = ["generate", "--model", tiny_bd_dir, "--prompt", "add 1+2=", "--max-new-tokens", 16, "--block-size", 4,
+            "--ignore-eos", "--threshold", "0.5"]
+    code, full, _ = run_cli(args)
+    text = full.rstrip("\n")
+    assert code == 0 and len(text) > 4
+    stop = text[3:5]
+    code, cut, _ = run_cli(args + ["--stop", stop])
+    assert code == 0 and cut.rstrip("\n") == text[:text.find(stop)]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--threshold", "1.5"], "threshold must be in [0, 1], got 1.5"),
+    (["--edit-threshold", "-1"], "edit_threshold must be in [0, 1]"),
+    (["--top-p", "0"], "top_p"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+])
+def test_generate_bad_decoding_args(tiny_bd_dir, tmp_path, extra, needle):
+    trace = tmp_path / "t.jsonl"
+    code, _, err = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "hi", "--trace", trace] + extra)
+    assert_usage_error(code, err, "generate", needle)
+    assert not trace.exists() and not list(tmp_path.iterdir())
+
+
+def test_generate_bad_prompts(tiny_bd_dir, tmp_path):
+    code, _, err = run_cli(["generate", "--model", tiny_bd_dir])
+    assert_usage_error(code, err, "generate", "--prompt")
+    code, _, err = run_cli(["generate", "--model", tiny_bd_dir, "--prompt-file", tmp_path / "none.txt"])
+    assert_usage_error(code, err, "generate", "none.txt", "does not exist")
+    code, _, err = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "hi", "--trace",
+                            tmp_path / "no" / "t.jsonl"])
+    assert_usage_error(code, err, "generate", "does not exist")
