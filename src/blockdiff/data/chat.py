@@ -184,6 +184,8 @@ def chat_rows(examples: list[ChatExample], seq_len: int, pad_id: int, *, pack: b
     rows: list[list[ChatExample]] = []
     fill = seq_len
     for ex in examples:
+        if len(ex.ids) > seq_len:
+            raise DataError(f"{ex.where}: {len(ex.ids)} tokens exceed seq_len={seq_len} (filter with over_length)")
         if not pack or fill + len(ex.ids) > seq_len:
             rows.append([])
             fill = 0
