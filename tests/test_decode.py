@@ -49,7 +49,7 @@ def ar(tiny_ar_dir):
 
 def tiebroken(model: nn.Module) -> "Spy":
     bias = torch.randn(128, model.cfg.vocab_size, generator=torch.Generator().manual_seed(0)) * 2.0
-    return Spy(model, lambda logits, positions, ids: logits + bias[positions[0]])
+    return Spy(model, lambda logits, positions, ids: logits + bias[positions])
 
 
 def make_prompt(n: int, seed: int, high: int) -> list[int]:
@@ -71,7 +71,8 @@ class Spy(nn.Module):
         self.calls: list[tuple[list[int], list[int]]] = []
 
     def forward(self, input_ids, positions=None, mask=None, *, cache=None):
-        self.calls.append((input_ids[0].tolist(), positions[0].tolist()))
+        for row_ids, row_pos in zip(input_ids.tolist(), positions.tolist()):
+            self.calls.append((row_ids, row_pos))
         if len(self.calls) > self.max_calls:
             raise RuntimeError(f"more than {self.max_calls} forwards: the decoder is not making progress")
         logits = self.inner(input_ids, positions=positions, mask=mask, cache=cache)
@@ -357,7 +358,7 @@ def _force(eos_id: int, at: int | None, boost_id: int | None = None):
         logits = logits.clone()
         logits[..., eos_id] = -1e4
         if at is not None:
-            logits[0, positions[0] == at, eos_id] = 1e4
+            logits[..., eos_id] = torch.where(positions == at, 1e4, -1e4)
         if boost_id is not None:
             logits[..., boost_id] += 1e3
         return logits

@@ -1,10 +1,20 @@
-"""Preallocated KV cache for exact block decoding (and AR decoding of the parent model).
+"""Preallocated KV cache for exact block decoding (and AR decoding of the parent model), one committed length
+per batch row.
 
-Protocol used by the model's attention layers: `update(layer, k, v)` writes this forward's keys/values into the
-slots right after the committed prefix and returns the prefix plus them. Nothing is committed until the caller
-calls `commit(n)`: while a block is being denoised its slots are simply overwritten by each step, and when the
-block is final one more forward writes its clean K/V and the caller commits it. No tensor is reallocated per
-step, and the prefix is exact (the block-causal training mask's clean half trained exactly these keys).
+Protocol used by the model's attention layers: `update(layer, k, v)` writes this forward's keys/values [b, h, T, d]
+into each row's slots right after its committed prefix and returns the keys/values the queries attend to.
+Nothing is committed until the caller calls `commit(n)`: while a block is being denoised its slots are simply
+overwritten by each step; when the block is final its clean K/V are in the slots (written by the last forward)
+and the caller commits them. No tensor is reallocated per step, and the prefix is exact (the block-causal
+training mask's clean half trained exactly these keys).
+
+Rows of different lengths: row r's new keys go to slots [len_r, len_r + T). `update` then returns slots
+[0, max_r len_r + T) for every row; `attn_mask(T)` gives the boolean mask that hides, for each row, the slots
+past its own len_r + T (stale values from earlier steps, always finite). When all rows have the same length the
+mask is None and the update is a plain slice.
+
+Rows that finish leave the batch with `keep(rows)`: their slots are compacted away in place (a copy when a row
+finishes, never per step), so a finished row stops costing compute.
 """
 
 from __future__ import annotations
@@ -19,17 +29,75 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.max_len = max_len
-        self.length = 0  # committed tokens
+        self.batch = batch  # rows in use (a prefix of the allocated rows)
+        self.lengths = [0] * batch  # committed tokens per row
+        self._len_t = torch.zeros(batch, dtype=torch.long, device=device)
+        self.device = device
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.length + k.shape[2]
+    @property
+    def length(self) -> int:
+        """Committed length when every row has the same one (the batch-1 case)."""
+        if len(set(self.lengths)) > 1:
+            raise ValueError("rows have different committed lengths; use .lengths")
+        return self.lengths[0] if self.lengths else 0
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.lengths)) <= 1
+
+    def _check(self, T: int) -> None:
+        end = max(self.lengths) + T
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def commit(self, n: int) -> None:
-        if self.length + n > self.max_len:
-            raise ValueError(f"cannot commit {n} tokens: {self.length} + {n} > capacity {self.max_len}")
-        self.length += n
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        b, T = k.shape[0], k.shape[2]
+        if b != self.batch:
+            raise ValueError(f"KV cache holds {self.batch} rows, forward has {b}")
+        self._check(T)
+        kc, vc = self.k[layer][:b], self.v[layer][:b]
+        if self.uniform:
+            n = self.lengths[0] if b else 0
+            kc[:, :, n:n + T] = k
+            vc[:, :, n:n + T] = v
+            return kc[:, :, :n + T], vc[:, :, :n + T]
+        rows = torch.arange(b, device=k.device)[:, None]  # [b, 1]
+        slots = self._len_t[:b, None] + torch.arange(T, device=k.device)  # [b, T]
+        kc[rows, :, slots] = k.permute(0, 2, 1, 3)  # advanced indices first: [b, T, h, d]
+        vc[rows, :, slots] = v.permute(0, 2, 1, 3)
+        end = max(self.lengths) + T
+        return kc[:, :, :end], vc[:, :, :end]
+
+    def attn_mask(self, T: int, *, causal: bool = False) -> Tensor | None:
+        """Bool mask [b, 1, T, K] for a forward of T new tokens per row: each row sees its own committed prefix and
+        its T new tokens (all of them, or causally with `causal`). None when every row has the same length."""
+        if self.uniform and not causal:
+            return None
+        end = max(self.lengths) + T
+        key = torch.arange(end, device=self._len_t.device)
+        lens = self._len_t[:self.batch, None, None]  # [b, 1, 1]
+        q = torch.arange(T, device=key.device)[None, :, None]  # [1, T, 1]
+        visible = key[None, None, :] < lens + (q + 1 if causal else T)
+        return visible[:, None]  # [b, 1, T, K]
+
+    def commit(self, n: int | list[int]) -> None:
+        """Commit n tokens for every row, or n[r] for row r."""
+        ns = [n] * self.batch if isinstance(n, int) else list(n)
+        if len(ns) != self.batch:
+            raise ValueError(f"commit got {len(ns)} counts for {self.batch} rows")
+        for r, m in enumerate(ns):
+            if self.lengths[r] + m > self.max_len:
+                raise ValueError(f"cannot commit {m} tokens: {self.lengths[r]} + {m} > capacity {self.max_len}")
+        self.lengths = [a + m for a, m in zip(self.lengths, ns)]
+        self._len_t[:self.batch] = torch.tensor(self.lengths, dtype=torch.long, device=self._len_t.device)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (in this order) as the new rows 0..len(rows)-1; their slots move in place."""
+        if rows == list(range(self.batch)):
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self._len_t.device)
+        for buf in (*self.k, *self.v):
+            buf[:len(rows)] = buf[idx]
+        self.lengths = [self.lengths[r] for r in rows]
+        self.batch = len(rows)
+        self._len_t[:self.batch] = torch.tensor(self.lengths, dtype=torch.long, device=self._len_t.device)

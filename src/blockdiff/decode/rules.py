@@ -1,7 +1,19 @@
-"""Unmasking rules: which masked positions of the current block to commit at this step. Each rule is a
-small function, vectorised over the batch: (confidence [b, B], masked [b, B], ...) -> commit bool [b, B].
+"""Decoding rules: which positions of the current block to write at this step. Each rule is a small function,
+vectorised over the batch, behind one interface:
 
-Confidence is the probability of the chosen token, computed in float32 (SYSTEM.md 6.1).
+    rule(conf [b, B], masked [b, B], changed [b, B], editable [b, B], cfg) -> (m2t [b, B], t2t [b, B])
+
+- `conf`: probability of the chosen token per position (float32, SYSTEM.md 6.1);
+- `masked`: the position still holds [MASK];
+- `changed`: the chosen token differs from the token the position holds now (only meaningful where not masked);
+- `editable`: a generated, already-unmasked position (never a prompt token): the only place T2T may write;
+- returns the positions to unmask (Mask-to-Token) and the positions to re-write (Token-to-Token edit).
+
+Token choice (`choose_tokens`) is separate from the rule: argmax at temperature 0, else a sample after
+temperature / top-k / top-p. dInfer's credit rule changes the logits before the choice (`credit_adjust`).
+
+Sources: LLaDA2.0 code (threshold + quota fallback), LLaDA2.1 paper + code (joint threshold, S/Q presets),
+dInfer (threshold >= min(tau, c_max - 1e-5), credit), Fast-dLLM (factor rule). SYSTEM.md 6.2-6.4.
 """
 
 from __future__ import annotations
@@ -9,27 +21,106 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+RULES = ("threshold", "joint", "dinfer", "factor", "credit")
 
-def choose_tokens(logits: Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """logits [b, B, V] -> (token [b, B], confidence [b, B]). Temperature 0 = argmax (the official LLaDA2 HF
-    code samples even at temperature 0; we follow the fix later adopted by other engines)."""
+
+# ----------------------------------------------------------------------------------------------- token choice
+def choose_tokens(logits: Tensor, temperature: float = 0.0, generator: torch.Generator | None = None, *,
+                  top_k: int = 0, top_p: float = 1.0) -> tuple[Tensor, Tensor]:
+    """logits [b, B, V] -> (token [b, B], confidence [b, B]).
+
+    Temperature 0 = argmax (the official LLaDA2 HF code samples even at temperature 0; we follow the fix later
+    adopted by other engines). With temperature > 0 the token is drawn from softmax(logits / T) restricted to the
+    top-k tokens and the smallest top-p nucleus. Confidence is always the probability of the chosen token under
+    the untempered distribution, so thresholds mean the same thing at every temperature."""
     probs = torch.softmax(logits.float(), dim=-1)
     if temperature <= 0:
         conf, tok = probs.max(dim=-1)
         return tok, conf
-    p = torch.softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() / temperature
+    if top_k and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    p = torch.softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        sp, idx = p.sort(dim=-1, descending=True)
+        # keep a token if the mass before it is < top_p (the most likely token is always kept)
+        drop = (sp.cumsum(-1) - sp) >= top_p
+        sp = sp.masked_fill(drop, 0.0)
+        p = torch.zeros_like(p).scatter_(-1, idx, sp)
     tok = torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
     return tok, torch.gather(probs, -1, tok[..., None])[..., 0]
 
 
+def credit_adjust(logits: Tensor, credit: Tensor, weight: float = 0.7) -> Tensor:
+    """dInfer credit decoding: decide on logits + weight * log(1 + C), C [b, B, V] the per-position credit."""
+    return logits + weight * torch.log1p(credit)
+
+
+def credit_update(credit: Tensor, logits: Tensor, decay: float = 0.8, power: float = 0.2) -> None:
+    """C <- decay * C + p_top1 ** power at each position's argmax token (dInfer), in place."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    p1, t1 = probs.max(dim=-1)
+    credit.mul_(decay)
+    credit.scatter_add_(-1, t1[..., None], (p1 ** power)[..., None])
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _rank(conf: Tensor) -> Tensor:
+    """Rank of each entry in its row by descending confidence (ties: lower index first)."""
+    order = conf.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order))
+    return rank
+
+
+def _masked_conf(conf: Tensor, masked: Tensor) -> Tensor:
+    return torch.where(masked, conf, torch.full_like(conf, -1.0))
+
+
+def _no_edit(masked: Tensor) -> Tensor:
+    return torch.zeros_like(masked)
+
+
+# ----------------------------------------------------------------------------------------------- rules
 def threshold_rule(conf: Tensor, masked: Tensor, threshold: float, quota: int) -> Tensor:
     """LLaDA2.0 threshold decoding with fallback [code]: commit every masked position with confidence >
     threshold; if fewer than `quota` pass, commit the `quota` most confident masked positions instead
     (guaranteed progress). quota = ceil(B / steps), 1 at the defaults B = 32, steps = 32."""
-    conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
+    conf = _masked_conf(conf, masked)
     passing = masked & (conf > threshold)
-    order = conf.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order))
     k = torch.where(passing.sum(-1, keepdim=True) < quota, quota, 0)  # [b, 1]
-    return passing | ((rank < k) & masked)
+    return passing | ((_rank(conf) < k) & masked)
+
+
+def joint_rule(conf: Tensor, masked: Tensor, changed: Tensor, editable: Tensor, tau_mask: float,
+               tau_edit: float, quota: int = 1) -> tuple[Tensor, Tensor]:
+    """LLaDA2.1 joint threshold decoding [paper + code], one step:
+    M2T: masked positions with p(v_i) > tau_mask are unmasked (fallback: the `quota` most confident, 1 by default);
+    T2T: unmasked generated positions whose token differs from v_i with p(v_i) > tau_edit are replaced by v_i, in
+    the same step. tau_edit = 0 edits whenever the argmax differs. Prompt tokens are never editable."""
+    m2t = threshold_rule(conf, masked, tau_mask, quota)
+    t2t = editable & ~masked & changed & (conf > tau_edit)
+    return m2t, t2t
+
+
+def dinfer_threshold_rule(conf: Tensor, masked: Tensor, threshold: float) -> Tensor:
+    """dInfer threshold: commit masked positions with confidence >= min(tau, c_max - 1e-5), c_max the row's best
+    masked confidence, so the top-1 always commits (no separate fallback needed)."""
+    conf = _masked_conf(conf, masked)
+    cmax = conf.max(dim=-1, keepdim=True).values
+    return masked & (conf >= torch.clamp(cmax - 1e-5, max=threshold))
+
+
+def factor_rule(conf: Tensor, masked: Tensor, factor: float) -> Tensor:
+    """Fast-dLLM factor rule: sort masked confidences c(1) >= c(2) >= ...; commit the longest prefix with
+    (n + 1)(1 - c(n)) < f (n = 1-based rank); rank 1 always commits."""
+    conf = _masked_conf(conf, masked)
+    sorted_c, order = conf.sort(dim=-1, descending=True, stable=True)
+    n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=sorted_c.dtype)
+    ok = ((n + 1) * (1 - sorted_c) < factor) & (sorted_c >= 0)
+    ok[..., 0] = sorted_c[..., 0] >= 0  # rank 1 always (when anything is masked)
+    prefix = ok.long().cumprod(dim=-1).bool()  # longest prefix where the condition holds
+    commit = torch.zeros_like(masked)
+    commit.scatter_(-1, order, prefix)
+    return commit & masked

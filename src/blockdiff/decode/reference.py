@@ -1,0 +1,89 @@
+"""Reference block decoder: a deliberately plain, no-cache implementation of the official algorithms
+(SYSTEM.md 6.1-6.3), kept for the equivalence tests and as the benchmark baseline.
+
+Like the official HF `generate()` of LLaDA2.0/2.1, every step recomputes the whole canvas prefix up to the end of
+the current block with the block-causal mask and reads the current block's logits; there is no KV cache and no
+early exit. Decisions are made per position in Python, independently of the vectorised rules in `rules.py`.
+One prompt at a time (rows of a batch are decoded one after the other).
+
+  LLaDA2.0 threshold: while the block holds [MASK]: commit masked positions with confidence > tau; if fewer than
+    quota = ceil(B / steps) pass, the quota most confident instead.
+  LLaDA2.1 joint threshold: each step, M2T as above with tau_mask (fallback 1) and T2T on generated, unmasked
+    positions whose argmax differs with p > tau_edit; once the block is full, at most max_post_steps edit-only
+    passes; the block ends at a step that writes nothing or when that budget is spent.
+Temperature 0 only (argmax); the mask token is never chosen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..model.masks import dense_mask
+from .engine import DecodeConfig, Generation
+
+
+def _pick(conf: list[float], cand: list[int], tau: float, quota: int) -> list[int]:
+    passing = [i for i in cand if conf[i] > tau]
+    if len(passing) >= quota:
+        return passing
+    return sorted(cand, key=lambda i: (-conf[i], i))[:quota]
+
+
+@torch.no_grad()
+def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: int, eos_ids) -> Generation:
+    if not prompt:
+        raise ValueError("prompt must hold at least one token")
+    if cfg.rule not in ("threshold", "joint"):
+        raise ValueError(f"the reference decoder implements the threshold and joint (S/Q) rules, not {cfg.mode!r}")
+    if cfg.temperature != 0:
+        raise ValueError("the reference decoder is temperature 0 (argmax) only")
+    device = next(model.parameters()).device
+    eos = set() if cfg.ignore_eos else set(eos_ids)
+    B, P, budget = cfg.block_size, len(prompt), cfg.max_new_tokens
+    n_blocks = math.ceil((P + budget) / B)
+    canvas = list(prompt) + [mask_id] * (n_blocks * B - P)
+    forwards, steps_per_block, n_edits = 0, [], 0
+    t0 = time.perf_counter()
+    for b in range(P // B, n_blocks):
+        lo, hi = b * B, (b + 1) * B
+        mask = dense_mask("block_causal", seq_len=hi, block_size=B, device=device)
+        steps = post = 0
+        while True:
+            cand = [i for i in range(B) if canvas[lo + i] == mask_id]
+            if cfg.rule == "threshold" and not cand:
+                break
+            ids = torch.tensor([canvas[:hi]], device=device)
+            logits = model(ids, positions=torch.arange(hi, device=device)[None], mask=mask)[0, lo:hi]
+            forwards += 1
+            steps += 1
+            logits[:, mask_id] = float("-inf")
+            conf_t, tok_t = torch.softmax(logits.float(), -1).max(-1)
+            conf, tok = conf_t.tolist(), tok_t.tolist()
+            if cfg.rule == "threshold":
+                for i in _pick(conf, cand, cfg.tau_mask, cfg.quota):
+                    canvas[lo + i] = tok[i]
+                continue
+            if not cand:
+                post += 1
+                if post > cfg.max_post_steps:
+                    break
+            m2t = _pick(conf, cand, cfg.tau_mask, cfg.quota) if cand else []
+            t2t = [i for i in range(B) if lo + i >= P and canvas[lo + i] != mask_id and tok[i] != canvas[lo + i]
+                   and conf[i] > cfg.tau_edit]
+            if not m2t and not t2t:
+                break
+            for i in m2t + t2t:
+                canvas[lo + i] = tok[i]
+            n_edits += len(t2t)
+        steps_per_block.append(steps)
+        if any(t in eos for t in canvas[P:hi]) or hi - P >= budget:
+            break
+    gen = canvas[P:P + budget]
+    seconds = time.perf_counter() - t0
+    for i, t in enumerate(gen):
+        if t in eos:
+            return Generation(gen[:i], i + 1, forwards, seconds, True, steps_per_block, "eos", n_edits)
+    return Generation(gen, len(gen), forwards, seconds, False, steps_per_block, "length", n_edits)
