@@ -2,13 +2,14 @@
 
     python bench/posttrain.py instruct --models before=runs/tiny-long/merged after=runs/post-sft/final [--threshold 0.95]
     python bench/posttrain.py instruct --models sft=runs/post-sft/final cap=runs/post-cap/final --name cap
-    python bench/posttrain.py instruct --models m2t=... t2t=... --threshold 0.5 --name t2t
+    python bench/posttrain.py instruct --models m2t=... t2t=... --mode S --name t2t
     python bench/posttrain.py pref --models before=runs/post-sft/final after=runs/post-dpo/final --pairs runs/post-data/pairs_valid.jsonl
     python bench/posttrain.py reward --models before=runs/post-sft/final after=runs/post-rl/final
 
 instruct: held-out synthetic-task prompts in the instruction format (system "Answer with the result only.", the
-task as the user turn, the tokenizer's chat template), decoded by `block_generate` (LLaDA2.0 threshold rule,
-B = 32, steps 32, temperature 0, block KV cache); accuracy = exact answer (cut at EOS and the end-of-turn
+task as the user turn, the tokenizer's chat template), decoded by the batched engine `generate` (--mode threshold:
+LLaDA2.0 threshold rule; S / Q: LLaDA2.1 joint M2T + T2T editing; B = 32, steps 32, temperature 0, KV cache);
+accuracy = exact answer (cut at EOS and the end-of-turn
 marker); TPF = generated tokens (to EOS) / forwards.
 pref: held-out preference pairs; accuracy = fraction with ELBO(chosen) > ELBO(rejected), ELBO averaged over 4
 shared noise draws (fixed seed), full t range.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from blockdiff.data.chat import ChatTemplate, SYSTEM_PROMPT, answer_text, encode_prompt, read_pairs, task_prompt  # noqa: E402
 from blockdiff.data.tasks import generate_examples, is_correct  # noqa: E402
 from blockdiff.data.tokenizer import load_tokenizer  # noqa: E402
-from blockdiff.decode.engine import BlockDecodeConfig, block_generate  # noqa: E402
+from blockdiff.decode.engine import DecodeConfig, generate  # noqa: E402
 from blockdiff.model.hf_io import load_pretrained  # noqa: E402
 from blockdiff.objectives.preference import DPOConfig, elbo_preference_accuracy  # noqa: E402
 
@@ -48,21 +49,23 @@ def load(folder: str):
     return model, tok
 
 
-def instruct(folder: str, n: int, threshold: float, temperature: float = 0.0, samples: int = 1, seed: int = 0) -> dict:
+def instruct(folder: str, n: int, threshold: float, temperature: float = 0.0, samples: int = 1, seed: int = 0,
+             mode: str = "threshold") -> dict:
     model, tok = load(folder)
     info = model.cfg.diffusion
     template = ChatTemplate(tok)
-    cfg = BlockDecodeConfig(block_size=info.block_size, steps=32, threshold=threshold, max_new_tokens=32,
-                            temperature=temperature)
+    cfg = DecodeConfig(mode=mode, block_size=info.block_size, steps=32, threshold=threshold, max_new_tokens=32,
+                       temperature=temperature)
     gen = torch.Generator().manual_seed(seed)
     per_task: dict[str, list[float]] = {}
     tokens = forwards = 0
     seconds = 0.0
     shown = []
-    for ex in generate_examples("heldout", n, seed=123):
-        ids = encode_prompt(task_prompt(ex, SYSTEM_PROMPT).messages, tok, template)
-        for _ in range(samples):
-            g = block_generate(model, ids, cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)
+    examples = [ex for ex in generate_examples("heldout", n, seed=123) for _ in range(samples)]
+    prompts = [encode_prompt(task_prompt(ex, SYSTEM_PROMPT).messages, tok, template) for ex in examples]
+    for i in range(0, len(examples), 50):  # batched decoding; at temperature 0 a row equals its lone decode
+        gens = generate(model, prompts[i:i + 50], cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)
+        for ex, g in zip(examples[i:i + 50], gens):
             out = answer_text(tok, g.tokens)
             per_task.setdefault(ex.task, []).append(float(is_correct(ex, out)))
             tokens, forwards, seconds = tokens + g.n_generated, forwards + g.forwards, seconds + g.seconds
@@ -89,7 +92,8 @@ def main() -> None:
     p.add_argument("metric", choices=("instruct", "pref", "reward"))
     p.add_argument("--models", nargs="+", required=True, help="name=folder, evaluated in this order")
     p.add_argument("--n", type=int, default=200, help="held-out prompts / pairs")
-    p.add_argument("--threshold", type=float, default=0.95, help="decoder commit threshold")
+    p.add_argument("--threshold", type=float, default=None, help="M2T commit threshold (default: the mode's)")
+    p.add_argument("--mode", default="threshold", help="decoding mode: threshold (LLaDA2.0), S or Q (LLaDA2.1 M2T+T2T)")
     p.add_argument("--pairs", default="runs/post-data/pairs_valid.jsonl")
     p.add_argument("--name", default=None, help="results file name (default: the metric)")
     p.add_argument("--note", default="", help="a line for the markdown (what the models are)")
@@ -99,7 +103,7 @@ def main() -> None:
     rows = {}
     for name, folder in models.items():
         if a.metric == "instruct":
-            rows[name] = instruct(folder, a.n, a.threshold)
+            rows[name] = instruct(folder, a.n, a.threshold, mode=a.mode)
         elif a.metric == "pref":
             rows[name] = pref(folder, a.pairs, a.n)
         else:
@@ -114,7 +118,8 @@ def main() -> None:
     lines += [f"Command: `python bench/posttrain.py {' '.join(sys.argv[1:])}`", ""]
     if a.metric == "instruct":
         tasks = list(next(iter(rows.values()))["per_task"])
-        lines += [f"{a.n} held-out prompts, threshold {a.threshold}, B = 32, steps 32, greedy.", "",
+        lines += [f"{a.n} held-out prompts, decoding mode {a.mode}, threshold {a.threshold or 'mode default'}, B = 32, "
+                  "steps 32, greedy, batched engine (TPF per row).", "",
                   "| model | folder | accuracy | " + " | ".join(tasks) + " | TPF |",
                   "|---|---|---:|" + "---:|" * len(tasks) + "---:|"]
         for name, r in rows.items():
@@ -129,7 +134,7 @@ def main() -> None:
             lines.append(f"| {name} | `{models[name]}` | {r['pairs']} | {r['pref_acc']:.3f} | {r['elbo_margin']:.3f} |")
     else:
         lines += [f"{a.n} held-out prompts greedy; {a.n // 2} prompts x 4 samples at temperature 0.8; threshold "
-                  f"{a.threshold}, B = 32; reward = exact answer.", "",
+                  f"{a.threshold or 0.95}, B = 32; reward = exact answer.", "",
                   "| model | folder | mean reward, greedy | mean reward, sampled T=0.8 | TPF |", "|---|---|---:|---:|---:|"]
         for name, r in rows.items():
             lines.append(f"| {name} | `{models[name]}` | {r['greedy_reward']:.3f} | {r['sampled_reward']:.3f} | {r['tpf']:.2f} |")
@@ -138,7 +143,7 @@ def main() -> None:
     out = Path(__file__).parent / "results" / f"posttrain-{a.name or a.metric}-{date}"
     out.parent.mkdir(exist_ok=True)
     record = {"bench": "posttrain", "metric": a.metric, "name": a.name or a.metric, "date": date, "machine": MACHINE,
-              "threshold": a.threshold, "n": a.n, "models": models, "results": rows}
+              "threshold": a.threshold, "mode": a.mode, "n": a.n, "models": models, "results": rows}
     out.with_suffix(".md").write_text(md)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))

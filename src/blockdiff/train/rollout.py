@@ -1,8 +1,8 @@
 """RL rollouts for EBPO: prompts -> G sampled answers per prompt through the block decoder -> rewards ->
 group-relative advantages -> a training batch with its noise sample and the rollout policy's log-likelihoods.
 
-`generate_responses` is the one place that calls the decoding engine (an adapter: the batched engine being
-written on main replaces the per-prompt loop here, and nothing else changes).
+`generate_responses` is the one place that calls the decoding engine (`decode.engine.generate`, batched: all
+prompts x G samples of a rollout decode together).
 
 Resume: the source owns its rollout generator (sampling, prompt order, noise) and any minibatches of the current
 rollout not yet trained on; `state_dict` holds both (JSON-able), so a resumed run rolls out exactly what an
@@ -17,7 +17,7 @@ import torch
 
 from ..data.chat import ChatTemplate, RLPrompt, answer_text, encode_prompt
 from ..data.tasks import TaskExample, is_correct
-from ..decode.engine import BlockDecodeConfig, block_generate
+from ..decode.engine import DecodeConfig, generate
 from ..objectives.policy import EBPOConfig, elbo_logp, group_advantages, sample_timesteps
 
 
@@ -48,10 +48,9 @@ class RolloutConfig:
 def generate_responses(model, prompts: list[list[int]], cfg: RolloutConfig, *, block_size: int, mask_id: int,
                        eos_ids, generator: torch.Generator) -> list[list[int]]:
     """Adapter to the decoding engine: one sampled response (ids, trimmed at EOS) per prompt."""
-    dcfg = BlockDecodeConfig(block_size=block_size, steps=cfg.steps, threshold=cfg.threshold,
-                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    return [block_generate(model, p, dcfg, mask_id=mask_id, eos_ids=eos_ids, generator=generator).tokens
-            for p in prompts]
+    dcfg = DecodeConfig(mode="threshold", block_size=block_size, steps=cfg.steps, threshold=cfg.threshold,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    return [g.tokens for g in generate(model, prompts, dcfg, mask_id=mask_id, eos_ids=eos_ids, generator=generator)]
 
 
 def _to_json(t: torch.Tensor) -> dict:
