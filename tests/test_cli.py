@@ -22,7 +22,8 @@ from blockdiff.model.hf_io import load_pretrained
 transformers = pytest.importorskip("transformers")
 
 FLAGS = {
-    "make-data": ["--out", "--train-examples", "--valid-examples", "--code-chars", "--seed"],
+    "make-data": ["--out", "--train-examples", "--valid-examples", "--code-chars", "--seed", "--kind"],
+    "train": ["--recipe", "--out", "--model", "--resume", "--set", "--no-progress"],
     "convert": ["--recipe", "--out", "--model", "--resume", "--set", "--no-progress"],
     "merge": ["--run", "--k", "--out", "--block-size"],
     "generate": ["--model", "--prompt", "--prompt-file", "--mode", "--max-new-tokens", "--block-size", "--steps",

@@ -1,6 +1,8 @@
 """The `blockdiff` command line: a thin layer over the public API (STYLE.md item 4).
 
-    blockdiff make-data  write the bundled corpus (synthetic tasks + Python stdlib source) as jsonl
+    blockdiff make-data  write the bundled corpus (synthetic tasks + Python stdlib source) as jsonl, or with
+                         --kind chat|pairs the post-training data (SFT conversations, DPO pairs) from the tasks
+    blockdiff train      post-train a block-diffusion model: sft (with CAP / T2T options), dpo or rl (EBPO)
     blockdiff convert    AR checkpoint -> block-diffusion checkpoint with a WSD recipe, then a report
     blockdiff merge      average the top-k checkpoints of a run by validation ELBO
     blockdiff generate   decode a prompt with a converted model (threshold rule, exact block KV cache)
@@ -30,6 +32,12 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def cmd_make_data(args) -> int:
+    if args.kind != "corpus":
+        from .data.chat import write_post_data
+
+        paths = write_post_data(args.out, args.kind, train=args.train_examples, valid=args.valid_examples, seed=args.seed)
+        print("wrote " + " and ".join(map(str, paths)))
+        return 0
     from .data.bundled import write_bundled_corpus
 
     c = write_bundled_corpus(args.out, train_examples=args.train_examples, train_code_chars=args.code_chars,
@@ -49,6 +57,26 @@ def cmd_convert(args) -> int:
     res = run_conversion(recipe, args.out, resume=args.resume, progress=not args.no_progress)
     print_report(res.report)
     print(f"model: {res.model_dir}\nreport: {res.report_path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.loop import train
+    from .train.recipe import RecipeError, load_recipe
+
+    overrides = _parse_set(args.set)
+    if args.model:
+        overrides["model.path"] = str(Path(args.model).resolve())
+    recipe = load_recipe(args.recipe, overrides)
+    if recipe.objective.kind != args.kind:
+        raise RecipeError(f"{args.recipe}: [objective] kind is {recipe.objective.kind!r} but the command is "
+                          f"`blockdiff train {args.kind}`; use a {args.kind} recipe")
+    res = train(recipe, args.out, resume=args.resume, progress=not args.no_progress)
+    last = res.evals[-1] if res.evals else None
+    summary = {"steps": res.steps, "model": str(res.final_dir), "wall_s": round(res.wall_s, 1)}
+    if last:
+        summary["val_elbo_nll"] = round(last["val_nll"], 4)
+    print(json.dumps(summary))
     return 0
 
 
@@ -214,7 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--valid-examples", type=int, default=400, help="held-out task documents in valid.jsonl (count)")
     d.add_argument("--code-chars", type=int, default=1_000_000, help="stdlib source in train.jsonl (characters)")
     d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.add_argument("--kind", choices=("corpus", "chat", "pairs"), default="corpus",
+                   help="corpus: train/valid.jsonl; chat: sft_train/valid.jsonl (messages); pairs: pairs_train/valid.jsonl "
+                        "(prompt, chosen, rejected); chat and pairs use --train-examples / --valid-examples")
     d.set_defaults(func=cmd_make_data)
+
+    tr = sub.add_parser("train", help="post-train: sft, dpo or rl", formatter_class=fmt,
+                        description="Run a post-training recipe (TOML) through the training loop: SFT on chat jsonl "
+                                    "(CAP with [objective] cap = true, the T2T editing stream with t2t_ratio > 0), DPO "
+                                    "on the ELBO from preference pairs, or EBPO RL with rollouts of the block decoder. "
+                                    "Checkpoints, metrics.jsonl and final/ go to --out.")
+    tr.add_argument("kind", choices=("sft", "dpo", "rl"), help="must match the recipe's [objective] kind")
+    tr.add_argument("--recipe", required=True, help="recipe file (TOML), e.g. recipes/tiny_sft.toml")
+    tr.add_argument("--out", required=True, help="run folder: checkpoints/, final/, metrics.jsonl, loss.png")
+    tr.add_argument("--model", default=None, help="starting HF folder (a block-diffusion model); overrides [model] path")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                    help="override a recipe field (repeatable), e.g. --set objective.cap=true (value parsed as JSON)")
+    tr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    tr.set_defaults(func=cmd_train)
 
     c = sub.add_parser("convert", help="convert an AR checkpoint with a WSD recipe", formatter_class=fmt,
                        description="Run a recipe (TOML): load the AR checkpoint, add a mask token if needed, train "

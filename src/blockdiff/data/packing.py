@@ -108,6 +108,7 @@ class PackedDataset:
     input_ids: torch.Tensor  # int64 [N, L]
     doc_ids: torch.Tensor  # int32 [N, L]: 0, 1, 2, ... per document within each row
     positions: torch.Tensor  # int64 [N, L]: position within the token's document, from 0
+    loss_mask: torch.Tensor | None = None  # bool [N, L]: tokens that may be noised (SFT: response only)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -230,11 +231,14 @@ class BatchStream:
             if self.index == len(self.data):
                 self.epoch, self.index = self.epoch + 1, 0
         idx = torch.cat(rows)
-        return {
+        batch = {
             "input_ids": self.data.input_ids[idx],
             "doc_ids": self.data.doc_ids[idx],
             "positions": self.data.positions[idx],
         }
+        if self.data.loss_mask is not None:
+            batch["loss_mask"] = self.data.loss_mask[idx]
+        return batch
 
     @property
     def sequences_consumed(self) -> int:

@@ -9,6 +9,10 @@ Sources:
   are offered; the ELBO is what evaluation reports.
 Departures: when B >= L the clean half is dropped (MDLM with full attention inside each document), as LLaDA2
 does in its stable phase. Complementary masking (SFT, LLaDA2.0) is optional here for CPT too.
+SFT is this same loss with `loss_mask` = the response tokens (prompt tokens never noised, never scored).
+LLaDA2.1 editing stream (T2T): with `t2t_ratio > 0` some unmasked response tokens are replaced by random
+tokens and the model must output the originals there; the corruption scheme is ours (noise.edit_corruption,
+docs/post_training.md) since the report does not publish it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.masks import dense_mask, flex_block_mask
-from .noise import T_PER, mask_positions, sample_t
+from .noise import T_PER, edit_corruption, mask_positions, sample_t
 
 WEIGHTINGS = ("elbo", "token_mean")
 
@@ -34,6 +38,12 @@ class DiffusionLossConfig:
     t_hi: float = 1.0  # upper end of the mask-ratio bandwidth
     t_per: str = "sample"  # one t per "sample" or per "block"
     complementary: bool = False  # also train the inverse mask of each sample in the same batch
+    # LLaDA2.1 editing stream (T2T), see noise.edit_corruption: off when t2t_ratio == 0.
+    t2t_ratio: float = 0.0  # fraction of rows (Bernoulli per row) that also carry token corruption
+    t2t_max_rate: float = 0.25  # per-row corruption rate r ~ U(0, t2t_max_rate) of the unmasked eligible tokens
+    t2t_weight: float = 1.0  # weight of the T2T loss (token mean over corrupted positions) added to the M2T loss
+    t2t_vocab: int = 0  # replacement tokens are drawn from ids [0, t2t_vocab) (required when t2t_ratio > 0)
+    t2t_exclude: tuple[int, ...] = ()  # ids never drawn (special tokens: EOS, pad, [MASK], chat markers)
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -44,6 +54,10 @@ class DiffusionLossConfig:
             raise ValueError(f"need 0 <= t_lo <= t_hi <= 1, got t_lo={self.t_lo}, t_hi={self.t_hi}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not (0.0 <= self.t2t_ratio <= 1.0 and 0.0 <= self.t2t_max_rate <= 1.0):
+            raise ValueError(f"t2t_ratio and t2t_max_rate must be in [0, 1], got {self.t2t_ratio}, {self.t2t_max_rate}")
+        if self.t2t_ratio > 0 and self.t2t_vocab <= len(set(self.t2t_exclude)):
+            raise ValueError(f"t2t_ratio > 0 needs t2t_vocab (replacement vocabulary size), got {self.t2t_vocab}")
 
 
 def build_mask(mode: str, *, seq_len: int, device, block_size=None, doc_ids=None, positions=None, batch=1):
@@ -78,6 +92,89 @@ def noised_inputs(batch: dict[str, Tensor], cfg: DiffusionLossConfig, generator:
     return x0, x_t, masked, t, eligible, doc_ids, positions
 
 
+@dataclass
+class BDLMTerms:
+    """What one noised forward produced; shared by the BDLM loss, CAP and the ELBO of DPO."""
+    logits: Tensor  # [b, L, V] noisy-half logits (logit i predicts token i)
+    x0: Tensor  # [b, L] labels
+    masked: Tensor  # [b, L] bool, M2T positions ([MASK] in x_t)
+    corrupted: Tensor  # [b, L] bool, T2T positions (a wrong token in x_t), all False without the editing stream
+    t: Tensor  # [b, L] mask ratio per token
+    eligible: Tensor  # [b, L] bool, tokens that may be noised
+    ce: Tensor  # [b, L] float32 cross-entropy of x0 under logits
+
+
+def bdlm_logits(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=None, positions=None,
+                noise_at: Tensor | None = None, embed_noise_std: float = 0.0, generator=None) -> Tensor:
+    """Logits [b, L, V] of the noisy half of [x_t ; x0] under the block-diffusion training mask (x_t alone with
+    full attention inside each document when B >= L). One forward gives every block's conditional."""
+    b, L = x0.shape
+    device = x0.device
+    if positions is None:
+        positions = torch.arange(L, device=device).expand(b, L)
+    if block_size >= L:
+        inputs, pos = x_t, positions
+        mask = build_mask("full", seq_len=L, device=device, doc_ids=doc_ids, positions=positions, batch=b)
+    else:
+        inputs, pos = torch.cat([x_t, x0], 1), torch.cat([positions, positions], 1)  # [b, 2L]
+        mask = build_mask("bd_train", seq_len=L, device=device, block_size=block_size,
+                          doc_ids=doc_ids, positions=positions, batch=b)
+    h = model.embed(inputs)  # [b, T, d]
+    if embed_noise_std > 0 and noise_at is not None:
+        at = torch.zeros_like(inputs, dtype=torch.bool)
+        at[:, :L] = noise_at
+        noise = torch.randn(h.shape, generator=generator).to(device=device, dtype=h.dtype)
+        h = h + noise * embed_noise_std * at[..., None]
+    return model(inputs_embeds=h, positions=pos, mask=mask, logits_slice=slice(0, L))  # [b, L, V]
+
+
+def token_ce(logits: Tensor, x0: Tensor) -> Tensor:
+    b, L = x0.shape
+    return F.cross_entropy(logits.float().reshape(b * L, -1), x0.reshape(-1), reduction="none").view(b, L)
+
+
+def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *, generator=None,
+                    embed_noise_std: float = 0.0) -> BDLMTerms:
+    """Noise the batch (masks; the editing corruption when cfg.t2t_ratio > 0) and run one forward."""
+    x0, x_t, masked, t, eligible, doc_ids, positions = noised_inputs(batch, cfg, generator)
+    corrupted = torch.zeros_like(masked)
+    if cfg.t2t_ratio > 0:
+        x_t, corrupted = edit_corruption(x0, x_t, masked, eligible, ratio=cfg.t2t_ratio, rate_max=cfg.t2t_max_rate,
+                                         vocab_size=cfg.t2t_vocab, exclude=cfg.t2t_exclude, generator=generator)
+    logits = bdlm_logits(model, x_t, x0, block_size=cfg.block_size, doc_ids=doc_ids, positions=positions,
+                         noise_at=masked, embed_noise_std=embed_noise_std, generator=generator)
+    return BDLMTerms(logits, x0, masked, corrupted, t, eligible, token_ce(logits, x0))
+
+
+def bdlm_loss_from_terms(terms: BDLMTerms, cfg: DiffusionLossConfig) -> tuple[Tensor, dict[str, float]]:
+    ce, m, t, eligible = terms.ce, terms.masked.float(), terms.t, terms.eligible
+    n_masked = m.sum()
+    if cfg.weighting == "elbo":
+        loss = (ce * m / t.clamp_min(1e-3)).sum() / eligible.sum().clamp_min(1)
+    else:
+        loss = (ce * m).sum() / n_masked.clamp_min(1)
+    with torch.no_grad():
+        pred = terms.logits.argmax(-1)
+        correct = (pred == terms.x0) & terms.masked
+        metrics = {
+            "masked_nll": float((ce * m).sum() / n_masked.clamp_min(1)),
+            "masked_acc": float(correct.sum() / n_masked.clamp_min(1)),
+            "mask_frac": float(n_masked / eligible.sum().clamp_min(1)),
+        }
+    if cfg.t2t_ratio > 0:
+        # Editing stream (LLaDA2.1 T2T): recover the original at every corrupted position. Token mean, no 1/t:
+        # it is not a term of the likelihood bound (see docs/post_training.md).
+        c = terms.corrupted.float()
+        n_c = c.sum()
+        t2t = (ce * c).sum() / n_c.clamp_min(1)
+        loss = loss + cfg.t2t_weight * t2t
+        with torch.no_grad():
+            metrics.update(t2t_nll=float(t2t), t2t_frac=float(n_c / eligible.sum().clamp_min(1)),
+                           t2t_acc=float(((pred == terms.x0) & terms.corrupted).sum() / n_c.clamp_min(1)))
+    metrics = {"loss": float(loss.detach()), **metrics}
+    return loss, metrics
+
+
 def diffusion_loss(
     model,
     batch: dict[str, Tensor],
@@ -86,47 +183,22 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     embed_noise_std: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """BDLM loss on [x_t ; x0] (MDLM on x_t alone when B >= L).
+    """BDLM loss on [x_t ; x0] (MDLM on x_t alone when B >= L), plus the T2T editing loss when enabled.
 
     batch: input_ids [b, L] (x0), optional doc_ids / positions [b, L] from packing, optional loss_mask [b, L]
-    (tokens that may be noised; SFT passes the response mask). Returns (scalar loss, metrics).
+    (tokens that may be noised; SFT passes the response mask, so prompt tokens are never masked, corrupted or
+    scored). Returns (scalar loss, metrics).
     """
-    x0, x_t, masked, t, eligible, doc_ids, positions = noised_inputs(batch, cfg, generator)
-    b, L = x0.shape
-    device = x0.device
-    if positions is None:
-        positions = torch.arange(L, device=device).expand(b, L)
-    mdlm = cfg.block_size >= L
-    if mdlm:
-        inputs, pos = x_t, positions
-        mask = build_mask("full", seq_len=L, device=device, doc_ids=doc_ids, positions=positions, batch=b)
-    else:
-        inputs, pos = torch.cat([x_t, x0], 1), torch.cat([positions, positions], 1)  # [b, 2L]
-        mask = build_mask("bd_train", seq_len=L, device=device, block_size=cfg.block_size,
-                          doc_ids=doc_ids, positions=positions, batch=b)
-    h = model.embed(inputs)  # [b, T, d]
-    if embed_noise_std > 0:
-        noise_at = torch.zeros_like(inputs, dtype=torch.bool)
-        noise_at[:, :L] = masked
-        noise = torch.randn(h.shape, generator=generator).to(device=device, dtype=h.dtype)
-        h = h + noise * embed_noise_std * noise_at[..., None]
-    logits = model(inputs_embeds=h, positions=pos, mask=mask, logits_slice=slice(0, L))  # [b, L, V]
-    ce = F.cross_entropy(logits.float().reshape(b * L, -1), x0.reshape(-1), reduction="none").view(b, L)
-    m = masked.float()
-    n_masked = m.sum()
-    if cfg.weighting == "elbo":
-        loss = (ce * m / t.clamp_min(1e-3)).sum() / eligible.sum().clamp_min(1)
-    else:
-        loss = (ce * m).sum() / n_masked.clamp_min(1)
-    with torch.no_grad():
-        correct = (logits.argmax(-1) == x0) & masked
-        metrics = {
-            "loss": float(loss.detach()),
-            "masked_nll": float((ce * m).sum() / n_masked.clamp_min(1)),
-            "masked_acc": float(correct.sum() / n_masked.clamp_min(1)),
-            "mask_frac": float(n_masked / eligible.sum().clamp_min(1)),
-        }
-    return loss, metrics
+    terms = diffusion_terms(model, batch, cfg, generator=generator, embed_noise_std=embed_noise_std)
+    return bdlm_loss_from_terms(terms, cfg)
+
+
+def sequence_elbo(model, x0: Tensor, x_t: Tensor, masked: Tensor, t: Tensor, *, block_size: int, doc_ids=None,
+                  positions=None) -> Tensor:
+    """One-sample ELBO estimate per row, [b]: -sum over masked i of CE_i / t_i (a lower bound on log p(x0 | the
+    unnoised tokens) in expectation over t and the mask). Used by DPO as the likelihood surrogate."""
+    logits = bdlm_logits(model, x_t, x0, block_size=block_size, doc_ids=doc_ids, positions=positions)
+    return -(token_ce(logits, x0) * masked / t.clamp_min(1e-3)).sum(-1)
 
 
 def ar_loss(model, batch: dict[str, Tensor], cfg=None, **_) -> tuple[Tensor, dict[str, float]]:

@@ -72,3 +72,35 @@ def annealed_std(std0: float, step: int, anneal_steps: int) -> float:
     if anneal_steps <= 0 or std0 <= 0:
         return 0.0
     return std0 * max(0.0, 1.0 - step / anneal_steps)
+
+
+def edit_corruption(
+    x0: Tensor,
+    x_t: Tensor,
+    masked: Tensor,
+    eligible: Tensor,
+    *,
+    ratio: float,
+    rate_max: float,
+    vocab_size: int,
+    exclude=(),
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """LLaDA2.1 editing-stream (T2T) corruption; the scheme is ours (the report publishes none, SYSTEM.md 4).
+
+    Each row carries the editing stream with probability `ratio`; such a row draws a rate r ~ U(0, rate_max) and
+    replaces each eligible, *unmasked* token with probability r by a token drawn uniformly from the vocabulary
+    [0, vocab_size) minus `exclude` (special tokens). Uniform random tokens are the cheapest stand-in for the
+    decoder's own wrong commits (which T2T decoding must repair); a draw equal to the original is not a corruption.
+    Returns (x_t with the replacements, corrupted bool [b, L]); labels at corrupted positions are x0.
+    """
+    b, L = x0.shape
+    row_on = torch.rand(b, 1, generator=generator) < ratio
+    rate = torch.rand(b, 1, generator=generator) * rate_max
+    u = torch.rand(b, L, generator=generator)
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[[i for i in set(exclude) if 0 <= i < vocab_size]] = False
+    allowed_ids = allowed.nonzero()[:, 0]
+    repl = allowed_ids[torch.randint(len(allowed_ids), (b, L), generator=generator)].to(x0.device)
+    corrupted = (row_on & (u < rate)).to(x0.device) & eligible & ~masked & (repl != x0)
+    return torch.where(corrupted, repl, x_t), corrupted

@@ -1,5 +1,6 @@
-"""The one visible training loop (STYLE.md item 3). Conversion (CPT with the WSD block schedule) and AR
-pretraining of the bundled base model differ only in the objective function and the phases.
+"""The one visible training loop (STYLE.md item 3). Conversion (CPT with the WSD block schedule), AR
+pretraining of the bundled base model and post-training (SFT/CAP, DPO, RL) differ only in the batch source,
+the objective function (chosen by the recipe's [objective] kind, train/sources.py) and the phases.
 
 Per optimiser step: look up the phase (block size, lr) -> `grad_accum` micro-batches through the objective ->
 NaN/inf guard -> clip -> AdamW step -> metrics. Evaluation (validation ELBO perplexity) and checkpoints happen
@@ -9,6 +10,7 @@ every N steps and at every phase end. A checkpoint holds everything for an exact
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import time
@@ -24,12 +26,13 @@ from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..model.config import DiffusionInfo
 from ..model.hf_io import load_pretrained, save_pretrained
 from ..model.transformer import Transformer, resize_vocab
-from ..objectives.diffusion import DiffusionLossConfig, ar_loss, ar_nll, diffusion_loss, elbo_nll
+from ..objectives.diffusion import ar_nll, elbo_nll
 from ..objectives.noise import annealed_std, embedding_noise_std
 from . import checkpoint as ckpt_io
 from .metrics import MetricsLog, plot_curves
 from .recipe import Recipe
 from .schedule import Schedule
+from .sources import make_objective, post_training_sources
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,7 +70,7 @@ def prepare_model(recipe: Recipe, device: torch.device) -> tuple[Transformer, To
     tokenizer and growing embedding + head when absent, see `resize_vocab` for the initialisation)."""
     tok = load_tokenizer(recipe.model.path)
     model = load_pretrained(recipe.model.path, device=device)
-    if recipe.objective.kind == "diffusion":
+    if recipe.objective.kind != "ar":
         tok = tok.with_mask_token(recipe.model.mask_token)
         if tok.mask_id >= model.cfg.vocab_size:
             resize_vocab(model, tok.mask_id + 1)
@@ -156,9 +159,17 @@ def train(
     generator = torch.Generator().manual_seed(t.seed)
     schedule = Schedule(recipe)
     model, tok = prepare_model(recipe, device)
-    train_data, valid_data = load_data(recipe, tok, run_dir)
-    stream = BatchStream(train_data, t.batch_size, seed=t.seed)
-    valid_batches = _valid_batches(valid_data, recipe.data.valid_rows, t.batch_size, device) if valid_data else []
+    o = recipe.objective
+    if o.kind in ("diffusion", "ar"):
+        train_data, valid_data = load_data(recipe, tok, run_dir)
+        stream = BatchStream(train_data, t.batch_size, seed=t.seed)
+        valid_batches = _valid_batches(valid_data, recipe.data.valid_rows, t.batch_size, device) if valid_data else []
+    else:
+        stream, valid_batches = post_training_sources(recipe, tok, model, device)
+    # DPO's frozen reference: the starting model, copied before any resumed weights are loaded.
+    ref_model = None
+    if o.kind == "dpo":
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = build_optimizer(model, recipe)
     # Derived from the starting model, before any resumed weights are loaded, so a resumed run anneals the
     # same noise as an uninterrupted one.
@@ -181,8 +192,7 @@ def train(
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
     log = MetricsLog(run_dir / "metrics.jsonl", truncate_from_step=start)
     noise_steps = int(round(recipe.objective.embed_noise_frac * schedule.total_steps))
-    mask_id = tok.mask_id if recipe.objective.kind == "diffusion" else None
-    o = recipe.objective
+    mask_id = tok.mask_id if o.kind != "ar" else None
     end = schedule.total_steps if max_steps is None else min(schedule.total_steps, max_steps)
     last_good = latest
     model.train()
@@ -207,19 +217,13 @@ def train(
         lr = schedule.lr_at(step)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss_cfg = None
-        if o.kind == "diffusion":
-            loss_cfg = DiffusionLossConfig(mask_token_id=mask_id, block_size=phase.block_size, weighting=o.weighting,
-                                           t_lo=o.t_lo, t_hi=o.t_hi, t_per=o.t_per, complementary=o.complementary)
+        objective = make_objective(recipe, phase.block_size, mask_id, tok, ref_model)
         std = annealed_std(noise_std0, step, noise_steps)
         micro: list[dict] = []
         for _ in range(t.grad_accum):
             batch = {k: v.to(device) for k, v in stream.next_batch().items()}
             with amp():
-                if o.kind == "diffusion":
-                    loss, m = diffusion_loss(model, batch, loss_cfg, generator=generator, embed_noise_std=std)
-                else:
-                    loss, m = ar_loss(model, batch)
+                loss, m = objective(model, batch, generator, std)
             if not torch.isfinite(loss):
                 _diverged(step, phase, "loss", float(loss.detach()), last_good)
             (loss / t.grad_accum).backward()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OBJECTIVES = ("diffusion", "ar")
+OBJECTIVES = ("diffusion", "ar", "sft", "dpo", "rl")  # CPT, AR pretraining, post-training
 
 
 class RecipeError(ValueError):
@@ -37,6 +37,10 @@ class DataSection:
     eos_pad_multiple: int = 0  # pad every document with EOS to a multiple of this many tokens (0 = off)
     cache_dir: str = ""  # tokenised-data cache (default: <run>/../.cache/tokens)
     valid_rows: int = 64  # at most this many held-out rows per evaluation
+    # Post-training (sft: chat jsonl with messages; dpo: prompt/chosen/rejected; rl: prompt/answer or ["tasks"])
+    pack: bool = False  # sft: pack several conversations per row with document masks
+    over_length: str = "drop"  # sft/dpo: conversations longer than seq_len are "drop"ped (counted warning) or an "error"
+    system: str = ""  # dpo/rl: system message put before string prompts ("" = none)
 
 
 @dataclass
@@ -70,6 +74,32 @@ class ObjectiveSection:
     embed_noise: bool = True  # Gaussian noise on masked embeddings early in conversion
     embed_noise_std: float = 0.0  # 0 = derive from the embedding table (see objectives/noise.py)
     embed_noise_frac: float = 0.05  # anneal the noise to zero over this fraction of all steps
+    # LLaDA2.1 editing stream (T2T), diffusion and sft: see objectives/noise.py edit_corruption
+    t2t_ratio: float = 0.0  # fraction of rows that carry token corruption (0 = off)
+    t2t_max_rate: float = 0.25  # per-row corruption rate ~ U(0, this) of the unmasked response tokens
+    t2t_weight: float = 1.0  # weight of the T2T loss added to the masked loss
+    cap: bool = False  # sft: add the CAP entropy term (objectives/cap.py)
+    cap_lambda: float = 2.0  # CAP weight lambda
+    beta: float = 0.1  # dpo: inverse temperature of the implicit reward
+
+
+@dataclass
+class RLSection:
+    """EBPO (objectives/policy.py) and its rollouts (train/rollout.py); used when [objective] kind = "rl"."""
+    prompts_per_step: int = 4  # prompts per rollout
+    group_size: int = 4  # G samples per prompt (group-relative advantage)
+    temperature: float = 0.8  # rollout sampling temperature (> 0)
+    threshold: float = 0.95  # rollout decoder commit threshold
+    steps: int = 32  # rollout denoising steps per block
+    max_new_tokens: int = 32  # rollout length budget (tokens)
+    reward: str = "exact"  # "exact" or "contains" (answer vs the reference)
+    minibatches: int = 1  # optimiser steps per rollout
+    n_timesteps: int = 2  # N noise levels in the log-ratio
+    t_lo: float = 0.1  # stratified range of t_n
+    t_hi: float = 1.0
+    eps_low: float = 0.2  # clip rho below at 1 - eps_low
+    eps_high: float = 0.28  # clip rho above at 1 + eps_high
+    tasks: int = 2000  # prompts drawn from the synthetic tasks when data.train = ["tasks"]
 
 
 @dataclass
@@ -103,6 +133,7 @@ class Recipe:
     phases: list[Phase] = field(default_factory=list)
     merge: MergeSection = field(default_factory=MergeSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    rl: RLSection = field(default_factory=RLSection)
     source: str = "<recipe>"  # file the recipe came from (for messages)
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,7 +152,7 @@ class Recipe:
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "objective": ObjectiveSection,
-             "merge": MergeSection, "eval": EvalSection}
+             "merge": MergeSection, "eval": EvalSection, "rl": RLSection}
 
 
 def _build(cls, raw: Any, where: str):
@@ -162,6 +193,8 @@ def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: 'phases' must be an array of tables ([[phases]])")
     phases = [_build(Phase, p, f"{source}: [[phases]] #{i + 1}") for i, p in enumerate(phases_raw)]
     recipe = Recipe(**kw, phases=phases, source=source)
+    if recipe.objective.kind == "sft" and "complementary" not in raw.get("objective", {}):
+        recipe.objective.complementary = True  # LLaDA2.0 SFT default
     validate(recipe)
     return recipe
 
@@ -192,8 +225,8 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     if "model" in raw and isinstance(raw["model"].get("path"), str):
         raw["model"]["path"] = resolve(raw["model"]["path"])
     for key in ("train", "valid"):
-        if isinstance(raw.get("data", {}).get(key), list):
-            raw["data"][key] = [resolve(p) if isinstance(p, str) else p for p in raw["data"][key]]
+        if isinstance(raw.get("data", {}).get(key), list):  # "tasks" names the bundled RL prompts, not a file
+            raw["data"][key] = [resolve(p) if isinstance(p, str) and p != "tasks" else p for p in raw["data"][key]]
     if isinstance(raw.get("data", {}).get("cache_dir"), str):
         raw["data"]["cache_dir"] = resolve(raw["data"]["cache_dir"])
     return parse_recipe(raw, source=str(path))
@@ -229,6 +262,21 @@ def validate(r: Recipe) -> None:
     need(o.t_per in ("sample", "block"), f"[objective] t_per must be sample or block, got {o.t_per!r}")
     need(o.embed_noise_std >= 0, f"[objective] embed_noise_std must be >= 0, got {o.embed_noise_std}")
     need(0.0 <= o.embed_noise_frac <= 1.0, f"[objective] embed_noise_frac must be in [0, 1], got {o.embed_noise_frac}")
+    need(0.0 <= o.t2t_ratio <= 1.0 and 0.0 <= o.t2t_max_rate <= 1.0,
+         f"[objective] t2t_ratio and t2t_max_rate must be in [0, 1], got {o.t2t_ratio}, {o.t2t_max_rate}")
+    need(o.t2t_weight >= 0 and o.cap_lambda >= 0 and o.beta > 0,
+         "[objective] t2t_weight and cap_lambda must be >= 0 and beta > 0")
+    need(o.t2t_ratio == 0 or o.kind in ("diffusion", "sft"), "[objective] t2t_ratio applies to kind diffusion or sft")
+    need(not o.cap or o.kind == "sft", "[objective] cap = true needs kind = \"sft\"")
+    need(r.data.over_length in ("drop", "error"), f"[data] over_length must be drop or error, got {r.data.over_length!r}")
+    q = r.rl
+    need(min(q.prompts_per_step, q.group_size, q.steps, q.max_new_tokens, q.minibatches, q.n_timesteps, q.tasks) >= 1,
+         "[rl] prompts_per_step, group_size, steps, max_new_tokens, minibatches, n_timesteps, tasks must be >= 1")
+    need(q.group_size >= 2 or o.kind != "rl", "[rl] group_size must be >= 2 (group-relative advantages)")
+    need(q.temperature > 0 or o.kind != "rl", "[rl] temperature must be > 0 (a group of greedy samples is identical)")
+    need(q.reward in ("exact", "contains"), f"[rl] reward must be exact or contains, got {q.reward!r}")
+    need(0 < q.t_lo <= q.t_hi <= 1, f"[rl] need 0 < t_lo <= t_hi <= 1, got [{q.t_lo}, {q.t_hi}]")
+    need(0 <= q.eps_low < 1 and q.eps_high >= 0, "[rl] need 0 <= eps_low < 1 and eps_high >= 0")
     need(len(r.phases) >= 1, "at least one [[phases]] table is required")
     L = r.data.seq_len
     for i, p in enumerate(r.phases):

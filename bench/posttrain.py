@@ -1,0 +1,153 @@
+"""Measured effects of post-training on the bundled model: before/after tables, through the code users run.
+
+    python bench/posttrain.py instruct --models before=runs/tiny-long/merged after=runs/post-sft/final [--threshold 0.95]
+    python bench/posttrain.py instruct --models sft=runs/post-sft/final cap=runs/post-cap/final --name cap
+    python bench/posttrain.py instruct --models m2t=... t2t=... --mode S --name t2t
+    python bench/posttrain.py pref --models before=runs/post-sft/final after=runs/post-dpo/final --pairs runs/post-data/pairs_valid.jsonl
+    python bench/posttrain.py reward --models before=runs/post-sft/final after=runs/post-rl/final
+
+instruct: held-out synthetic-task prompts in the instruction format (system "Answer with the result only.", the
+task as the user turn, the tokenizer's chat template), decoded by the batched engine `generate` (--mode threshold:
+LLaDA2.0 threshold rule; S / Q: LLaDA2.1 joint M2T + T2T editing; B = 32, steps 32, temperature 0, KV cache);
+accuracy = exact answer (cut at EOS and the end-of-turn
+marker); TPF = generated tokens (to EOS) / forwards.
+pref: held-out preference pairs; accuracy = fraction with ELBO(chosen) > ELBO(rejected), ELBO averaged over 4
+shared noise draws (fixed seed), full t range.
+reward: mean exact-answer reward on held-out prompts, greedy (= accuracy) and sampled (G = 4 at temperature 0.8,
+what EBPO optimises).
+Each model is evaluated on the same prompts in the same run. Writes bench/results/posttrain-NAME-DATE.{md,json},
+prints the table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from blockdiff.data.chat import ChatTemplate, SYSTEM_PROMPT, answer_text, encode_prompt, read_pairs, task_prompt  # noqa: E402
+from blockdiff.data.tasks import generate_examples, is_correct  # noqa: E402
+from blockdiff.data.tokenizer import load_tokenizer  # noqa: E402
+from blockdiff.decode.engine import DecodeConfig, generate  # noqa: E402
+from blockdiff.model.hf_io import load_pretrained  # noqa: E402
+from blockdiff.objectives.preference import DPOConfig, elbo_preference_accuracy  # noqa: E402
+
+MACHINE = "2-core CPU, torch 2.13 fp32, 1 thread"
+
+
+def load(folder: str):
+    model = load_pretrained(folder).eval()
+    tok = load_tokenizer(folder)
+    if model.cfg.diffusion is None:
+        raise ValueError(f"{folder} is not a block-diffusion model (no blockdiff section in config.json)")
+    return model, tok
+
+
+def instruct(folder: str, n: int, threshold: float, temperature: float = 0.0, samples: int = 1, seed: int = 0,
+             mode: str = "threshold") -> dict:
+    model, tok = load(folder)
+    info = model.cfg.diffusion
+    template = ChatTemplate(tok)
+    cfg = DecodeConfig(mode=mode, block_size=info.block_size, steps=32, threshold=threshold, max_new_tokens=32,
+                       temperature=temperature)
+    gen = torch.Generator().manual_seed(seed)
+    per_task: dict[str, list[float]] = {}
+    tokens = forwards = 0
+    seconds = 0.0
+    shown = []
+    examples = [ex for ex in generate_examples("heldout", n, seed=123) for _ in range(samples)]
+    prompts = [encode_prompt(task_prompt(ex, SYSTEM_PROMPT).messages, tok, template) for ex in examples]
+    for i in range(0, len(examples), 50):  # batched decoding; at temperature 0 a row equals its lone decode
+        gens = generate(model, prompts[i:i + 50], cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)
+        for ex, g in zip(examples[i:i + 50], gens):
+            out = answer_text(tok, g.tokens)
+            per_task.setdefault(ex.task, []).append(float(is_correct(ex, out)))
+            tokens, forwards, seconds = tokens + g.n_generated, forwards + g.forwards, seconds + g.seconds
+            if len(shown) < 4:
+                shown.append(f"`{ex.prompt}` -> `{out}` (expected `{ex.answer}`)")
+    flat = [h for v in per_task.values() for h in v]
+    return {"accuracy": sum(flat) / len(flat), "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
+            "tpf": tokens / max(forwards, 1), "tps": tokens / max(seconds, 1e-9), "samples": shown}
+
+
+def pref(folder: str, pairs: str, n: int) -> dict:
+    model, tok = load(folder)
+    B = model.cfg.diffusion.block_size
+    data = read_pairs([pairs], tok, block_size=B, seq_len=64)
+    k = min(n, len(data))
+    batches = [{"input_ids": data.input_ids[i:i + 16], "loss_mask": data.loss_mask[i:i + 16],
+                "positions": data.positions[i:i + 16]} for i in range(0, k, 16)]
+    cfg = DPOConfig(mask_token_id=model.cfg.diffusion.mask_token_id, block_size=B)
+    return elbo_preference_accuracy(model, batches, cfg, samples=4)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("metric", choices=("instruct", "pref", "reward"))
+    p.add_argument("--models", nargs="+", required=True, help="name=folder, evaluated in this order")
+    p.add_argument("--n", type=int, default=200, help="held-out prompts / pairs")
+    p.add_argument("--threshold", type=float, default=None, help="M2T commit threshold (default: the mode's)")
+    p.add_argument("--mode", default="threshold", help="decoding mode: threshold (LLaDA2.0), S or Q (LLaDA2.1 M2T+T2T)")
+    p.add_argument("--pairs", default="runs/post-data/pairs_valid.jsonl")
+    p.add_argument("--name", default=None, help="results file name (default: the metric)")
+    p.add_argument("--note", default="", help="a line for the markdown (what the models are)")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    models = dict(m.split("=", 1) for m in a.models)
+    rows = {}
+    for name, folder in models.items():
+        if a.metric == "instruct":
+            rows[name] = instruct(folder, a.n, a.threshold, mode=a.mode)
+        elif a.metric == "pref":
+            rows[name] = pref(folder, a.pairs, a.n)
+        else:
+            greedy = instruct(folder, a.n, a.threshold)
+            sampled = instruct(folder, a.n // 2, a.threshold, temperature=0.8, samples=4, seed=1)
+            rows[name] = {"greedy_reward": greedy["accuracy"], "sampled_reward": sampled["accuracy"],
+                          "per_task_greedy": greedy["per_task"], "tpf": greedy["tpf"]}
+    date = dt.date.today().isoformat()
+    lines = [f"# Post-training: {a.name or a.metric} ({date}, {MACHINE})", ""]
+    if a.note:
+        lines += [a.note, ""]
+    lines += [f"Command: `python bench/posttrain.py {' '.join(sys.argv[1:])}`", ""]
+    if a.metric == "instruct":
+        tasks = list(next(iter(rows.values()))["per_task"])
+        lines += [f"{a.n} held-out prompts, decoding mode {a.mode}, threshold {a.threshold or 'mode default'}, B = 32, "
+                  "steps 32, greedy, batched engine (TPF per row).", "",
+                  "| model | folder | accuracy | " + " | ".join(tasks) + " | TPF |",
+                  "|---|---|---:|" + "---:|" * len(tasks) + "---:|"]
+        for name, r in rows.items():
+            per = " | ".join(f"{r['per_task'][t]:.3f}" for t in tasks)
+            lines.append(f"| {name} | `{models[name]}` | {r['accuracy']:.3f} | {per} | {r['tpf']:.2f} |")
+        for name, r in rows.items():
+            lines += ["", f"Samples ({name}): " + "; ".join(r["samples"])]
+    elif a.metric == "pref":
+        lines += [f"Held-out pairs from `{a.pairs}`; ELBO of each answer averaged over 4 shared noise draws.", "",
+                  "| model | folder | pairs | preference accuracy | mean ELBO margin (nats) |", "|---|---|---:|---:|---:|"]
+        for name, r in rows.items():
+            lines.append(f"| {name} | `{models[name]}` | {r['pairs']} | {r['pref_acc']:.3f} | {r['elbo_margin']:.3f} |")
+    else:
+        lines += [f"{a.n} held-out prompts greedy; {a.n // 2} prompts x 4 samples at temperature 0.8; threshold "
+                  f"{a.threshold or 0.95}, B = 32; reward = exact answer.", "",
+                  "| model | folder | mean reward, greedy | mean reward, sampled T=0.8 | TPF |", "|---|---|---:|---:|---:|"]
+        for name, r in rows.items():
+            lines.append(f"| {name} | `{models[name]}` | {r['greedy_reward']:.3f} | {r['sampled_reward']:.3f} | {r['tpf']:.2f} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    out = Path(__file__).parent / "results" / f"posttrain-{a.name or a.metric}-{date}"
+    out.parent.mkdir(exist_ok=True)
+    record = {"bench": "posttrain", "metric": a.metric, "name": a.name or a.metric, "date": date, "machine": MACHINE,
+              "threshold": a.threshold, "mode": a.mode, "n": a.n, "models": models, "results": rows}
+    out.with_suffix(".md").write_text(md)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""CAP: confidence-aware parallel training (LLaDA2.0 report, section on CAP; dFactory docs).
+
+    L = L_SFT + lambda * H_correct,
+    H_correct = mean entropy of the predicted distribution over masked positions whose argmax already equals
+                the label (0 when there is none).
+
+Sharpening the distributions the model already gets right raises the confidence of correct predictions, so a
+threshold decoder commits more of them per forward (higher TPF). lambda = 2.0 is the value recommended in the
+open trainer's documentation (SYSTEM.md 4); the report does not state its own. Positions that are wrong are
+left to the cross-entropy term: minimising their entropy would only make the model confidently wrong.
+Departure: none known; entropy is computed in float32 over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .diffusion import DiffusionLossConfig, bdlm_loss_from_terms, diffusion_terms
+
+
+@dataclass
+class CAPConfig:
+    diffusion: DiffusionLossConfig  # the SFT loss it is added to
+    lam: float = 2.0  # lambda, weight of the entropy term (dimensionless; 2.0 per the open trainer's docs)
+
+
+def cap_entropy(logits: Tensor, x0: Tensor, masked: Tensor) -> Tensor:
+    """Mean entropy (nats) of softmax(logits) over masked positions whose argmax equals x0; 0 if none.
+    logits [b, L, V], x0 / masked [b, L]. The selection is not differentiated (argmax)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ent = -(logp.exp() * logp).sum(-1)  # [b, L]
+    sel = (masked & (logits.detach().argmax(-1) == x0)).float()
+    return (ent * sel).sum() / sel.sum().clamp_min(1)
+
+
+def cap_loss(model, batch: dict[str, Tensor], cfg: CAPConfig, *, generator=None, embed_noise_std: float = 0.0):
+    terms = diffusion_terms(model, batch, cfg.diffusion, generator=generator, embed_noise_std=embed_noise_std)
+    loss, metrics = bdlm_loss_from_terms(terms, cfg.diffusion)
+    ent = cap_entropy(terms.logits, terms.x0, terms.masked)
+    loss = loss + cfg.lam * ent
+    metrics.update(loss=float(loss.detach()), sft_loss=metrics["loss"], cap_entropy=float(ent.detach()))
+    return loss, metrics

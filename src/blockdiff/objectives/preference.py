@@ -1,0 +1,92 @@
+"""DPO on the ELBO (LLaDA2.0 report, post-training section; SYSTEM.md 4).
+
+A diffusion LM has no tractable log-likelihood, so DPO's log p is replaced by the ELBO B(theta, y | c) -- the
+SFT objective read as a likelihood bound, sum over masked response tokens of log p / t -- estimated with one
+Monte Carlo sample (t, x_t):
+
+    L = -log sigmoid(beta * ((B_theta - B_ref)(y_w) - (B_theta - B_ref)(y_l))),   beta = 0.1.
+
+The reference is the frozen starting (post-SFT) model. Ours: the noise sample is shared by policy and
+reference (their difference then has far lower variance than with independent draws) and by chosen and
+rejected (one t per pair and the same uniform draw per position: rows are padded to one length), so the
+margin compares the two answers under the same corruption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .diffusion import sequence_elbo
+
+
+@dataclass
+class DPOConfig:
+    mask_token_id: int
+    block_size: int  # B
+    beta: float = 0.1  # inverse temperature of the implicit reward (report value)
+    t_lo: float = 0.001  # mask-ratio range of the ELBO sample (the full range: a likelihood estimate)
+    t_hi: float = 1.0
+
+
+def pair_noise(batch: dict[str, Tensor], cfg: DPOConfig, generator=None):
+    """Flatten a pair batch (input_ids [n, 2, L]) to [2n, L] (chosen rows first) and draw one shared noise
+    sample: t per pair, one uniform per (pair, position). Returns x0, x_t, masked, t, positions, doc_ids."""
+    ids = batch["input_ids"]
+    n, two, L = ids.shape
+    if two != 2:
+        raise ValueError(f"pair batch must be [n, 2, L] (chosen, rejected), got {tuple(ids.shape)}")
+
+    def flat(x):
+        return None if x is None else x.transpose(0, 1).reshape(2 * n, L)
+
+    x0, eligible = flat(ids), flat(batch["loss_mask"])
+    t = (cfg.t_lo + (cfg.t_hi - cfg.t_lo) * torch.rand(n, 1, generator=generator)).expand(n, L).repeat(2, 1)
+    u = torch.rand(n, L, generator=generator).repeat(2, 1)
+    t, u = t.to(x0.device), u.to(x0.device)
+    masked = (u < t) & eligible
+    x_t = torch.where(masked, torch.full_like(x0, cfg.mask_token_id), x0)
+    return x0, x_t, masked, t, flat(batch.get("positions")), flat(batch.get("doc_ids"))
+
+
+def dpo_loss(model, batch: dict[str, Tensor], cfg: DPOConfig, *, ref_model, generator=None):
+    """batch: input_ids / loss_mask / positions [n, 2, L]. Returns (loss, metrics) with rewards
+    beta * (B_theta - B_ref) of chosen and rejected, their margin and the preference accuracy (margin > 0)."""
+    x0, x_t, masked, t, pos, docs = pair_noise(batch, cfg, generator)
+    n = x0.shape[0] // 2
+    kw = dict(block_size=cfg.block_size, positions=pos, doc_ids=docs)
+    elbo = sequence_elbo(model, x0, x_t, masked, t, **kw)  # [2n]
+    with torch.no_grad():
+        elbo_ref = sequence_elbo(ref_model, x0, x_t, masked, t, **kw)
+    reward = cfg.beta * (elbo - elbo_ref)
+    margin = reward[:n] - reward[n:]
+    loss = -F.logsigmoid(margin).mean()
+    with torch.no_grad():
+        metrics = {"loss": float(loss.detach()), "reward_chosen": float(reward[:n].mean()),
+                   "reward_rejected": float(reward[n:].mean()), "reward_margin": float(margin.mean()),
+                   "pref_acc": float((margin > 0).float().mean()),
+                   "elbo_chosen": float(elbo[:n].mean()), "elbo_rejected": float(elbo[n:].mean())}
+    return loss, metrics
+
+
+@torch.no_grad()
+def elbo_preference_accuracy(model, batches, cfg: DPOConfig, *, samples: int = 4, seed: int = 1234) -> dict:
+    """Held-out preference accuracy: fraction of pairs whose ELBO (averaged over `samples` shared noise draws,
+    fixed seed) is higher for the chosen answer; also the mean ELBO margin (nats)."""
+    gen = torch.Generator().manual_seed(seed)
+    wins, margins = [], []
+    for batch in batches:
+        n = batch["input_ids"].shape[0]
+        total = torch.zeros(2 * n)
+        for _ in range(samples):
+            x0, x_t, masked, t, pos, docs = pair_noise(batch, cfg, gen)
+            total += sequence_elbo(model, x0, x_t, masked, t, block_size=cfg.block_size, positions=pos,
+                                   doc_ids=docs).cpu()
+        m = (total[:n] - total[n:]) / samples
+        margins.append(m)
+        wins.append(m > 0)
+    m = torch.cat(margins)
+    return {"pairs": len(m), "pref_acc": float(torch.cat(wins).float().mean()), "elbo_margin": float(m.mean())}

@@ -1,0 +1,160 @@
+"""RL rollouts for EBPO: prompts -> G sampled answers per prompt through the block decoder -> rewards ->
+group-relative advantages -> a training batch with its noise sample and the rollout policy's log-likelihoods.
+
+`generate_responses` is the one place that calls the decoding engine (`decode.engine.generate`, batched: all
+prompts x G samples of a rollout decode together).
+
+Resume: the source owns its rollout generator (sampling, prompt order, noise) and any minibatches of the current
+rollout not yet trained on; `state_dict` holds both (JSON-able), so a resumed run rolls out exactly what an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.chat import ChatTemplate, RLPrompt, answer_text, encode_prompt
+from ..data.tasks import TaskExample, is_correct
+from ..decode.engine import DecodeConfig, generate
+from ..objectives.policy import EBPOConfig, elbo_logp, group_advantages, sample_timesteps
+
+
+def _exact(output: str, answer: str) -> float:
+    return float(is_correct(TaskExample("user", "", answer.strip()), output))
+
+
+def _contains(output: str, answer: str) -> float:
+    return float(answer.strip() in output)
+
+
+REWARDS = {"exact": _exact, "contains": _contains}  # reward(output text, reference answer) -> [0, 1]
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 4  # prompts per rollout
+    group_size: int = 4  # G samples per prompt
+    temperature: float = 0.8  # sampling temperature of the rollouts (> 0 so a group differs)
+    threshold: float = 0.95  # decoder commit threshold
+    steps: int = 32  # denoising steps per block
+    max_new_tokens: int = 32
+    reward: str = "exact"  # key of REWARDS
+    minibatches: int = 1  # optimiser steps per rollout (p_old differs from p_theta from the 2nd on)
+    max_resample: int = 4  # rollouts tried per step before giving up on finding a group with nonzero advantage
+
+
+def generate_responses(model, prompts: list[list[int]], cfg: RolloutConfig, *, block_size: int, mask_id: int,
+                       eos_ids, generator: torch.Generator) -> list[list[int]]:
+    """Adapter to the decoding engine: one sampled response (ids, trimmed at EOS) per prompt."""
+    dcfg = DecodeConfig(mode="threshold", block_size=block_size, steps=cfg.steps, threshold=cfg.threshold,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    return [g.tokens for g in generate(model, prompts, dcfg, mask_id=mask_id, eos_ids=eos_ids, generator=generator)]
+
+
+def _to_json(t: torch.Tensor) -> dict:
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": t.flatten().tolist()}
+
+
+def _from_json(d: dict) -> torch.Tensor:
+    return torch.tensor(d["data"], dtype=getattr(torch, d["dtype"])).view(d["shape"])
+
+
+class RolloutSource:
+    """Batch source of the RL recipe: `next_batch()` -> dict for `ebpo_loss`."""
+
+    def __init__(self, prompts: list[RLPrompt], tok, model, cfg: RolloutConfig, ebpo: EBPOConfig, *, seed: int):
+        if not prompts:
+            raise ValueError("RL needs at least one prompt")
+        if cfg.reward not in REWARDS:
+            raise ValueError(f"unknown reward {cfg.reward!r}; expected one of {', '.join(REWARDS)}")
+        self.prompts, self.tok, self.model, self.cfg, self.ebpo = prompts, tok, model, cfg, ebpo
+        self.template = ChatTemplate(tok)
+        self.generator = torch.Generator().manual_seed(seed + 7919)  # rollout RNG, independent of the noise RNG
+        self.order = torch.randperm(len(prompts), generator=self.generator).tolist()
+        self.cursor = 0
+        self.rollouts = 0
+        self.pending: list[dict] = []
+
+    def _take_prompts(self) -> list[RLPrompt]:
+        out = []
+        for _ in range(self.cfg.prompts_per_step):
+            if self.cursor == len(self.order):
+                self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+                self.cursor = 0
+            out.append(self.prompts[self.order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    @torch.no_grad()
+    def _rollout(self) -> list[dict]:
+        c, B, tok = self.cfg, self.ebpo.block_size, self.tok
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        rows, advs, all_rewards = [], [], []
+        for _ in range(c.max_resample):
+            prompts = self._take_prompts()
+            ids = [encode_prompt(p.messages, tok, self.template) for p in prompts]
+            flat = [i for i in ids for _ in range(c.group_size)]
+            resp = generate_responses(self.model, flat, c, block_size=B, mask_id=self.ebpo.mask_token_id,
+                                      eos_ids=tok.eos_ids, generator=self.generator)
+            self.rollouts += 1
+            rewards = torch.tensor([REWARDS[c.reward](answer_text(tok, r), prompts[k // c.group_size].answer)
+                                    for k, r in enumerate(resp)]).view(len(prompts), c.group_size)
+            all_rewards.append(rewards)
+            adv, keep = group_advantages(rewards)
+            for g in range(len(prompts)):
+                if keep[g]:
+                    for j in range(c.group_size):
+                        k = g * c.group_size + j
+                        rows.append((flat[k], resp[k]))
+                        advs.append(float(adv[g, j]))
+            if rows:
+                break
+        reward_mean = torch.cat(all_rewards).mean().view(1)
+        self.model.train(was_training)
+        if not rows:
+            empty = torch.zeros(0, B, dtype=torch.long)
+            return [{"input_ids": empty, "loss_mask": empty.bool(), "reward_mean": reward_mean}]
+        # Prompt + response + EOS, EOS-padded to a multiple of B, then to the longest row (as SFT rows).
+        seqs = []
+        for p, r in rows:
+            s = p + r + [tok.eos_id]
+            s += [tok.eos_id] * (-len(s) % B)
+            seqs.append((s, len(p)))
+        L = max(len(s) for s, _ in seqs)
+        input_ids = torch.full((len(seqs), L), tok.eos_id, dtype=torch.long)
+        loss_mask = torch.zeros((len(seqs), L), dtype=torch.bool)
+        for i, (s, p) in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            loss_mask[i, p:] = True
+        t, masked = sample_timesteps(loss_mask, self.ebpo, self.generator)
+        batch = {"input_ids": input_ids.to(device), "loss_mask": loss_mask.to(device), "t": t.to(device),
+                 "masked": masked.to(device), "advantages": torch.tensor(advs, device=device)}
+        batch["old_logp"] = elbo_logp(self.model, batch, self.ebpo).detach()
+        # Split the rollout into minibatches (one optimiser step each); the noise columns go with their rows.
+        chunks = torch.arange(len(seqs)).tensor_split(max(1, min(c.minibatches, len(seqs))))
+        out = []
+        for idx in chunks:
+            mb = {k: (v[:, idx] if k in ("t", "masked") else v[idx]) for k, v in batch.items()}
+            mb = {k: v.cpu() for k, v in mb.items()}
+            mb["reward_mean"] = reward_mean
+            out.append(mb)
+        return out
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if not self.pending:
+            self.pending = self._rollout()
+        return self.pending.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state().tolist(), "order": self.order, "cursor": self.cursor,
+                "rollouts": self.rollouts,
+                "pending": [{k: _to_json(v) for k, v in mb.items()} for mb in self.pending]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.order, self.cursor, self.rollouts = list(state["order"]), int(state["cursor"]), int(state["rollouts"])
+        self.pending = [{k: _from_json(v) for k, v in mb.items()} for mb in state["pending"]]
