@@ -29,6 +29,8 @@ FLAGS = {
     "generate": ["--model", "--prompt", "--prompt-file", "--mode", "--max-new-tokens", "--block-size", "--steps",
                  "--threshold", "--edit-threshold", "--max-post-steps", "--temperature", "--top-k", "--top-p",
                  "--ignore-eos", "--seed", "--stop", "--stream", "--trace", "--ar"],
+    "chat": ["--model", "--system", "--mode", "--max-new-tokens", "--block-size", "--steps", "--threshold",
+             "--edit-threshold", "--max-post-steps", "--temperature", "--top-k", "--top-p", "--seed", "--ar"],
 }
 
 RECIPE = """\

@@ -81,3 +81,19 @@ def test_generate_bad_prompts(tiny_bd_dir, tmp_path):
     code, _, err = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "hi", "--trace",
                             tmp_path / "no" / "t.jsonl"])
     assert_usage_error(code, err, "generate", "does not exist")
+
+
+def test_chat_session(tiny_bd_dir, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("add 1+2\n\n/reset\nsort 3 1 2\n/exit\nnever read\n"))
+    code, stdout, stderr = run_cli(["chat", "--model", tiny_bd_dir, "--mode", "Q", "--max-new-tokens", 8,
+                                    "--block-size", 4, "--system", "Answer with the result only."])
+    assert code == 0, stderr
+    assert len(stdout.splitlines()) == 2  # one reply per user turn; blank line skipped, /exit stops
+    assert "history cleared" in stderr and stderr.count("TPF") == 2 and "chat template" in stderr
+
+
+def test_chat_bad_model(tmp_path):
+    code, _, err = run_cli(["chat", "--model", tmp_path / "missing"])
+    assert_usage_error(code, err, "chat", str(tmp_path / "missing"))

@@ -5,7 +5,8 @@
     blockdiff train      post-train a block-diffusion model: sft (with CAP / T2T options), dpo or rl (EBPO)
     blockdiff convert    AR checkpoint -> block-diffusion checkpoint with a WSD recipe, then a report
     blockdiff merge      average the top-k checkpoints of a run by validation ELBO
-    blockdiff generate   decode a prompt with a converted model (threshold rule, exact block KV cache)
+    blockdiff generate   decode prompts (one batch) with the engine: threshold, S/Q editing, ...; --stream, --trace
+    blockdiff chat       interactive chat with the chat template, decoded by the same engine
 """
 
 from __future__ import annotations
@@ -207,6 +208,49 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """Interactive chat: each user line is appended to the conversation, the conversation is rendered with the
+    tokenizer's chat template (the documented default when it has none, data/chat.py) and decoded with the engine;
+    the reply is cut at the template's end-of-turn marker. /reset clears the history, /exit (or EOF) quits."""
+    import torch
+
+    from .data.chat import ChatTemplate, answer_text
+    from .decode.engine import ar_generate, generate
+
+    gen = torch.Generator().manual_seed(args.seed)
+    model, tok = _load_for_decoding(args.model)
+    template = ChatTemplate(tok)
+    info = model.cfg.diffusion
+    cfg = _decode_config(args, info) if info is not None and not args.ar else None
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    src = "the tokenizer's chat template" if tok.chat_template else "the default chat template (tokenizer has none)"
+    print(f"[blockdiff chat] {args.model}, {src}; /reset clears the history, /exit quits", file=sys.stderr)
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            history = []
+            print("[history cleared]", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        ids = tok.encode(template.render(system + history, add_generation_prompt=True))
+        if cfg is None:
+            g = ar_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids,
+                            temperature=args.temperature, generator=gen)
+        else:
+            g = generate(model, [ids], cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)[0]
+        reply = answer_text(tok, g.tokens)
+        history.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+        print(f"[{g.n_generated} tokens, TPF {g.tpf:.2f}, {g.n_generated / max(g.seconds, 1e-9):.1f} tokens/s]",
+              file=sys.stderr)
+    return 0
+
+
 def _add_decoding_args(g) -> None:
     from .decode.engine import MODES
 
@@ -300,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "to this JSONL file")
     g.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive chat with a model", formatter_class=fmt,
+                        description="Read user turns from stdin, render the conversation with the tokenizer's chat "
+                                    "template (a documented default when it has none) and decode each reply with the "
+                                    "engine. /reset clears the history, /exit or end of input quits.")
+    ch.add_argument("--model", required=True, help="HF folder (converted or AR)")
+    ch.add_argument("--system", default=None, help="system prompt (default: none)")
+    _add_decoding_args(ch)
+    ch.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
+    ch.set_defaults(func=cmd_chat)
     return p
 
 
