@@ -28,9 +28,10 @@ FLAGS = {
     "merge": ["--run", "--k", "--out", "--block-size"],
     "generate": ["--model", "--prompt", "--prompt-file", "--mode", "--max-new-tokens", "--block-size", "--steps",
                  "--threshold", "--edit-threshold", "--max-post-steps", "--temperature", "--top-k", "--top-p",
-                 "--ignore-eos", "--seed", "--stop", "--stream", "--trace", "--ar"],
+                 "--ignore-eos", "--repeat-penalty", "--seed", "--stop", "--stream", "--trace", "--ar"],
     "chat": ["--model", "--system", "--mode", "--max-new-tokens", "--block-size", "--steps", "--threshold",
-             "--edit-threshold", "--max-post-steps", "--temperature", "--top-k", "--top-p", "--seed", "--ar"],
+             "--edit-threshold", "--max-post-steps", "--temperature", "--top-k", "--top-p", "--ignore-eos",
+             "--repeat-penalty", "--seed", "--ar"],
 }
 
 RECIPE = """\

@@ -66,12 +66,12 @@ def neighbour_bias(block_size: int, strength: float = 30.0):
 # engine == reference
 
 
-@pytest.mark.parametrize("mode", ["threshold", "S", "Q"])
+@pytest.mark.parametrize("mode,penalty", [("threshold", 0.0), ("S", 0.0), ("Q", 0.0), ("S", 3.0)])
 @pytest.mark.parametrize("block_size", [4, 8])
-def test_engine_equals_reference(bd, mode, block_size):
+def test_engine_equals_reference(bd, mode, penalty, block_size):
     model, mask_id, eos_id = bd
     model = Spy(tiebroken(model), neighbour_bias(block_size))
-    cfg = DecodeConfig(mode=mode, block_size=block_size, steps=block_size, max_new_tokens=19)
+    cfg = DecodeConfig(mode=mode, block_size=block_size, steps=block_size, max_new_tokens=19, repeat_penalty=penalty)
     n_edits = 0
     for n in LENGTHS:
         for eos_ids in ([], [eos_id]):
@@ -287,6 +287,19 @@ def test_joint_rule_bruteforce():
             assert set(torch.nonzero(t2t[r]).flatten().tolist()) == want_e
 
 
+def test_repeat_penalty_hits_left_neighbour_only():
+    from blockdiff.decode.rules import repeat_penalty_
+
+    logits = torch.zeros(2, 4, 10)
+    block = torch.tensor([[3, 3, 9, 1], [0, 5, 5, 5]])
+    repeat_penalty_(logits, block, 2.0)
+    want = torch.zeros(2, 4, 10)
+    for b in range(2):
+        for i in range(1, 4):
+            want[b, i, block[b, i - 1]] -= 2.0
+    assert torch.equal(logits, want)
+
+
 def test_top_k_top_p_sampling_support():
     logits = torch.randn(4, 6, 50, generator=torch.Generator().manual_seed(2))
     probs = torch.softmax(logits, -1)
@@ -301,7 +314,7 @@ def test_top_k_top_p_sampling_support():
 
 def test_decode_config_validation():
     for kw in ({"mode": "X"}, {"edit_threshold": 2.0}, {"max_post_steps": -1}, {"temperature": -1},
-               {"top_p": 0.0}, {"top_k": -1}, {"factor": 0}):
+               {"top_p": 0.0}, {"top_k": -1}, {"factor": 0}, {"repeat_penalty": -1}):
         with pytest.raises(ValueError):
             DecodeConfig(**kw)
     s, q = DecodeConfig(mode="S"), DecodeConfig(mode="Q")

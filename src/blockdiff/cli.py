@@ -97,7 +97,8 @@ def _decode_config(args, info):
     return DecodeConfig(mode=args.mode, block_size=args.block_size or info.block_size, steps=args.steps,
                         threshold=args.threshold, edit_threshold=args.edit_threshold,
                         max_post_steps=args.max_post_steps, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, ignore_eos=args.ignore_eos)
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty)
 
 
 class _StreamPrinter:
@@ -270,6 +271,8 @@ def _add_decoding_args(g) -> None:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0-1]")
     g.add_argument("--ignore-eos", action="store_true", help="decode the whole budget even after EOS (benchmarks)")
+    g.add_argument("--repeat-penalty", type=float, default=0.0,
+                   help="logit penalty for repeating the left neighbour inside a block (0 = off; anti-stutter)")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
 

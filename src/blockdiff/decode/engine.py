@@ -39,6 +39,7 @@ from ..model.masks import dense_mask
 from .cache import KVCache
 from .rules import (
     choose_tokens,
+    repeat_penalty_,
     credit_adjust,
     credit_update,
     dinfer_threshold_rule,
@@ -73,6 +74,7 @@ class DecodeConfig:
     top_k: int = 0  # sample among the k most likely tokens (0 = all); temperature > 0 only
     top_p: float = 1.0  # nucleus mass (1 = all); temperature > 0 only
     ignore_eos: bool = False  # keep decoding past EOS until max_new_tokens (benchmarks)
+    repeat_penalty: float = 0.0  # logit penalty for repeating the left neighbour inside a block (anti-stutter)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,6 +94,8 @@ class DecodeConfig:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
         if self.factor <= 0:
             raise ValueError(f"factor must be > 0, got {self.factor}")
+        if self.repeat_penalty < 0:
+            raise ValueError(f"repeat_penalty must be >= 0, got {self.repeat_penalty}")
 
     @property
     def rule(self) -> str:
@@ -286,6 +290,8 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
         for r in active:
             forwards[r] += 1
         logits[..., mask_id] = float("-inf")  # never write the mask token itself
+        if cfg.repeat_penalty:
+            repeat_penalty_(logits, x, cfg.repeat_penalty)
         if credit is not None:
             c = credit[rows]
             credit_update(c, logits)

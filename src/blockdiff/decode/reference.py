@@ -60,6 +60,8 @@ def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: 
             forwards += 1
             steps += 1
             logits[:, mask_id] = float("-inf")
+            for i in range(1, B):  # anti-stutter penalty on the left neighbour's token (0 = off)
+                logits[i, canvas[lo + i - 1]] -= cfg.repeat_penalty
             conf_t, tok_t = torch.softmax(logits.float(), -1).max(-1)
             conf, tok = conf_t.tolist(), tok_t.tolist()
             if cfg.rule == "threshold":

@@ -52,6 +52,15 @@ def choose_tokens(logits: Tensor, temperature: float = 0.0, generator: torch.Gen
     return tok, torch.gather(probs, -1, tok[..., None])[..., 0]
 
 
+def repeat_penalty_(logits: Tensor, block: Tensor, penalty: float) -> None:
+    """Subtract `penalty` from the logit of each position's left neighbour token inside the block, in place
+    (logits [b, B, V], block [b, B]). Low M2T thresholds make neighbours copy each other ("stuttering", LLaDA2.1
+    report); sglang's joint-threshold decoder offers the same penalty. A masked neighbour penalises [MASK], which is
+    never chosen anyway."""
+    prev = block[:, :-1, None]  # [b, B-1, 1]
+    logits[:, 1:].scatter_add_(-1, prev, torch.full(prev.shape, -penalty, dtype=logits.dtype, device=logits.device))
+
+
 def credit_adjust(logits: Tensor, credit: Tensor, weight: float = 0.7) -> Tensor:
     """dInfer credit decoding: decide on logits + weight * log(1 + C), C [b, B, V] the per-position credit."""
     return logits + weight * torch.log1p(credit)
