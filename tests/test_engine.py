@@ -312,7 +312,7 @@ def test_top_k_top_p_sampling_support():
         assert torch.equal(tok, logits.argmax(-1))  # a tiny nucleus keeps only the most likely token
 
 
-def test_decode_config_validation():
+def test_decode_config_validation(bd):
     for kw in ({"mode": "X"}, {"edit_threshold": 2.0}, {"max_post_steps": -1}, {"temperature": -1},
                {"top_p": 0.0}, {"top_k": -1}, {"factor": 0}, {"repeat_penalty": -1}):
         with pytest.raises(ValueError):
@@ -322,5 +322,19 @@ def test_decode_config_validation():
     assert DecodeConfig().tau_mask == 0.95 and DecodeConfig().tau_edit is None
     assert DecodeConfig(mode="S", threshold=0.6).tau_mask == 0.6
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        generate(None, [[1], []], DecodeConfig(), mask_id=0, eos_ids=[])
+        generate(bd[0], [[1], []], DecodeConfig(), mask_id=bd[1], eos_ids=[])
     assert math.isclose(DecodeConfig(block_size=32, steps=8).quota, 4)
+
+
+def test_bad_prompt_ids(bd):
+    model, mask_id, eos_id = bd
+    V = model.cfg.vocab_size
+    with pytest.raises(ValueError, match=rf"prompt 1: token id {V} at position 2 is outside the vocabulary \[0, {V}\)"):
+        generate(model, [[1, 2], [3, 4, V]], DecodeConfig(block_size=4), mask_id=mask_id, eos_ids=[eos_id])
+    with pytest.raises(ValueError, match="prompt 0: token id -1"):
+        generate(model, [[-1]], DecodeConfig(block_size=4), mask_id=mask_id, eos_ids=[eos_id])
+    with pytest.raises(ValueError, match=rf"prompt 0: holds the \[MASK\] id {mask_id} at position 1"):
+        generate(model, [[5, mask_id, 6]], DecodeConfig(block_size=4), mask_id=mask_id, eos_ids=[eos_id])
+    with pytest.warns(UserWarning, match="max_position_embeddings"):
+        generate(model, [[1, 2]], DecodeConfig(block_size=4, max_new_tokens=model.cfg.max_position_embeddings,
+                                               threshold=0.0), mask_id=mask_id, eos_ids=[eos_id])

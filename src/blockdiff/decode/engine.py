@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -159,12 +160,22 @@ class StepUpdate:
     done: bool = False
 
 
-def _check_prompts(prompts: list[list[int]]) -> None:
+def _check_prompts(prompts: list[list[int]], vocab_size: int | None = None, mask_id: int | None = None) -> None:
+    """Clear errors for what would otherwise fail deep inside torch (an embedding index error) or silently decode
+    a prompt slot (a [MASK] id inside the prompt would be treated as a slot to fill)."""
     if not prompts:
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: a prompt must hold at least one token")
+        if vocab_size is not None:
+            bad = [(k, t) for k, t in enumerate(p) if not 0 <= int(t) < vocab_size]
+            if bad:
+                k, t = bad[0]
+                raise ValueError(f"prompt {i}: token id {t} at position {k} is outside the vocabulary [0, {vocab_size})")
+        if mask_id is not None and mask_id in p:
+            raise ValueError(f"prompt {i}: holds the [MASK] id {mask_id} at position {list(p).index(mask_id)}; "
+                             "prompts must be clean text")
 
 
 def _first_stop(tokens: list[int], eos: set[int]) -> int | None:
@@ -210,7 +221,7 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
            events: bool = True) -> Iterator[StepUpdate | list[Generation]]:
     """Decode `prompts` as one batch; yields a StepUpdate per row per step and, last, the list of Generation
     (one per prompt, in order). `stop` strings need `decode` (token ids -> text)."""
-    _check_prompts(prompts)
+    _check_prompts(prompts, model.cfg.vocab_size, mask_id)
     if stop and decode is None:
         raise ValueError("stop strings need a decode function (token ids -> text)")
     eos = set() if cfg.ignore_eos else set(eos_ids)
@@ -220,6 +231,11 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
     P = [len(p) for p in prompts]
     n_blocks = [math.ceil((p + budget) / B) for p in P]
     L = max(n_blocks) * B
+    max_pos = getattr(model.cfg, "max_position_embeddings", None)
+    if max_pos and L > max_pos:
+        warnings.warn(f"decoding canvas of {L} positions (longest prompt {max(P)} + {budget} new tokens, rounded up "
+                      f"to B={B}) exceeds the model's max_position_embeddings {max_pos}; quality may degrade",
+                      stacklevel=2)
     canvas = torch.full((N, L), mask_id, dtype=torch.long, device=device)
     for r, p in enumerate(prompts):
         canvas[r, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
