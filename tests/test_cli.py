@@ -32,6 +32,7 @@ FLAGS = {
     "chat": ["--model", "--system", "--mode", "--max-new-tokens", "--block-size", "--steps", "--threshold",
              "--edit-threshold", "--max-post-steps", "--temperature", "--top-k", "--top-p", "--ignore-eos",
              "--repeat-penalty", "--seed", "--ar"],
+    "show-trace": ["--row"],
 }
 
 RECIPE = """\

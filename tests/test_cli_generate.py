@@ -97,3 +97,23 @@ def test_chat_session(tiny_bd_dir, monkeypatch):
 def test_chat_bad_model(tmp_path):
     code, _, err = run_cli(["chat", "--model", tmp_path / "missing"])
     assert_usage_error(code, err, "chat", str(tmp_path / "missing"))
+
+
+def test_show_trace(tiny_bd_dir, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    code, _, err = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "add 1+2=", "--prompt", "sort 2 1=",
+                            "--mode", "S", "--max-new-tokens", 8, "--block-size", 4, "--trace", trace])
+    assert code == 0, err
+    events = [json.loads(x) for x in trace.read_text().splitlines()]
+    code, out, err = run_cli(["show-trace", trace, "--row", 1])
+    assert code == 0, err
+    lines = out.splitlines()
+    steps = sorted({e["step"] for e in events if e["type"] == "event" and e["row"] == 1})
+    assert len(lines) == len(steps) and all(line.startswith("step") for line in lines)
+    assert lines[0].count("[") >= 1  # the first step's writes are bracketed
+    code, _, err = run_cli(["show-trace", trace, "--row", 2])
+    assert_usage_error(code, err, "show-trace", "row 2 is not in this trace")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "meta"}\nnot json\n')
+    code, _, err = run_cli(["show-trace", bad])
+    assert_usage_error(code, err, "show-trace", "bad.jsonl:2")

@@ -7,6 +7,7 @@
     blockdiff merge      average the top-k checkpoints of a run by validation ELBO
     blockdiff generate   decode prompts (one batch) with the engine: threshold, S/Q editing, ...; --stream, --trace
     blockdiff chat       interactive chat with the chat template, decoded by the same engine
+    blockdiff show-trace replay a --trace file step by step (unmasking and edits)
 """
 
 from __future__ import annotations
@@ -252,6 +253,17 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_show_trace(args) -> int:
+    from .decode.trace import read_trace, render_trace
+
+    path = Path(args.trace)
+    if not path.is_file():
+        raise FileNotFoundError(f"trace file {path} does not exist")
+    for line in render_trace(read_trace(path), args.row):
+        print(line)
+    return 0
+
+
 def _add_decoding_args(g) -> None:
     from .decode.engine import MODES
 
@@ -357,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(ch)
     ch.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
     ch.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("show-trace", help="replay a --trace file step by step", formatter_class=fmt,
+                       description="Print one line per decoding step of a row from a `generate --trace` JSONL file: "
+                                   "the current block's text, masked slots as '_', this step's writes in [brackets], "
+                                   "T2T edits as [old->new].")
+    t.add_argument("trace", help="JSONL file written by generate --trace")
+    t.add_argument("--row", type=int, default=0, help="prompt index in the batch")
+    t.set_defaults(func=cmd_show_trace)
     return p
 
 

@@ -56,5 +56,57 @@ class TraceWriter:
 
 
 def read_trace(path: str | Path) -> list[dict]:
+    out = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    return out
+
+
+def render_trace(lines: list[dict], row: int = 0, token_text=None) -> list[str]:
+    """Replay a trace: one text line per step of `row`, showing the generated slots so far with masked slots as
+    '_', EOS as '∎' and this step's writes in [brackets] (T2T edits as [old->new]). `token_text(id)` renders a token; the
+    trace's own `text` field is used when present."""
+    meta = next((x for x in lines if x.get("type") == "meta"), None)
+    if meta is None:
+        raise ValueError("not a blockdiff trace: no meta line")
+    if not 0 <= row < len(meta["prompts"]):
+        raise ValueError(f"row {row} is not in this trace (rows 0..{len(meta['prompts']) - 1})")
+    P = len(meta["prompts"][row])
+    shown: dict[int, str] = {}
+    steps: dict[int, list[dict]] = {}
+    for x in lines:
+        if x.get("type") == "event" and x["row"] == row:
+            steps.setdefault(x["step"], []).append(x)
+
+    eos = set(meta.get("eos_ids", []))
+
+    def text(e) -> str:
+        if e["token"] in eos:
+            return "∎"  # EOS, one cell wide
+        if "text" in e:
+            return e["text"]
+        return token_text(e["token"]) if token_text else str(e["token"])
+
+    out = []
+    for step in sorted(steps):
+        evs = steps[step]
+        marks = {}
+        for e in evs:
+            new = text(e)
+            marks[e["pos"]] = f"[{shown.get(e['pos'], '?')}->{new}]" if e["kind"] == "t2t" else f"[{new}]"
+            shown[e["pos"]] = new
+        hi = max(shown) + 1 if shown else P
+        lo_block = evs[0]["block"] * meta["config"]["block_size"]
+        cells = []
+        for pos in range(max(P, lo_block), hi):
+            cells.append(marks.get(pos, shown.get(pos, "_")))
+        n_t2t = sum(e["kind"] == "t2t" for e in evs)
+        out.append(f"step {step:3d} block {evs[0]['block']:2d} +{len(evs) - n_t2t} m2t {n_t2t} t2t | "
+                   + "".join(cells).replace("\n", "\\n"))
+    return out
