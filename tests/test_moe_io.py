@@ -104,3 +104,47 @@ def test_llada2_without_mask_token_loads_without_diffusion_info(tmp_path, capsys
     hf["mask_token_id"] = 7  # a config.json mask_token_id is enough
     model = load_pretrained(write_official_folder(tmp_path / "cfgmask", hf, official_tensors(hf), mask_token=False))
     assert model.cfg.diffusion.mask_token_id == 7 and model.cfg.diffusion.block_size == 32
+
+
+# ------------------------------------------------------------------------------------------- conversion
+def test_convert_ling_folder_to_llada2(tmp_path, tiny_data):
+    """`blockdiff convert` on a tiny Ling 2.0 folder (with an MTP layer, tokenizer without a mask token): the
+    result loads as llada2_moe with the added mask token, the experts trained, and expert_bias unchanged."""
+    from blockdiff.convert import run_conversion
+    from blockdiff.data.tokenizer import load_tokenizer
+    from blockdiff.train.recipe import parse_recipe
+
+    hf = official_config("bailing_moe_v2", num_nextn_predict_layers=1)
+    tensors = official_tensors(hf, seed=4, mtp_layers=1)
+    ling = write_official_folder(tmp_path / "ling", hf, tensors, mask_token=False)
+    assert load_tokenizer(ling).mask_id is None
+    recipe = parse_recipe({
+        "model": {"path": str(ling)},
+        "data": {"train": [str(tiny_data["train"])], "valid": [str(tiny_data["valid"])], "seq_len": 32, "valid_rows": 4},
+        "train": {"batch_size": 2, "eval_every": 2, "save_every": 2, "warmup_steps": 1, "threads": 1, "device": "cpu"},
+        "phases": [{"block_size": 4, "steps": 2, "lr": 1e-3}, {"block_size": 8, "steps": 1, "lr": 1e-3}],
+    }, source="test-recipe")
+    res = run_conversion(recipe, tmp_path / "run", progress=False)
+    out = res.model_dir
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llada2_moe" and cfg["architectures"] == ["LLaDA2MoeModelLM"]
+    assert cfg["auto_map"] == {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                               "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"}
+    assert "num_nextn_predict_layers" not in cfg
+    tok = load_tokenizer(out)
+    model = load_pretrained(out)
+    assert model.cfg.family == "llada2_moe" and type(model).__name__ == "MoETransformer"
+    assert tok.mask_id is not None and model.cfg.diffusion.mask_token_id == tok.mask_id == tok.token_to_id("<|mask|>")
+    assert model.cfg.diffusion.block_size == 8
+    assert tok.mask_id == 300 and model.cfg.vocab_size == 301  # the Ling vocabulary was full: grown by one row
+    saved = file_tensors(out) if (out / INDEX_NAME).exists() else None
+    if saved is None:
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            saved = {k: f.get_tensor(k) for k in f.keys()}
+    assert saved.keys() == {k for k in tensors if not k.startswith("model.layers.3.")}  # MTP layer dropped
+    for layer in (1, 2):
+        k = f"model.layers.{layer}.mlp.gate.expert_bias"
+        assert torch.equal(saved[k], tensors[k]), "expert_bias must stay frozen"
+    assert not torch.equal(saved["model.layers.1.mlp.gate.weight"], tensors["model.layers.1.mlp.gate.weight"])
+    assert not torch.equal(saved["model.layers.2.mlp.shared_experts.down_proj.weight"],
+                           tensors["model.layers.2.mlp.shared_experts.down_proj.weight"])

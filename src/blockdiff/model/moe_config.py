@@ -212,3 +212,31 @@ def moe_num_parameters(cfg, *, active: bool = False, embeddings: bool = True) ->
     layers = cfg.num_layers * (attn + 2 * d) + n_dense * dense + (cfg.num_layers - n_dense) * moe
     emb = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
     return layers + d + (emb if embeddings else 0)
+
+
+# Ling-only config keys: multi-token prediction (LLaDA2 has no MTP layers; the loader drops their tensors).
+_LING_ONLY_KEYS = ("num_nextn_predict_layers", "mtp_loss_scaling_factor")
+
+
+def as_llada2_moe(cfg) -> None:
+    """Relabel a bailing_moe_v2 (Ling 2.0) config as llada2_moe, in place, for block-diffusion conversion: the
+    weights are the same architecture (SYSTEM.md section 5: LLaDA2 = BailingMoeV2 minus causality and MTP).
+
+    `architectures` becomes ["LLaDA2MoeModelLM"] and `auto_map` points at LLaDA2's remote-code file and class
+    names (configuration_llada2_moe.LLaDA2MoeConfig, modeling_llada2_moe.LLaDA2MoeModel / LLaDA2MoeModelLM):
+    we cannot ship inclusionAI's code, so HF `trust_remote_code` loading of the converted folder needs those two
+    .py files copied from an official LLaDA2 folder; our own loader needs nothing. A Ling auto_map entry we do
+    not know is dropped rather than left pointing at Bailing code that would build a causal model."""
+    if cfg.family == "llada2_moe":
+        return
+    if cfg.family != "bailing_moe_v2":
+        raise ValueError(f"as_llada2_moe: expected a bailing_moe_v2 config, got {cfg.family!r}")
+    cfg.family = "llada2_moe"
+    cfg.hf_extra["architectures"] = [MOE_ARCHITECTURES["llada2_moe"]]
+    if "auto_map" in cfg.hf_extra:
+        names = {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                 "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                 "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"}
+        cfg.hf_extra["auto_map"] = {k: v for k, v in names.items() if k in cfg.hf_extra["auto_map"]}
+    for key in _LING_ONLY_KEYS:
+        cfg.hf_extra.pop(key, None)
