@@ -148,3 +148,16 @@ def test_convert_ling_folder_to_llada2(tmp_path, tiny_data):
     assert not torch.equal(saved["model.layers.1.mlp.gate.weight"], tensors["model.layers.1.mlp.gate.weight"])
     assert not torch.equal(saved["model.layers.2.mlp.shared_experts.down_proj.weight"],
                            tensors["model.layers.2.mlp.shared_experts.down_proj.weight"])
+
+
+def test_cli_generate_runs_an_official_llada2_folder(tmp_path, capsys):
+    """`blockdiff generate --model <LLaDA2 folder>`: diffusion info derived from the tokenizer's <|mask|>."""
+    from blockdiff.cli import main
+
+    hf = official_config()
+    folder = write_official_folder(tmp_path / "llada2", hf, official_tensors(hf))
+    rc = main(["generate", "--model", str(folder), "--prompt", "the quick", "--max-new-tokens", "6", "--block-size", "4",
+               "--steps", "4"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "AR model" not in err and "forwards" in err
