@@ -99,18 +99,18 @@ def grouped_expert_forward(x: Tensor, idx: Tensor, weights: Tensor, w1: Tensor, 
     xs = x.index_select(0, token)  # [N*k, d], grouped by expert
     ws = weights.reshape(-1)[order].to(x.dtype)[:, None]  # [N*k, 1]
     ends = torch.searchsorted(sorted_e, torch.arange(1, E + 1, device=idx.device)).tolist()  # the one host sync
-    # unbind, not w[e]: autograd then stacks all E weight grads once, where each w[e] would allocate and add
-    # a full [E, ...] zero gradient per expert (49 s instead of 0.1 s for one backward at 256 experts).
+    counts = [end - start for start, end in zip([0] + ends[:-1], ends)]
+    # split / unbind, never xs[a:b] or w[e]: their backward would allocate a full-size zero gradient per expert
+    # (49 s instead of 0.5 s for one backward at 256 experts); split and unbind assemble one gradient per tensor.
+    x_parts, w_parts, t_parts = xs.split(counts), ws.split(counts), token.split(counts)
     g1, g3, g2 = w1.unbind(0), w3.unbind(0), w2.unbind(0)
     out = torch.zeros_like(x)
-    start = 0
-    for e, end in enumerate(ends):
-        if end == start:
+    for e, c in enumerate(counts):
+        if c == 0:
             continue
-        xe = xs[start:end]
+        xe = x_parts[e]
         ye = F.linear(F.silu(F.linear(xe, g1[e])) * F.linear(xe, g3[e]), g2[e])
-        out.index_add_(0, token[start:end], ye * ws[start:end])
-        start = end
+        out.index_add_(0, t_parts[e], ye * w_parts[e])
     return out
 
 
