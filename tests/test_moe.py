@@ -360,3 +360,38 @@ def test_grouped_expert_gradients_match_masked_loop():
             t.grad = None
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_router_logits_stay_fp32_under_autocast():
+    m = MoEConfig(num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
+    layer = MoE(64, m)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(16, 64)
+    ref_idx, ref_w = layer.router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, w = layer.router(x)
+    assert w.dtype == torch.float32
+    assert torch.equal(idx, ref_idx) and torch.equal(w, ref_w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_and_cached_decoding_match_cpu(official):
+    folder, hf, _ = official
+    cpu = load_pretrained(folder).eval()
+    gpu = load_pretrained(folder, device="cuda").eval()
+    n, B = 12, 4
+    canvas = torch.randint(2, hf["vocab_size"], (1, n), generator=torch.Generator().manual_seed(7))
+    mask = dense_mask("block_causal", seq_len=n, block_size=B)
+    with torch.no_grad():
+        ref = cpu(canvas, mask=mask)
+        full = gpu(canvas.cuda(), mask=mask.cuda())
+        torch.testing.assert_close(full.cpu(), ref, atol=1e-4, rtol=1e-4)
+        cache = KVCache(gpu.cfg, 1, n, device="cuda")
+        for b in range(n // B):
+            lo, hi = b * B, (b + 1) * B
+            out = gpu(canvas[:, lo:hi].cuda(), positions=torch.arange(lo, hi, device="cuda")[None], cache=cache)
+            cache.commit(B)
+            torch.testing.assert_close(out.cpu(), ref[:, lo:hi], atol=1e-4, rtol=1e-4)

@@ -67,8 +67,10 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(m.num_experts, dtype=torch.float32))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [N, d] -> (expert ids [N, k], weights [N, k] fp32). Logits in fp32 as the official gate does."""
-        logits = F.linear(x.float(), self.weight.float())
+        """x [N, d] -> (expert ids [N, k], weights [N, k] fp32). Logits in fp32 as the official gate does;
+        autocast is switched off here, or bf16 training on CUDA would compute them in bf16 anyway."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         return route(logits, self.expert_bias if self.m.expert_bias else None, self.m)
 
 
