@@ -1,6 +1,6 @@
 """MoE layer cost: the sort-based grouped expert forward against a straightforward per-expert masked loop.
 
-    python bench/moe.py [--sizes 256x512,...,512x32x256] [--experts 64] [--top-k 8] [--repeats 3]
+    python bench/moe.py [--sizes 256x512,...,512x32x256] [--experts 64] [--top-k 8] [--repeats 5]
                         [--backward] [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Both run the same `blockdiff.model.moe.MoE` layer (router + routed experts + shared expert) on the same inputs;
@@ -12,7 +12,7 @@ only the routed-expert computation differs:
 Outputs are checked equal (allclose) before timing. Sizes are hidden x tokens [x experts]; experts are hidden/2
 wide, in 8 groups with 4 kept (LLaDA2's routing shape at a smaller width). The default sizes cover training-
 like batches (64 experts, 512-4096 tokens) and decoding-like ones (one 32-token block, or 8 of them, against
-LLaDA2's 256 experts, where most experts get no token). Time is the median of --repeats after one warm-up.
+LLaDA2's 256 experts, where most experts get no token). Time is the median of --repeats after one warm-up, the two implementations timed alternately.
 Prints a table, then one JSON line.
 """
 
@@ -53,20 +53,23 @@ def loop_expert_forward(x, idx, weights, w1, w3, w2):
     return out
 
 
-def time_it(fn, repeats: int, device) -> float:
+def time_pair(fn_a, fn_b, repeats: int, device) -> tuple[float, float]:
+    """Median ms of fn_a and fn_b, timed alternately (a, b, a, b, ...) after one warm-up each, so drift in a
+    shared machine's load and the process's first allocations hit both alike."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats + 1):
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])) if i % 2 == 0 else ((fn_b, times[1]), (fn_a, times[0])):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i > 0:
+                out.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def run(hidden: int, tokens: int, experts: int, args, device, dtype) -> dict:
@@ -103,8 +106,7 @@ def run(hidden: int, tokens: int, experts: int, args, device, dtype) -> dict:
     if not ok:
         raise SystemExit(f"grouped and loop outputs differ at hidden {hidden}, tokens {tokens}: "
                          f"max |diff| {(y_grouped.float() - y_loop.float()).abs().max():.3g}")
-    g_ms = time_it(lambda: step("grouped"), args.repeats, device)
-    l_ms = time_it(lambda: step("loop"), args.repeats, device)
+    g_ms, l_ms = time_pair(lambda: step("grouped"), lambda: step("loop"), args.repeats, device)
     layer.experts.forward = grouped_forward
     return {"hidden": hidden, "tokens": tokens, "experts": m.num_experts, "top_k": m.num_experts_per_tok,
             "expert_width": m.moe_intermediate_size, "grouped_ms": round(g_ms, 2), "loop_ms": round(l_ms, 2),
@@ -117,7 +119,7 @@ def main() -> None:
                    help="hidden x tokens [x experts], comma separated")
     p.add_argument("--experts", type=int, default=64, help="routed experts where a size does not give them")
     p.add_argument("--top-k", type=int, default=8, help="experts per token")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per implementation (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per implementation (median)")
     p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward only")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
