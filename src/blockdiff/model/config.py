@@ -1,5 +1,6 @@
-"""Model configuration: one dataclass for the dense Llama / Qwen2 / Qwen3 family, read from and written to
-HF `config.json` dictionaries.
+"""Model configuration: one dataclass for the dense Llama / Qwen2 / Qwen3 family and the LLaDA2-MoE / Ling 2.0
+(BailingMoeV2) MoE family (its MoE fields and config.json spelling live in `moe_config.py`), read from and
+written to HF `config.json` dictionaries.
 
 Derive, don't re-enter: every architectural number comes from the checkpoint's config.json. Keys we do not
 model (token ids, `torch_dtype`, `auto_map`, ...) are kept in `hf_extra` and written back unchanged so a saved
@@ -12,11 +13,15 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+from .moe_config import MOE_ARCHITECTURES, MOE_FAMILIES, MoEConfig, moe_config_from_hf, moe_config_to_hf, moe_num_parameters
+
+DENSE_FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
 ROPE_TYPES = ("default", "linear", "llama3")
 
 # HF architectures string per family, used when saving a folder that had none.
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    **MOE_ARCHITECTURES}
 
 # config.json keys that ModelConfig owns; everything else goes to hf_extra.
 _OWNED_KEYS = {
@@ -54,6 +59,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
     tie_word_embeddings: bool = False
+    rotary_dim: int | None = None  # channels per head that RoPE rotates (partial RoPE); None = head_dim
+    moe: MoEConfig | None = None  # routed experts (llada2_moe / bailing_moe_v2 families only)
     diffusion: DiffusionInfo | None = None
     hf_extra: dict[str, Any] = field(default_factory=dict)  # unmodelled config.json keys, written back as-is
 
@@ -67,6 +74,12 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope type {rope_type!r} is not supported; allowed: {', '.join(ROPE_TYPES)}")
+        if (self.moe is not None) != (self.family in MOE_FAMILIES):
+            raise ValueError(f"model family {self.family!r}: the moe section must be set exactly for {', '.join(MOE_FAMILIES)}")
+        if self.moe is not None:
+            self.moe.validate(self.num_layers)
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and in (0, head_dim={self.head_dim}]")
 
     @property
     def rope_type(self) -> str:
@@ -77,11 +90,15 @@ class ModelConfig:
     def is_diffusion(self) -> bool:
         return self.diffusion is not None
 
-    def num_parameters(self) -> int:
+    def num_parameters(self, *, active: bool = False, embeddings: bool = True) -> int:
+        """Parameter count. For MoE families `active=True` counts only the experts one token uses and
+        `embeddings=False` drops embedding + head; dense models ignore both flags except `embeddings`."""
+        if self.moe is not None:
+            return moe_num_parameters(self, active=active, embeddings=embeddings)
         d, hd = self.hidden_size, self.head_dim
         attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         mlp = 3 * d * self.intermediate_size
-        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2) if embeddings else 0
         return self.num_layers * (attn + mlp + 2 * d) + emb + d
 
     # ----------------------------------------------------------------------------------- HF conversion
@@ -89,9 +106,11 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Read an HF config.json dict. `source` names the file in error messages."""
         model_type = hf.get("model_type")
+        if model_type in MOE_FAMILIES:
+            return moe_config_from_hf(cls, hf, source, DiffusionInfo)
         if model_type not in FAMILIES:
             raise ValueError(
-                f"{source}: model_type {model_type!r} is not a supported dense family; allowed: {', '.join(FAMILIES)}"
+                f"{source}: model_type {model_type!r} is not a supported family; allowed: {', '.join(FAMILIES)}"
             )
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
         missing = [k for k in required if k not in hf]
@@ -136,6 +155,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """An HF config.json dict (rope written in both the old and the transformers-5 spelling)."""
+        if self.moe is not None:
+            return moe_config_to_hf(self)
         out: dict[str, Any] = copy.deepcopy(self.hf_extra)
         out.setdefault("architectures", [HF_ARCHITECTURES[self.family]])
         rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}

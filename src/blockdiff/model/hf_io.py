@@ -5,6 +5,11 @@ Loading is memory-frugal: the model is built on the meta device, materialised em
 lazily from safetensors straight into its parameter (no second full copy of the state dict in RAM).
 Saving is atomic: everything is written to a temporary sibling folder that is renamed into place at the end,
 so an interrupted save never leaves a half-written checkpoint where a good one was.
+
+MoE families (llada2_moe, bailing_moe_v2; `moe_adapter.py`): each official per-expert tensor is read lazily
+into its slice of our stacked expert tensor, and saving writes per-expert views of the stacked tensors (no
+copy unless a dtype cast is asked for, and then shard by shard). `expert_bias` stays fp32 in memory and on
+disk whatever `dtype` is: selection compares biased scores that differ by ~1e-3, which bf16 would blur.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,10 +25,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import moe_adapter
 from .adapters import IGNORED_HF_KEYS, hf_to_ours, ours_to_hf
 from .attention import rope_inv_freq
-from .config import ModelConfig
+from .build import build_model
+from .config import DiffusionInfo, ModelConfig
 from .transformer import Transformer
+
+# Block size assumed for an official LLaDA2 checkpoint (config.json has no block size): its training and
+# reference decoding block length, 32 tokens (LLaDA2.0 report; also the SGLang dLLM default for LLaDA2).
+LLADA2_DEFAULT_BLOCK_SIZE = 32
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -79,10 +91,13 @@ def _weight_files(folder: Path) -> dict[str, Path]:
 
 
 def load_pretrained(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
-    """Build our Transformer from an HF folder (Llama / Qwen2 / Qwen3 dense, AR or blockdiff-converted)."""
+    """Build our model from an HF folder: Llama / Qwen2 / Qwen3 dense (AR or blockdiff-converted), or
+    LLaDA2-MoE / Ling 2.0 (BailingMoeV2) with per-expert tensors."""
     folder = Path(folder)
     cfg = load_config(folder)
     files = _weight_files(folder)
+    if cfg.moe is not None:
+        return _load_moe(folder, cfg, files, dtype, device)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
@@ -124,7 +139,117 @@ def load_pretrained(folder: str | Path, *, dtype: torch.dtype = torch.float32, d
     return model
 
 
+def _load_moe(folder: Path, cfg: ModelConfig, files: dict[str, Path], dtype: torch.dtype, device) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_inv_freq(cfg, cfg.rotary_dim).to(device)
+    tensors = dict(model.named_parameters())
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias"):
+            buf.data = torch.zeros(buf.shape, dtype=torch.float32, device=device)  # fp32: see module docstring
+            tensors[name] = buf
+    expected = set(_moe_hf_tensors(model))
+    loaded: set[str] = set()
+    unexpected, mtp = [], []
+    by_file: dict[Path, list[str]] = {}
+    for key, f in files.items():
+        by_file.setdefault(f, []).append(key)
+    for f, keys in sorted(by_file.items()):
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            for key in keys:
+                if moe_adapter.is_mtp_key(key, cfg.num_layers):
+                    mtp.append(key)
+                    continue
+                mapped = moe_adapter.hf_to_ours(key)
+                if mapped is not None and mapped[0] == "output.weight" and cfg.tie_word_embeddings:
+                    continue  # tied head: the embedding is the weight
+                if mapped is None or mapped[0] not in tensors or key not in expected:
+                    if not (mapped is None and moe_adapter.IGNORED_MOE_HF_KEYS.search(key)):
+                        unexpected.append(key)
+                    continue
+                name, expert = mapped
+                target = tensors[name] if expert is None else tensors[name][expert]
+                t = handle.get_slice(key)
+                if tuple(t.get_shape()) != tuple(target.shape):
+                    raise ValueError(f"{f}: tensor {key} has shape {tuple(t.get_shape())}, config.json implies {tuple(target.shape)}")
+                with torch.no_grad():
+                    target.copy_(handle.get_tensor(key))  # copy_ casts to the target dtype
+                loaded.add(key)
+    if mtp:
+        n = len({moe_adapter.layer_of(k) for k in mtp})
+        print(f"[blockdiff] {folder}: skipped {n} multi-token-prediction layer(s) ({len(mtp)} tensors) after layer "
+              f"{cfg.num_layers - 1}: they are not part of the decoder", file=sys.stderr)
+        cfg.hf_extra["num_nextn_predict_layers"] = 0  # a folder we save holds no MTP layers
+    if unexpected:
+        raise ValueError(f"{folder}: checkpoint has tensors this {cfg.family} config does not use: {', '.join(unexpected[:8])}")
+    missing = sorted(expected - loaded)
+    if missing:
+        if missing == [k for k in missing if k.endswith("mlp.gate.expert_bias")] and not cfg.moe.expert_bias:
+            pass  # moe_router_enable_expert_bias=false: the bias is unused and may be absent
+        else:
+            raise ValueError(f"{folder}: checkpoint lacks tensors: {', '.join(missing[:8])}")
+    if cfg.family == "llada2_moe" and cfg.diffusion is None:
+        cfg.diffusion = _llada2_diffusion_info(folder)
+    return model
+
+
+def _llada2_diffusion_info(folder: Path) -> DiffusionInfo | None:
+    """An official LLaDA2 folder has no `blockdiff` key: take [MASK] from its tokenizer (`<|mask|>`) or a
+    `mask_token_id` in config.json, and the LLaDA2 block size. None when neither names a mask token."""
+    cfg_json = read_json(folder / "config.json")
+    mask_id = cfg_json.get("mask_token_id")
+    if not isinstance(mask_id, int) and (folder / "tokenizer.json").is_file():
+        from ..data.tokenizer import load_tokenizer  # lazy: only this path reads tokenizer files
+
+        mask_id = load_tokenizer(folder).mask_id
+    if not isinstance(mask_id, int):
+        print(f"[blockdiff] {folder}: llada2_moe checkpoint without a mask token in its tokenizer or config.json; "
+              "diffusion decoding needs one", file=sys.stderr)
+        return None
+    return DiffusionInfo(mask_token_id=mask_id, block_size=LLADA2_DEFAULT_BLOCK_SIZE)
+
+
+def _moe_hf_tensors(model) -> dict[str, torch.Tensor]:
+    """Official key -> tensor (views of our parameters and buffers; stacked experts split per expert)."""
+    out: dict[str, torch.Tensor] = {}
+    tied = model.output.weight is model.tok_embeddings.weight
+    for name, t in model.state_dict(keep_vars=True).items():
+        if tied and name == "output.weight":
+            continue
+        if name.endswith("expert_bias") and not model.cfg.moe.expert_bias:
+            continue
+        t = t.detach()
+        if moe_adapter.is_stacked(name):
+            for e in range(t.shape[0]):
+                out[moe_adapter.ours_to_hf(name, e)] = t[e]
+        else:
+            out[moe_adapter.ours_to_hf(name)] = t
+    return out
+
+
+class _Cast:
+    """A tensor to write in another dtype, cast only when its shard is written (keeps saving frugal)."""
+
+    def __init__(self, t: torch.Tensor, dtype: torch.dtype):
+        self.t, self.dtype = t, dtype
+
+    def nbytes(self) -> int:
+        return self.t.numel() * torch.empty(0, dtype=self.dtype).element_size()
+
+    def materialize(self) -> torch.Tensor:
+        return self.t.to(dtype=self.dtype, device="cpu").contiguous()
+
+
 def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    if getattr(model.cfg, "moe", None) is not None:
+        out = {}
+        for k, t in _moe_hf_tensors(model).items():
+            want = torch.float32 if k.endswith("expert_bias") else (dtype or t.dtype)
+            out[k] = t if want == t.dtype and t.device.type == "cpu" else _Cast(t, want)
+        return out
     out = {}
     tied = model.output.weight is model.tok_embeddings.weight
     for name, p in model.named_parameters():
@@ -178,20 +303,25 @@ def _write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: i
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, t in sd.items():
-        n = t.numel() * t.element_size()
+        n = t.nbytes() if isinstance(t, _Cast) else t.numel() * t.element_size()
         if shards[-1] and size + n > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][k] = t
         size += n
     meta = {"format": "pt"}
+
+    def materialize(shard: dict) -> dict[str, torch.Tensor]:
+        return {k: t.materialize() if isinstance(t, _Cast) else t for k, t in shard.items()}
+
     if len(shards) == 1:
-        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata=meta)
+        save_file(materialize(shards[0]), str(folder / WEIGHTS_NAME), metadata=meta)
         return
     weight_map = {}
     total = 0
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        shard = materialize(shard)
         save_file(shard, str(folder / name), metadata=meta)
         for k, t in shard.items():
             weight_map[k] = name

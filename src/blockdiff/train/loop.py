@@ -24,6 +24,7 @@ from ..data.documents import read_documents
 from ..data.packing import BatchStream, PackedDataset, pack, tokenize_documents
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..model.config import DiffusionInfo
+from ..model.moe_config import as_llada2_moe
 from ..model.hf_io import load_pretrained, save_pretrained
 from ..model.transformer import Transformer, resize_vocab
 from ..objectives.diffusion import ar_nll, elbo_nll
@@ -67,7 +68,9 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 def prepare_model(recipe: Recipe, device: torch.device) -> tuple[Transformer, Tokenizer]:
     """Load the starting checkpoint; for diffusion, make sure a [MASK] token exists (adding it to the
-    tokenizer and growing embedding + head when absent, see `resize_vocab` for the initialisation)."""
+    tokenizer and growing embedding + head when absent, see `resize_vocab` for the initialisation).
+    A Ling 2.0 (bailing_moe_v2) parent becomes a llada2_moe model (`as_llada2_moe`); its router expert_bias
+    is a buffer, so training leaves it frozen (README "Choices")."""
     tok = load_tokenizer(recipe.model.path)
     model = load_pretrained(recipe.model.path, device=device)
     if recipe.objective.kind != "ar":
@@ -75,6 +78,8 @@ def prepare_model(recipe: Recipe, device: torch.device) -> tuple[Transformer, To
         if tok.mask_id >= model.cfg.vocab_size:
             resize_vocab(model, tok.mask_id + 1)
         block = recipe.phases[-1].block_size
+        if model.cfg.family == "bailing_moe_v2":
+            as_llada2_moe(model.cfg)
         model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id, block_size=block)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(

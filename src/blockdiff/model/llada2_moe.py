@@ -1,0 +1,137 @@
+"""The LLaDA2-MoE / Ling 2.0 (BailingMoeV2) decoder in plain PyTorch (SYSTEM.md section 5).
+
+Same interface and KV-cache protocol as `transformer.Transformer` (ids or embeddings, positions, mask ->
+logits; `cache.update(layer_idx, k, v)` in every attention layer; `logits_slice`), so the decoding engine,
+the objectives and the training loop run it unchanged. Parameter names (tok_embeddings, layers.N.attention_norm,
+..., norm, output) match the dense model's where the job is the same, so `resize_vocab` and the embedding-noise
+code work on both; `moe_adapter.py` maps them to the official HF names.
+
+Differences from the dense decoder, per the official modeling code:
+- packed QKV projection `wqkv` -> [q heads | k heads | v heads] per token, each head_dim wide;
+- per-head RMSNorm on q and k (use_qk_norm) before RoPE;
+- partial RoPE: rotate-half on the first rotary_dim = head_dim * partial_rotary_factor channels of each head;
+- the first first_k_dense_replace layers have a dense SwiGLU, the others a MoE (moe.py).
+LLaDA2 attends bidirectionally and Ling causally: that is the caller's mask, not the model's business.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .attention import apply_rope, attend, rope_cos_sin, rope_inv_freq
+from .config import ModelConfig
+from .moe import MoE, SwiGLU
+from .transformer import RMSNorm
+
+
+class PackedAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.wqkv = nn.Linear(d, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache=None, q_slice: slice | None = None) -> Tensor:
+        """Self-attention over x [b, T, d]; with `q_slice` only those positions are queries (dense mask or None)."""
+        b, T, _ = x.shape
+        qkv = self.wqkv(x).view(b, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        if q_slice is not None:
+            q = q[:, q_slice]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, T, hd]
+        if q_slice is not None:
+            q, k = apply_rope(q, cos[:, :, q_slice], sin[:, :, q_slice]), apply_rope(k, cos, sin)
+            mask = None if mask is None else mask[:, :, q_slice]
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attend(q, k, v, mask)  # [b, h, Tq, hd]
+        return self.wo(out.transpose(1, 2).reshape(b, q.shape[2], self.n_heads * self.head_dim))
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = PackedAttention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        dense = layer_idx < cfg.moe.first_k_dense_replace
+        self.feed_forward = SwiGLU(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg.hidden_size, cfg.moe)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache=None, out_slice: slice | None = None) -> Tensor:
+        h = self.attention(self.attention_norm(x), cos, sin, mask, cache, q_slice=out_slice)
+        x = (x if out_slice is None else x[:, out_slice]) + h
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.moe is None:
+            raise ValueError(f"MoETransformer needs a MoE config; family {cfg.family!r} has none")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoEBlock(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, cfg.rotary_dim), persistent=False)
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Fresh random init (tests and from-scratch runs; checkpoints overwrite it). expert_bias stays zero."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for buf in self.buffers():
+            if buf is not self.inv_freq:
+                buf.zero_()
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.tok_embeddings(input_ids)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+        mask=None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        cache=None,
+        logits_slice: slice | None = None,
+    ) -> Tensor:
+        """As `Transformer.forward`: input_ids [b, T] (or inputs_embeds [b, T, d]), positions [b, T],
+        mask bool [b|1, 1, T, K] / BlockMask / None -> logits [b, T, V] (or [b, len(logits_slice), V])."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        b, T = x.shape[:2]
+        if positions is None:
+            positions = torch.arange(T, device=x.device).expand(b, T)
+        elif positions.dim() == 1:
+            positions = positions.expand(b, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [b, 1, T, rotary_dim]
+        # Same last-layer restriction as the dense decoder (see Transformer.forward): its other positions only
+        # serve as keys and values, so with a dense mask and no cache the last layer's queries, MoE and head
+        # run on `logits_slice` alone.
+        fused = logits_slice is not None and cache is None and (mask is None or isinstance(mask, Tensor))
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, out_slice=logits_slice if fused and i == last else None)
+        if logits_slice is not None and not fused:
+            x = x[:, logits_slice]
+        return self.output(self.norm(x))
