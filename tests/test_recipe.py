@@ -231,7 +231,7 @@ BAD = [
     ('[model]\npath = "../models/tiny"\n', "", r"\[model\] path is required"),
     ('train = ["data/train.jsonl", "/abs/train2.jsonl"]', "train = []", r"\[data\] train needs at least one"),
     ('kind = "diffusion"', 'kind = "ar"', r"#2: the ar objective needs block_size = 1, got 16"),
-    ('kind = "diffusion"', 'kind = "mdlm"', r"\[objective\] kind must be one of diffusion, ar, got 'mdlm'"),
+    ('kind = "diffusion"', 'kind = "mdlm"', r"\[objective\] kind must be one of diffusion, ar, sft, dpo, rl, got 'mdlm'"),
     ('weighting = "token_mean"', 'weighting = "mean"', r"\[objective\] weighting must be elbo or token_mean"),
     ('weighting = "token_mean"', 'weighting = "elbo"\nt_per = "token"', r"\[objective\] t_per must be"),
     ('weighting = "token_mean"', 'weighting = "elbo"\nt_lo = 0.9\nt_hi = 0.2', r"\[objective\] need 0 <= t_lo"),

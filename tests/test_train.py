@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import blockdiff.train.loop as loop
+import blockdiff.train.sources as sources
 from blockdiff.data.documents import DataError
 from blockdiff.data.tokenizer import load_tokenizer
 from blockdiff.model.hf_io import load_pretrained
@@ -255,7 +256,7 @@ def test_metrics_and_loss_curve(run_a):
 def test_divergence_stops_before_saving(what, tiny_ar_dir, tiny_data, tmp_path, monkeypatch):
     phases = [{"block_size": 1, "steps": 3, "lr": 1e-3}, {"block_size": 8, "steps": 3, "lr": 1e-3}]
     recipe = make_recipe(tiny_ar_dir, tiny_data, phases, train={"save_every": 2})
-    real, calls = loop.diffusion_loss, []
+    real, calls = sources.diffusion_loss, []
 
     def poisoned(model, batch, cfg, **kw):
         loss, m = real(model, batch, cfg, **kw)
@@ -267,7 +268,7 @@ def test_divergence_stops_before_saving(what, tiny_ar_dir, tiny_data, tmp_path, 
                 loss = loss + torch.sqrt(0.0 * model.norm.weight.sum())
         return loss, m
 
-    monkeypatch.setattr(loop, "diffusion_loss", poisoned)
+    monkeypatch.setattr(sources, "diffusion_loss", poisoned)  # the loop's objective comes from train/sources.py
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as e:
         train(recipe, run_dir, progress=False)
@@ -280,7 +281,7 @@ def test_divergence_stops_before_saving(what, tiny_ar_dir, tiny_data, tmp_path, 
     assert load_pretrained(last_good).cfg.diffusion.block_size == 8
     assert [r["step"] for r in train_lines(run_dir)] == [1, 2, 3, 4]
 
-    monkeypatch.setattr(loop, "diffusion_loss", real)  # "continue with --resume" works from there
+    monkeypatch.setattr(sources, "diffusion_loss", real)  # "continue with --resume" works from there
     assert train(recipe, run_dir, progress=False, resume=True).steps == 6
     assert [r["step"] for r in train_lines(run_dir)] == list(range(1, 7))
 
