@@ -70,7 +70,7 @@ def instruct(folder: str, n: int, threshold: float, temperature: float = 0.0, sa
             per_task.setdefault(ex.task, []).append(float(is_correct(ex, out)))
             tokens, forwards, seconds = tokens + g.n_generated, forwards + g.forwards, seconds + g.seconds
             if len(shown) < 4:
-                shown.append(f"`{ex.prompt}` -> `{out}` (expected `{ex.answer}`)")
+                shown.append(f"`{ex.prompt}` -> `{out[:40]!r}` (expected `{ex.answer}`)")
     flat = [h for v in per_task.values() for h in v]
     return {"accuracy": sum(flat) / len(flat), "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
             "tpf": tokens / max(forwards, 1), "tps": tokens / max(seconds, 1e-9), "samples": shown}
@@ -115,7 +115,11 @@ def main() -> None:
     lines = [f"# Post-training: {a.name or a.metric} ({date}, {MACHINE})", ""]
     if a.note:
         lines += [a.note, ""]
-    lines += [f"Command: `python bench/posttrain.py {' '.join(sys.argv[1:])}`", ""]
+    argv = sys.argv[1:]
+    if "--note" in argv:  # the note is printed above; keep the command line short
+        i = argv.index("--note")
+        argv = argv[:i] + argv[i + 2:]
+    lines += [f"Command: `python bench/posttrain.py {' '.join(argv)}`", ""]
     if a.metric == "instruct":
         tasks = list(next(iter(rows.values()))["per_task"])
         lines += [f"{a.n} held-out prompts, decoding mode {a.mode}, threshold {a.threshold or 'mode default'}, B = 32, "

@@ -77,8 +77,9 @@ def test_t2t_corruption_only_on_unmasked_response_and_never_special():
     eligible = torch.rand(64, 16, generator=g) < 0.7
     masked = (torch.rand(64, 16, generator=g) < 0.4) & eligible
     x_t = torch.where(masked, MASK, x0)
-    out, corrupted = edit_corruption(x0, x_t, masked, eligible, ratio=1.0, rate_max=0.5, vocab_size=V,
-                                     exclude=(0, MASK), generator=g)
+    out, corrupted, region = edit_corruption(x0, x_t, masked, eligible, ratio=1.0, rate_max=0.5, vocab_size=V,
+                                             exclude=(0, MASK), generator=g)
+    assert torch.equal(region, eligible & ~masked)  # ratio 1: every row carries the stream
     assert corrupted.any()
     assert not (corrupted & ~eligible).any() and not (corrupted & masked).any()
     assert (out[corrupted] != x0[corrupted]).all()
@@ -94,13 +95,15 @@ def test_t2t_loss_by_hand():
     lm = torch.ones_like(x0, dtype=torch.bool)
     lm[:, :2] = False
     cfg = DiffusionLossConfig(mask_token_id=MASK, block_size=4, t_lo=0.3, t_hi=0.6, t2t_ratio=1.0, t2t_max_rate=0.9,
-                              t2t_vocab=V, t2t_exclude=(MASK,))
+                              t2t_vocab=V, t2t_exclude=(MASK,), t2t_keep_weight=0.5)
     terms = diffusion_terms(model, {"input_ids": x0, "loss_mask": lm}, cfg, generator=torch.Generator().manual_seed(3))
     assert terms.corrupted.any() and not (terms.corrupted & ~lm).any()
     loss, m = diffusion_loss(model, {"input_ids": x0, "loss_mask": lm}, cfg, generator=torch.Generator().manual_seed(3))
     m2t = (terms.ce * terms.masked / terms.t).sum() / lm.sum()
     t2t = (terms.ce * terms.corrupted).sum() / terms.corrupted.sum()
-    assert torch.allclose(loss, m2t + t2t) and math.isclose(m["t2t_nll"], float(t2t.detach()), rel_tol=1e-6)
+    kept = lm & ~terms.masked & ~terms.corrupted
+    keep = (terms.ce * kept).sum() / kept.sum()
+    assert torch.allclose(loss, m2t + t2t + 0.5 * keep) and math.isclose(m["t2t_nll"], float(t2t.detach()), rel_tol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- CAP
@@ -211,7 +214,7 @@ def test_ebpo_loss_at_rollout_policy_is_minus_mean_advantage():
     loss.backward()
     assert model.W.grad.abs().sum() > 0
     empty, m = ebpo_loss(model, {"input_ids": x0[:0]}, cfg)
-    assert float(empty) == 0.0 and m["sequences"] == 0.0
+    assert float(empty.detach()) == 0.0 and m["sequences"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------- chat data

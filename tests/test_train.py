@@ -268,7 +268,7 @@ def test_divergence_stops_before_saving(what, tiny_ar_dir, tiny_data, tmp_path, 
                 loss = loss + torch.sqrt(0.0 * model.norm.weight.sum())
         return loss, m
 
-    monkeypatch.setattr(sources, "diffusion_loss", poisoned)
+    monkeypatch.setattr(sources, "diffusion_loss", poisoned)  # the loop's objective comes from train/sources.py
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as e:
         train(recipe, run_dir, progress=False)

@@ -42,6 +42,7 @@ class DiffusionLossConfig:
     t2t_ratio: float = 0.0  # fraction of rows (Bernoulli per row) that also carry token corruption
     t2t_max_rate: float = 0.25  # per-row corruption rate r ~ U(0, t2t_max_rate) of the unmasked eligible tokens
     t2t_weight: float = 1.0  # weight of the T2T loss (token mean over corrupted positions) added to the M2T loss
+    t2t_keep_weight: float = 1.0  # weight of the keep term (CE at intact visible tokens of edit rows; 0 = off)
     t2t_vocab: int = 0  # replacement tokens are drawn from ids [0, t2t_vocab) (required when t2t_ratio > 0)
     t2t_exclude: tuple[int, ...] = ()  # ids never drawn (special tokens: EOS, pad, [MASK], chat markers)
 
@@ -99,6 +100,7 @@ class BDLMTerms:
     x0: Tensor  # [b, L] labels
     masked: Tensor  # [b, L] bool, M2T positions ([MASK] in x_t)
     corrupted: Tensor  # [b, L] bool, T2T positions (a wrong token in x_t), all False without the editing stream
+    edit_region: Tensor  # [b, L] bool, visible eligible tokens of rows carrying the editing stream
     t: Tensor  # [b, L] mask ratio per token
     eligible: Tensor  # [b, L] bool, tokens that may be noised
     ce: Tensor  # [b, L] float32 cross-entropy of x0 under logits
@@ -137,13 +139,13 @@ def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *
                     embed_noise_std: float = 0.0) -> BDLMTerms:
     """Noise the batch (masks; the editing corruption when cfg.t2t_ratio > 0) and run one forward."""
     x0, x_t, masked, t, eligible, doc_ids, positions = noised_inputs(batch, cfg, generator)
-    corrupted = torch.zeros_like(masked)
+    corrupted = region = torch.zeros_like(masked)
     if cfg.t2t_ratio > 0:
-        x_t, corrupted = edit_corruption(x0, x_t, masked, eligible, ratio=cfg.t2t_ratio, rate_max=cfg.t2t_max_rate,
+        x_t, corrupted, region = edit_corruption(x0, x_t, masked, eligible, ratio=cfg.t2t_ratio, rate_max=cfg.t2t_max_rate,
                                          vocab_size=cfg.t2t_vocab, exclude=cfg.t2t_exclude, generator=generator)
     logits = bdlm_logits(model, x_t, x0, block_size=cfg.block_size, doc_ids=doc_ids, positions=positions,
                          noise_at=masked, embed_noise_std=embed_noise_std, generator=generator)
-    return BDLMTerms(logits, x0, masked, corrupted, t, eligible, token_ce(logits, x0))
+    return BDLMTerms(logits, x0, masked, corrupted, region, t, eligible, token_ce(logits, x0))
 
 
 def bdlm_loss_from_terms(terms: BDLMTerms, cfg: DiffusionLossConfig) -> tuple[Tensor, dict[str, float]]:
@@ -162,14 +164,18 @@ def bdlm_loss_from_terms(terms: BDLMTerms, cfg: DiffusionLossConfig) -> tuple[Te
             "mask_frac": float(n_masked / eligible.sum().clamp_min(1)),
         }
     if cfg.t2t_ratio > 0:
-        # Editing stream (LLaDA2.1 T2T): recover the original at every corrupted position. Token mean, no 1/t:
-        # it is not a term of the likelihood bound (see docs/post_training.md).
+        # Editing stream (LLaDA2.1 T2T): recover the original at every corrupted position, and (keep term) predict
+        # the token itself at the visible tokens left intact in those rows. Without the keep term the model only
+        # ever sees "a visible token in an edit row is wrong" and S-mode decoding rewrites correct tokens
+        # (measured, dev/LOG.md). Token means, no 1/t: not terms of the likelihood bound (docs/post_training.md).
         c = terms.corrupted.float()
         n_c = c.sum()
         t2t = (ce * c).sum() / n_c.clamp_min(1)
-        loss = loss + cfg.t2t_weight * t2t
+        kept = (terms.edit_region & ~terms.corrupted).float()
+        keep = (ce * kept).sum() / kept.sum().clamp_min(1)
+        loss = loss + cfg.t2t_weight * (t2t + cfg.t2t_keep_weight * keep)
         with torch.no_grad():
-            metrics.update(t2t_nll=float(t2t), t2t_frac=float(n_c / eligible.sum().clamp_min(1)),
+            metrics.update(t2t_nll=float(t2t), t2t_keep_nll=float(keep), t2t_frac=float(n_c / eligible.sum().clamp_min(1)),
                            t2t_acc=float(((pred == terms.x0) & terms.corrupted).sum() / n_c.clamp_min(1)))
     metrics = {"loss": float(loss.detach()), **metrics}
     return loss, metrics

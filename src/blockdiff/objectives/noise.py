@@ -85,14 +85,16 @@ def edit_corruption(
     vocab_size: int,
     exclude=(),
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """LLaDA2.1 editing-stream (T2T) corruption; the scheme is ours (the report publishes none, SYSTEM.md 4).
 
     Each row carries the editing stream with probability `ratio`; such a row draws a rate r ~ U(0, rate_max) and
     replaces each eligible, *unmasked* token with probability r by a token drawn uniformly from the vocabulary
     [0, vocab_size) minus `exclude` (special tokens). Uniform random tokens are the cheapest stand-in for the
     decoder's own wrong commits (which T2T decoding must repair); a draw equal to the original is not a corruption.
-    Returns (x_t with the replacements, corrupted bool [b, L]); labels at corrupted positions are x0.
+    Returns (x_t with the replacements, corrupted bool [b, L], edit_region bool [b, L]); labels at corrupted
+    positions are x0; edit_region = the visible eligible tokens of the rows carrying the stream (corrupted or
+    kept), where the loss also teaches the model to keep a correct token (see DiffusionLossConfig.t2t_keep_weight).
     """
     b, L = x0.shape
     row_on = torch.rand(b, 1, generator=generator) < ratio
@@ -102,5 +104,6 @@ def edit_corruption(
     allowed[[i for i in set(exclude) if 0 <= i < vocab_size]] = False
     allowed_ids = allowed.nonzero()[:, 0]
     repl = allowed_ids[torch.randint(len(allowed_ids), (b, L), generator=generator)].to(x0.device)
-    corrupted = (row_on & (u < rate)).to(x0.device) & eligible & ~masked & (repl != x0)
-    return torch.where(corrupted, repl, x_t), corrupted
+    region = row_on.to(x0.device) & eligible & ~masked
+    corrupted = (u < rate).to(x0.device) & region & (repl != x0)
+    return torch.where(corrupted, repl, x_t), corrupted, region

@@ -78,6 +78,7 @@ class ObjectiveSection:
     t2t_ratio: float = 0.0  # fraction of rows that carry token corruption (0 = off)
     t2t_max_rate: float = 0.25  # per-row corruption rate ~ U(0, this) of the unmasked response tokens
     t2t_weight: float = 1.0  # weight of the T2T loss added to the masked loss
+    t2t_keep_weight: float = 1.0  # weight of the keep term (intact visible tokens of edit rows); 0 = corrupted only
     cap: bool = False  # sft: add the CAP entropy term (objectives/cap.py)
     cap_lambda: float = 2.0  # CAP weight lambda
     beta: float = 0.1  # dpo: inverse temperature of the implicit reward
@@ -264,8 +265,8 @@ def validate(r: Recipe) -> None:
     need(0.0 <= o.embed_noise_frac <= 1.0, f"[objective] embed_noise_frac must be in [0, 1], got {o.embed_noise_frac}")
     need(0.0 <= o.t2t_ratio <= 1.0 and 0.0 <= o.t2t_max_rate <= 1.0,
          f"[objective] t2t_ratio and t2t_max_rate must be in [0, 1], got {o.t2t_ratio}, {o.t2t_max_rate}")
-    need(o.t2t_weight >= 0 and o.cap_lambda >= 0 and o.beta > 0,
-         "[objective] t2t_weight and cap_lambda must be >= 0 and beta > 0")
+    need(o.t2t_weight >= 0 and o.t2t_keep_weight >= 0 and o.cap_lambda >= 0 and o.beta > 0,
+         "[objective] t2t_weight, t2t_keep_weight and cap_lambda must be >= 0 and beta > 0")
     need(o.t2t_ratio == 0 or o.kind in ("diffusion", "sft"), "[objective] t2t_ratio applies to kind diffusion or sft")
     need(not o.cap or o.kind == "sft", "[objective] cap = true needs kind = \"sft\"")
     need(r.data.over_length in ("drop", "error"), f"[data] over_length must be drop or error, got {r.data.over_length!r}")

@@ -42,6 +42,7 @@ def make_objective(recipe: Recipe, block_size: int, mask_id: int | None, tok, re
     dcfg = DiffusionLossConfig(mask_token_id=mask_id, block_size=block_size, weighting=o.weighting, t_lo=o.t_lo,
                                t_hi=o.t_hi, t_per=o.t_per, complementary=o.complementary, t2t_ratio=o.t2t_ratio,
                                t2t_max_rate=o.t2t_max_rate, t2t_weight=o.t2t_weight,
+                               t2t_keep_weight=o.t2t_keep_weight,
                                t2t_vocab=tok.vocab_size if o.t2t_ratio > 0 else 0,
                                t2t_exclude=special_ids(tok) if o.t2t_ratio > 0 else ())
     if o.cap:
