@@ -158,6 +158,11 @@ def test_dpo_loss_by_hand_with_shared_noise():
     # with policy == reference the margin is 0 and the loss log 2
     loss0, _ = dpo_loss(ref, batch, cfg, ref_model=ref, generator=torch.Generator().manual_seed(9))
     assert math.isclose(float(loss0.detach()), math.log(2), rel_tol=1e-6)
+    # RPO-style NLL term: + alpha * chosen negative ELBO per response token
+    cfg_a = DPOConfig(mask_token_id=MASK, block_size=4, beta=0.1, sft_weight=0.5)
+    loss_a, _ = dpo_loss(policy, batch, cfg_a, ref_model=ref, generator=torch.Generator().manual_seed(9))
+    n_tok = batch["loss_mask"][:, 0].sum(-1).float()
+    assert torch.allclose(loss_a, hand + 0.5 * (-elbo(policy)[:3] / n_tok).mean())
 
 
 def test_dpo_reference_stays_frozen():

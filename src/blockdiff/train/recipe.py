@@ -82,6 +82,7 @@ class ObjectiveSection:
     cap: bool = False  # sft: add the CAP entropy term (objectives/cap.py)
     cap_lambda: float = 2.0  # CAP weight lambda
     beta: float = 0.1  # dpo: inverse temperature of the implicit reward
+    dpo_sft_weight: float = 0.0  # dpo: weight of an NLL term on the chosen answer (per token; 0 = plain DPO)
 
 
 @dataclass
@@ -265,6 +266,7 @@ def validate(r: Recipe) -> None:
     need(0.0 <= o.embed_noise_frac <= 1.0, f"[objective] embed_noise_frac must be in [0, 1], got {o.embed_noise_frac}")
     need(0.0 <= o.t2t_ratio <= 1.0 and 0.0 <= o.t2t_max_rate <= 1.0,
          f"[objective] t2t_ratio and t2t_max_rate must be in [0, 1], got {o.t2t_ratio}, {o.t2t_max_rate}")
+    need(o.dpo_sft_weight >= 0, f"[objective] dpo_sft_weight must be >= 0, got {o.dpo_sft_weight}")
     need(o.t2t_weight >= 0 and o.t2t_keep_weight >= 0 and o.cap_lambda >= 0 and o.beta > 0,
          "[objective] t2t_weight, t2t_keep_weight and cap_lambda must be >= 0 and beta > 0")
     need(o.t2t_ratio == 0 or o.kind in ("diffusion", "sft"), "[objective] t2t_ratio applies to kind diffusion or sft")
