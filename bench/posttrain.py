@@ -50,7 +50,7 @@ def load(folder: str):
 
 
 def instruct(folder: str, n: int, threshold: float, temperature: float = 0.0, samples: int = 1, seed: int = 0,
-             mode: str = "threshold") -> dict:
+             mode: str = "threshold", split: str = "heldout", split_seed: int = 123) -> dict:
     model, tok = load(folder)
     info = model.cfg.diffusion
     template = ChatTemplate(tok)
@@ -61,7 +61,7 @@ def instruct(folder: str, n: int, threshold: float, temperature: float = 0.0, sa
     tokens = forwards = 0
     seconds = 0.0
     shown = []
-    examples = [ex for ex in generate_examples("heldout", n, seed=123) for _ in range(samples)]
+    examples = [ex for ex in generate_examples(split, n, seed=split_seed) for _ in range(samples)]
     prompts = [encode_prompt(task_prompt(ex, SYSTEM_PROMPT).messages, tok, template) for ex in examples]
     for i in range(0, len(examples), 50):  # batched decoding; at temperature 0 a row equals its lone decode
         gens = generate(model, prompts[i:i + 50], cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)
@@ -97,6 +97,10 @@ def main() -> None:
     p.add_argument("--pairs", default="runs/post-data/pairs_valid.jsonl")
     p.add_argument("--name", default=None, help="results file name (default: the metric)")
     p.add_argument("--note", default="", help="a line for the markdown (what the models are)")
+    p.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                   help="prompts: held-out tasks (default) or the train-split tasks an RL run trained on")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the task draw (default 123 for heldout; for train use the RL recipe's [train] seed)")
     a = p.parse_args()
     torch.set_num_threads(1)
     models = dict(m.split("=", 1) for m in a.models)
@@ -107,8 +111,11 @@ def main() -> None:
         elif a.metric == "pref":
             rows[name] = pref(folder, a.pairs, a.n)
         else:
-            greedy = instruct(folder, a.n, a.threshold)
-            sampled = instruct(folder, a.n // 2, a.threshold, temperature=0.8, samples=4, seed=1)
+            sp = dict(split=a.split, split_seed=a.split_seed if a.split_seed is not None else
+                      (123 if a.split == "heldout" else 0))
+            greedy = instruct(folder, a.n, a.threshold, **sp)
+            sampled = instruct(folder, a.n if a.split == "train" else a.n // 2, a.threshold, temperature=0.8,
+                               samples=4, seed=1, **sp)
             rows[name] = {"greedy_reward": greedy["accuracy"], "sampled_reward": sampled["accuracy"],
                           "per_task_greedy": greedy["per_task"], "tpf": greedy["tpf"]}
     date = dt.date.today().isoformat()
@@ -137,7 +144,9 @@ def main() -> None:
         for name, r in rows.items():
             lines.append(f"| {name} | `{models[name]}` | {r['pairs']} | {r['pref_acc']:.3f} | {r['elbo_margin']:.3f} |")
     else:
-        lines += [f"{a.n} held-out prompts greedy; {a.n // 2} prompts x 4 samples at temperature 0.8; threshold "
+        n_s = a.n if a.split == "train" else a.n // 2
+        lines += [f"{a.n} {'held-out' if a.split == 'heldout' else 'train-split (the RL run trained on them)'} prompts "
+                  f"greedy; {n_s} prompts x 4 samples at temperature 0.8; threshold "
                   f"{a.threshold or 0.95}, B = 32; reward = exact answer.", "",
                   "| model | folder | mean reward, greedy | mean reward, sampled T=0.8 | TPF |", "|---|---|---:|---:|---:|"]
         for name, r in rows.items():
