@@ -25,6 +25,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/moe.py
 
 clean:
 	rm -rf runs .cache
