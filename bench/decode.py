@@ -24,36 +24,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name, peak_rss_mb, rss_mb
+
 REPO = Path(__file__).resolve().parents[1]
 DECODERS = ("ar", "reference", "S", "Q", "threshold")
 DEFAULT_MODELS = ("assets/tiny-bd", "runs/tiny-wsd/merged")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 1024**2
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024**2 if sys.platform == "darwin" else kb / 1024
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------------------------------- child

@@ -27,8 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name, peak_rss_mb
 
 from blockdiff.data.bundled import write_bundled_corpus
 from blockdiff.data.documents import read_documents
@@ -49,21 +48,6 @@ from blockdiff.objectives.diffusion import DiffusionLossConfig, ar_loss, diffusi
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("ar", "bd", "mdlm")
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return kb / 1024**2 if sys.platform == "darwin" else kb / 1024
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def random_model_dir(folder: Path, corpus_texts: list[str]) -> Path:

@@ -264,6 +264,17 @@ def cmd_show_trace(args) -> int:
     return 0
 
 
+def _add_run_args(p, recipe_example: str, out_help: str, model_help: str, set_example: str) -> None:
+    """The flags every recipe-running command shares (convert, train)."""
+    p.add_argument("--recipe", required=True, help=f"recipe file (TOML), e.g. {recipe_example}")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help=f"override a recipe field (repeatable), e.g. --set {set_example} (value parsed as JSON)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def _add_decoding_args(g) -> None:
     from .decode.engine import MODES
 
@@ -312,26 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "on the ELBO from preference pairs, or EBPO RL with rollouts of the block decoder. "
                                     "Checkpoints, metrics.jsonl and final/ go to --out.")
     tr.add_argument("kind", choices=("sft", "dpo", "rl"), help="must match the recipe's [objective] kind")
-    tr.add_argument("--recipe", required=True, help="recipe file (TOML), e.g. recipes/tiny_sft.toml")
-    tr.add_argument("--out", required=True, help="run folder: checkpoints/, final/, metrics.jsonl, loss.png")
-    tr.add_argument("--model", default=None, help="starting HF folder (a block-diffusion model); overrides [model] path")
-    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    tr.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                    help="override a recipe field (repeatable), e.g. --set objective.cap=true (value parsed as JSON)")
-    tr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_run_args(tr, "recipes/tiny_sft.toml", "run folder: checkpoints/, final/, metrics.jsonl, loss.png",
+                  "starting HF folder (a block-diffusion model); overrides [model] path", "objective.cap=true")
     tr.set_defaults(func=cmd_train)
 
     c = sub.add_parser("convert", help="convert an AR checkpoint with a WSD recipe", formatter_class=fmt,
                        description="Run a recipe (TOML): load the AR checkpoint, add a mask token if needed, train "
                                    "through the recipe's phases (block size, steps or tokens, lr), checkpoint, merge "
                                    "the top-k checkpoints, evaluate and write report.md / report.json in --out.")
-    c.add_argument("--recipe", required=True, help="recipe file (TOML), e.g. recipes/tiny_wsd.toml")
-    c.add_argument("--out", required=True, help="run folder: checkpoints/, final/, merged/, metrics.jsonl, loss.png, report")
-    c.add_argument("--model", default=None, help="starting HF folder; overrides [model] path of the recipe")
-    c.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    c.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="override a recipe field (repeatable), e.g. --set train.batch_size=4 (value parsed as JSON)")
-    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_run_args(c, "recipes/tiny_wsd.toml", "run folder: checkpoints/, final/, merged/, metrics.jsonl, loss.png, report",
+                  "starting HF folder; overrides [model] path of the recipe", "train.batch_size=4")
     c.set_defaults(func=cmd_convert)
 
     m = sub.add_parser("merge", help="average the top-k checkpoints of a run", formatter_class=fmt,

@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import apply_rope, attend, rope_cos_sin, rope_inv_freq
+from .attention import apply_rope, attend, rope_inv_freq
 from .config import ModelConfig
 from .moe import MoE, SwiGLU
-from .transformer import RMSNorm
+from .transformer import DecoderLM, RMSNorm
 
 
 class PackedAttention(nn.Module):
@@ -72,7 +72,7 @@ class MoEBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class MoETransformer(nn.Module):
+class MoETransformer(DecoderLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.moe is None:
@@ -86,52 +86,3 @@ class MoETransformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg, cfg.rotary_dim), persistent=False)
 
-    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
-        """Fresh random init (tests and from-scratch runs; checkpoints overwrite it). expert_bias stays zero."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            else:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
-        for buf in self.buffers():
-            if buf is not self.inv_freq:
-                buf.zero_()
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.tok_embeddings(input_ids)
-
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        positions: Tensor | None = None,
-        mask=None,
-        *,
-        inputs_embeds: Tensor | None = None,
-        cache=None,
-        logits_slice: slice | None = None,
-    ) -> Tensor:
-        """As `Transformer.forward`: input_ids [b, T] (or inputs_embeds [b, T, d]), positions [b, T],
-        mask bool [b|1, 1, T, K] / BlockMask / None -> logits [b, T, V] (or [b, len(logits_slice), V])."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        b, T = x.shape[:2]
-        if positions is None:
-            positions = torch.arange(T, device=x.device).expand(b, T)
-        elif positions.dim() == 1:
-            positions = positions.expand(b, T)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [b, 1, T, rotary_dim]
-        # Same last-layer restriction as the dense decoder (see Transformer.forward): its other positions only
-        # serve as keys and values, so with a dense mask and no cache the last layer's queries, MoE and head
-        # run on `logits_slice` alone.
-        fused = logits_slice is not None and cache is None and (mask is None or isinstance(mask, Tensor))
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, out_slice=logits_slice if fused and i == last else None)
-        if logits_slice is not None and not fused:
-            x = x[:, logits_slice]
-        return self.output(self.norm(x))

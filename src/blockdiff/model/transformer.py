@@ -96,20 +96,14 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+class DecoderLM(nn.Module):
+    """Embedding -> layers -> norm -> head, shared by the dense decoder and the LLaDA2-MoE decoder (which differ only
+    in their layers). Subclasses set `tok_embeddings`, `layers` (each called as layer(x, cos, sin, mask, cache,
+    out_slice=...)), `norm`, `output` and the `inv_freq` buffer."""
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
-        """Fresh random init (only for models trained from scratch; checkpoints overwrite it)."""
+        """Fresh random init (tests and from-scratch runs; checkpoints overwrite it). Buffers other than the RoPE
+        frequencies (the MoE expert_bias) start at zero."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -119,6 +113,9 @@ class Transformer(nn.Module):
             else:
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for buf in self.buffers():
+            if buf is not self.inv_freq:
+                buf.zero_()
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.tok_embeddings(input_ids)
@@ -156,6 +153,19 @@ class Transformer(nn.Module):
         if logits_slice is not None and not fused:
             x = x[:, logits_slice]
         return self.output(self.norm(x))
+
+
+class Transformer(DecoderLM):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
 
 def resize_vocab(model: Transformer, new_size: int) -> None:
