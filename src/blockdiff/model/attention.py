@@ -88,3 +88,22 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, gqa: bool) -> Tensor:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def rope_cache_attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask, cache, layer_idx: int,
+                      q_slice: slice | None = None) -> Tensor:
+    """The part of self-attention every decoder family shares, after its own projections and QK norms:
+    q [b, Tq, h, d] (already restricted to `q_slice` when given), k / v [b, T, hkv, d] -> RoPE (cos/sin may cover
+    only the first rotary dims) -> KV cache (`cache.update(layer_idx, k, v)`) -> SDPA / flex. Returns
+    [b, Tq, h * d]."""
+    b, Tq = q.shape[:2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, T, d]
+    if q_slice is not None:
+        q, k = apply_rope(q, cos[:, :, q_slice], sin[:, :, q_slice]), apply_rope(k, cos, sin)
+        mask = None if mask is None else mask[:, :, q_slice]
+    else:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)
+    out = attend(q, k, v, mask)  # [b, h, Tq, d]
+    return out.transpose(1, 2).reshape(b, Tq, -1)

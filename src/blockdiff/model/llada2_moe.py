@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import apply_rope, attend, rope_inv_freq
+from .attention import rope_cache_attend, rope_inv_freq
 from .config import ModelConfig
 from .moe import MoE, SwiGLU
-from .transformer import DecoderLM, RMSNorm
+from .transformer import Block, DecoderLM, RMSNorm
 
 
 class PackedAttention(nn.Module):
@@ -45,31 +45,20 @@ class PackedAttention(nn.Module):
             q = q[:, q_slice]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, T, hd]
-        if q_slice is not None:
-            q, k = apply_rope(q, cos[:, :, q_slice], sin[:, :, q_slice]), apply_rope(k, cos, sin)
-            mask = None if mask is None else mask[:, :, q_slice]
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, mask)  # [b, h, Tq, hd]
-        return self.wo(out.transpose(1, 2).reshape(b, q.shape[2], self.n_heads * self.head_dim))
+        return self.wo(rope_cache_attend(q, k, v, cos, sin, mask, cache, self.layer_idx, q_slice))
 
 
-class MoEBlock(nn.Module):
+class MoEBlock(Block):
+    """Pre-norm block with packed-QKV attention and a dense SwiGLU (first `first_k_dense_replace` layers) or MoE
+    feed-forward; the residual wiring (and `out_slice`) is the dense Block's."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
+        nn.Module.__init__(self)
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attention = PackedAttention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         dense = layer_idx < cfg.moe.first_k_dense_replace
         self.feed_forward = SwiGLU(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg.hidden_size, cfg.moe)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache=None, out_slice: slice | None = None) -> Tensor:
-        h = self.attention(self.attention_norm(x), cos, sin, mask, cache, q_slice=out_slice)
-        x = (x if out_slice is None else x[:, out_slice]) + h
-        return x + self.feed_forward(self.ffn_norm(x))
 
 
 class MoETransformer(DecoderLM):

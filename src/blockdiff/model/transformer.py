@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import apply_rope, attend, rope_cos_sin, rope_inv_freq
+from .attention import rope_cache_attend, rope_cos_sin, rope_inv_freq
 from .config import ModelConfig
 
 
@@ -56,16 +56,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, T, d]
-        if q_slice is not None:
-            q, k = apply_rope(q, cos[:, :, q_slice], sin[:, :, q_slice]), apply_rope(k, cos, sin)
-            mask = None if mask is None else mask[:, :, q_slice]
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, mask)  # [b, h, Tq, d]
-        return self.wo(out.transpose(1, 2).reshape(b, Tq, self.n_heads * self.head_dim))
+        return self.wo(rope_cache_attend(q, k, v, cos, sin, mask, cache, self.layer_idx, q_slice))
 
 
 class FeedForward(nn.Module):
