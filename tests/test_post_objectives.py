@@ -163,6 +163,17 @@ def test_dpo_loss_by_hand_with_shared_noise():
     loss_a, _ = dpo_loss(policy, batch, cfg_a, ref_model=ref, generator=torch.Generator().manual_seed(9))
     n_tok = batch["loss_mask"][:, 0].sum(-1).float()
     assert torch.allclose(loss_a, hand + 0.5 * (-elbo(policy)[:3] / n_tok).mean())
+    # K Monte Carlo draws: the ELBOs are the mean over K successive shared-noise samples
+    g = torch.Generator().manual_seed(9)
+    draws = [pair_noise(batch, cfg, g) for _ in range(3)]
+
+    def elbo_k(m):
+        return sum(-(ce_of(m, d[1], d[0]) * d[2] / d[3]).sum(-1) for d in draws) / 3
+
+    rk = 0.1 * (elbo_k(policy) - elbo_k(ref))
+    cfg_k = DPOConfig(mask_token_id=MASK, block_size=4, beta=0.1, samples=3)
+    loss_k, _ = dpo_loss(policy, batch, cfg_k, ref_model=ref, generator=torch.Generator().manual_seed(9))
+    assert torch.allclose(loss_k, -F.logsigmoid(rk[:3] - rk[3:]).mean())
 
 
 def test_dpo_reference_stays_frozen():

@@ -83,6 +83,7 @@ class ObjectiveSection:
     cap_lambda: float = 2.0  # CAP weight lambda
     beta: float = 0.1  # dpo: inverse temperature of the implicit reward
     dpo_sft_weight: float = 0.0  # dpo: weight of an NLL term on the chosen answer (per token; 0 = plain DPO)
+    dpo_samples: int = 1  # dpo: Monte Carlo ELBO draws per pair, averaged (variance reduction; K x the compute)
 
 
 @dataclass
@@ -267,6 +268,7 @@ def validate(r: Recipe) -> None:
     need(0.0 <= o.t2t_ratio <= 1.0 and 0.0 <= o.t2t_max_rate <= 1.0,
          f"[objective] t2t_ratio and t2t_max_rate must be in [0, 1], got {o.t2t_ratio}, {o.t2t_max_rate}")
     need(o.dpo_sft_weight >= 0, f"[objective] dpo_sft_weight must be >= 0, got {o.dpo_sft_weight}")
+    need(o.dpo_samples >= 1, f"[objective] dpo_samples must be >= 1, got {o.dpo_samples}")
     need(o.t2t_weight >= 0 and o.t2t_keep_weight >= 0 and o.cap_lambda >= 0 and o.beta > 0,
          "[objective] t2t_weight, t2t_keep_weight and cap_lambda must be >= 0 and beta > 0")
     need(o.t2t_ratio == 0 or o.kind in ("diffusion", "sft"), "[objective] t2t_ratio applies to kind diffusion or sft")
