@@ -303,3 +303,20 @@ def test_generated_post_data_reads_back(tok, tmp_path):
         read_rl_prompts([str(bad)])
     with pytest.raises(DataError, match="must be a non-empty list"):
         validate_messages([], "f:1")
+
+
+def test_dpo_answer_only_drops_padding_after_first_eos():
+    EOS = 0
+    ids = torch.tensor([[[5, 6, 7, 8, EOS, EOS, EOS, EOS], [5, 6, 7, 9, 9, EOS, EOS, EOS]]])
+    lm = torch.zeros(1, 2, 8, dtype=torch.bool)
+    lm[..., 3:] = True
+    batch = {"input_ids": ids, "loss_mask": lm, "positions": torch.arange(8).expand(1, 2, 8)}
+    cfg = DPOConfig(mask_token_id=MASK, block_size=4, t_lo=1.0, t_hi=1.0, eos_id=EOS, answer_only=True)
+    _, _, masked, _, _, _ = pair_noise(batch, cfg, torch.Generator().manual_seed(0))  # t = 1: every eligible slot
+    assert masked[0].tolist() == [False, False, False, True, True, False, False, False]
+    assert masked[1].tolist() == [False, False, False, True, True, True, False, False]
+    cfg_all = DPOConfig(mask_token_id=MASK, block_size=4, t_lo=1.0, t_hi=1.0)
+    _, _, masked_all, _, _, _ = pair_noise(batch, cfg_all, torch.Generator().manual_seed(0))
+    assert masked_all[:, 3:].all() and not masked_all[:, :3].any()
+    with pytest.raises(ValueError, match="eos_id"):
+        pair_noise(batch, DPOConfig(mask_token_id=MASK, block_size=4, answer_only=True), None)

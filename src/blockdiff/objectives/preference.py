@@ -32,6 +32,8 @@ class DPOConfig:
     t_hi: float = 1.0
     sft_weight: float = 0.0  # alpha of an added NLL term on the chosen answer (RPO-style; 0 = plain DPO)
     samples: int = 1  # Monte Carlo (t, x_t) draws per pair, averaged (each shared by policy / reference / both answers)
+    eos_id: int | None = None  # with `answer_only`: the EOS id that ends an answer
+    answer_only: bool = False  # ELBO over the answer up to its first EOS only (not the EOS padding after it)
 
 
 def pair_noise(batch: dict[str, Tensor], cfg: DPOConfig, generator=None):
@@ -46,6 +48,14 @@ def pair_noise(batch: dict[str, Tensor], cfg: DPOConfig, generator=None):
         return None if x is None else x.transpose(0, 1).reshape(2 * n, L)
 
     x0, eligible = flat(ids), flat(batch["loss_mask"])
+    if cfg.answer_only:
+        # Ours: drop the EOS padding after the answer's first EOS from the ELBO. Rows are padded to seq_len, so
+        # ~half the scored positions are padding whose CE differs between the answers only through noise; the
+        # preference signal sits in a handful of answer tokens.
+        if cfg.eos_id is None:
+            raise ValueError("answer_only needs eos_id")
+        eos_seen = torch.cumsum((x0 == cfg.eos_id) & eligible, dim=-1)
+        eligible = eligible & ((eos_seen == 0) | ((eos_seen == 1) & (x0 == cfg.eos_id)))
     t = (cfg.t_lo + (cfg.t_hi - cfg.t_lo) * torch.rand(n, 1, generator=generator)).expand(n, L).repeat(2, 1)
     u = torch.rand(n, L, generator=generator).repeat(2, 1)
     t, u = t.to(x0.device), u.to(x0.device)

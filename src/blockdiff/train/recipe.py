@@ -84,6 +84,7 @@ class ObjectiveSection:
     beta: float = 0.1  # dpo: inverse temperature of the implicit reward
     dpo_sft_weight: float = 0.0  # dpo: weight of an NLL term on the chosen answer (per token; 0 = plain DPO)
     dpo_samples: int = 1  # dpo: Monte Carlo ELBO draws per pair, averaged (variance reduction; K x the compute)
+    dpo_answer_only: bool = False  # dpo: ELBO over the answer up to its first EOS, not the EOS padding after it
 
 
 @dataclass

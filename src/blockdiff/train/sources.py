@@ -35,7 +35,8 @@ def make_objective(recipe: Recipe, block_size: int, mask_id: int | None, tok, re
         return lambda model, batch, gen, std: ar_loss(model, batch)
     if o.kind == "dpo":
         cfg = DPOConfig(mask_token_id=mask_id, block_size=block_size, beta=o.beta, t_lo=o.t_lo, t_hi=o.t_hi,
-                        sft_weight=o.dpo_sft_weight, samples=o.dpo_samples)
+                        sft_weight=o.dpo_sft_weight, samples=o.dpo_samples, eos_id=tok.eos_id,
+                        answer_only=o.dpo_answer_only)
         return lambda model, batch, gen, std: dpo_loss(model, batch, cfg, ref_model=ref_model, generator=gen)
     if o.kind == "rl":
         cfg = ebpo_config(recipe, mask_id, block_size)
