@@ -12,7 +12,7 @@ LLaDA2.0 threshold rule; S / Q: LLaDA2.1 joint M2T + T2T editing; B = 32, steps 
 accuracy = exact answer (cut at EOS and the end-of-turn
 marker); TPF = generated tokens (to EOS) / forwards.
 pref: held-out preference pairs; accuracy = fraction with ELBO(chosen) > ELBO(rejected), ELBO averaged over 4
-shared noise draws (fixed seed), full t range.
+shared noise draws (fixed seed), full t range; also with the ELBO over the answer up to its first EOS only.
 reward: mean exact-answer reward on held-out prompts, greedy (= accuracy) and sampled (G = 4 at temperature 0.8,
 what EBPO optimises).
 Each model is evaluated on the same prompts in the same run. Writes bench/results/posttrain-NAME-DATE.{md,json},
@@ -84,7 +84,12 @@ def pref(folder: str, pairs: str, n: int) -> dict:
     batches = [{"input_ids": data.input_ids[i:i + 16], "loss_mask": data.loss_mask[i:i + 16],
                 "positions": data.positions[i:i + 16]} for i in range(0, k, 16)]
     cfg = DPOConfig(mask_token_id=model.cfg.diffusion.mask_token_id, block_size=B)
-    return elbo_preference_accuracy(model, batches, cfg, samples=4)
+    out = elbo_preference_accuracy(model, batches, cfg, samples=4)
+    # the same with the ELBO over the answer up to its first EOS (the EOS padding after it left out)
+    ans = DPOConfig(mask_token_id=model.cfg.diffusion.mask_token_id, block_size=B, eos_id=tok.eos_id, answer_only=True)
+    a = elbo_preference_accuracy(model, batches, ans, samples=4)
+    out.update(pref_acc_answer=a["pref_acc"], elbo_margin_answer=a["elbo_margin"])
+    return out
 
 
 def main() -> None:
@@ -139,10 +144,13 @@ def main() -> None:
         for name, r in rows.items():
             lines += ["", f"Samples ({name}): " + "; ".join(r["samples"])]
     elif a.metric == "pref":
-        lines += [f"Held-out pairs from `{a.pairs}`; ELBO of each answer averaged over 4 shared noise draws.", "",
-                  "| model | folder | pairs | preference accuracy | mean ELBO margin (nats) |", "|---|---|---:|---:|---:|"]
+        lines += [f"Pairs from `{a.pairs}`; ELBO of each answer averaged over 4 shared noise draws; the answer-only "
+                  "columns score the answer up to its first EOS (the EOS padding to seq_len left out).", "",
+                  "| model | folder | pairs | preference accuracy | mean ELBO margin (nats) | accuracy, answer-only ELBO "
+                  "| margin, answer-only (nats) |", "|---|---|---:|---:|---:|---:|---:|"]
         for name, r in rows.items():
-            lines.append(f"| {name} | `{models[name]}` | {r['pairs']} | {r['pref_acc']:.3f} | {r['elbo_margin']:.3f} |")
+            lines.append(f"| {name} | `{models[name]}` | {r['pairs']} | {r['pref_acc']:.3f} | {r['elbo_margin']:.3f} | "
+                         f"{r['pref_acc_answer']:.3f} | {r['elbo_margin_answer']:.3f} |")
     else:
         n_s = a.n if a.split == "train" else a.n // 2
         lines += [f"{a.n} {'held-out' if a.split == 'heldout' else 'train-split (the RL run trained on them)'} prompts "
