@@ -297,6 +297,7 @@ def _add_decoding_args(g) -> None:
     g.add_argument("--repeat-penalty", type=float, default=0.0,
                    help="logit penalty for repeating the left neighbour inside a block (0 = off; anti-stutter)")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,7 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print the text as blocks become final (one prompt)")
     g.add_argument("--trace", default=None, help="write every step's events (position, token, M2T/T2T, confidence) "
                                                  "to this JSONL file")
-    g.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive chat with a model", formatter_class=fmt,
@@ -368,7 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--model", required=True, help="HF folder (converted or AR)")
     ch.add_argument("--system", default=None, help="system prompt (default: none)")
     _add_decoding_args(ch)
-    ch.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
     ch.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("show-trace", help="replay a --trace file step by step", formatter_class=fmt,

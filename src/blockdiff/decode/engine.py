@@ -271,7 +271,7 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
     if rule == "credit":
         credit = torch.zeros(N, B, model.cfg.vocab_size, device=device)
 
-    def finish(r: int, reason_hint: str | None = None) -> None:
+    def finish(r: int) -> None:
         gen = canvas[r, P[r]:].tolist()[:budget]
         cut = _first_stop(gen, eos)
         reason = "length"
@@ -325,14 +325,14 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
             m2t, t2t = factor_rule(conf, masked, cfg.factor), None
         else:
             m2t, t2t = joint_rule(conf, masked, tok != x, editable, tau, cfg.tau_edit, quota)
+        # Rows writing their final block's clean K/V need no mask: their block has no [MASK] left, so no rule
+        # unmasks anything there, and only unmask-only rules ever write that way (t2t is None for them).
         has_mask = masked.any(-1).tolist()
-        wr = torch.tensor([writing[r] for r in active], device=device)[:, None]
-        m2t = m2t & ~wr
         if t2t is not None:
             # post-edit budget: a full block gets at most max_post_steps edit-only passes [code]
             over = torch.tensor([not has_mask[i] and post[r] + 1 > cfg.max_post_steps
                                  for i, r in enumerate(active)], device=device)[:, None]
-            t2t = t2t & ~wr & ~over
+            t2t = t2t & ~over
             write = m2t | t2t
         else:
             write = m2t

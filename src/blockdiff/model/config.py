@@ -40,6 +40,35 @@ class DiffusionInfo:
     block_size: int  # tokens per block the model was last trained with (decoding default)
 
 
+def decoder_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields every family spells the same way in config.json (sizes, heads, RoPE, norm eps, the
+    blockdiff section); family readers add their own. Required keys are checked by the caller."""
+    heads = int(hf["num_attention_heads"])
+    # transformers >= 5 writes `rope_parameters` (theta inside); older versions `rope_theta` + `rope_scaling`.
+    rope_params = dict(hf.get("rope_parameters") or {})
+    theta = float(rope_params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling") or None
+    if scaling is None and rope_params.get("rope_type", "default") != "default":
+        scaling = rope_params
+    diffusion = None
+    if isinstance(hf.get("blockdiff"), dict) and "mask_token_id" in hf["blockdiff"]:
+        diffusion = DiffusionInfo(int(hf["blockdiff"]["mask_token_id"]), int(hf["blockdiff"]["block_size"]))
+    return dict(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        diffusion=diffusion,
+    )
+
+
 @dataclass
 class ModelConfig:
     family: str = "llama"  # one of FAMILIES
@@ -107,7 +136,7 @@ class ModelConfig:
         """Read an HF config.json dict. `source` names the file in error messages."""
         model_type = hf.get("model_type")
         if model_type in MOE_FAMILIES:
-            return moe_config_from_hf(cls, hf, source, DiffusionInfo)
+            return moe_config_from_hf(cls, hf, source, decoder_fields_from_hf)
         if model_type not in FAMILIES:
             raise ValueError(
                 f"{source}: model_type {model_type!r} is not a supported family; allowed: {', '.join(FAMILIES)}"
@@ -116,40 +145,17 @@ class ModelConfig:
         missing = [k for k in required if k not in hf]
         if missing:
             raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
-        heads = int(hf["num_attention_heads"])
-        kv_heads = int(hf.get("num_key_value_heads") or heads)
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        # transformers >= 5 writes `rope_parameters` (theta inside); older versions `rope_theta` + `rope_scaling`.
-        rope_params = dict(hf.get("rope_parameters") or {})
-        theta = float(rope_params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        scaling = hf.get("rope_scaling") or None
-        if scaling is None and rope_params.get("rope_type", "default") != "default":
-            scaling = rope_params
         attention_bias = bool(hf.get("attention_bias", False))
         family = model_type
-        diffusion = None
-        if isinstance(hf.get("blockdiff"), dict) and "mask_token_id" in hf["blockdiff"]:
-            diffusion = DiffusionInfo(int(hf["blockdiff"]["mask_token_id"]), int(hf["blockdiff"]["block_size"]))
         return cls(
             family=family,
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=int(head_dim),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            **decoder_fields_from_hf(hf),
             # Qwen2 always has q/k/v bias and no o bias; Llama's attention_bias covers all four projections.
             qkv_bias=True if family == "qwen2" else attention_bias,
             o_bias=False if family == "qwen2" else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            diffusion=diffusion,
             hf_extra={k: copy.deepcopy(v) for k, v in hf.items() if k not in _OWNED_KEYS},
         )
 

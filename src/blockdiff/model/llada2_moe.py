@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import rope_cache_attend, rope_inv_freq
+from .attention import rope_cache_attend
 from .config import ModelConfig
 from .moe import MoE, SwiGLU
 from .transformer import Block, DecoderLM, RMSNorm
@@ -63,15 +63,7 @@ class MoEBlock(Block):
 
 class MoETransformer(DecoderLM):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
         if cfg.moe is None:
             raise ValueError(f"MoETransformer needs a MoE config; family {cfg.family!r} has none")
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(MoEBlock(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg, cfg.rotary_dim), persistent=False)
+        super().__init__(cfg, MoEBlock, rotary_dim=cfg.rotary_dim)
 

@@ -80,17 +80,9 @@ class MoEConfig:
             raise ValueError(f"score_function {self.score_function!r} is not supported; allowed: sigmoid")
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, dict | None]:
-    rope_params = dict(hf.get("rope_parameters") or {})
-    theta = float(rope_params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = hf.get("rope_scaling") or None
-    if scaling is None and rope_params.get("rope_type", "default") != "default":
-        scaling = rope_params
-    return theta, scaling
-
-
-def moe_config_from_hf(cls, hf: dict[str, Any], source: str, diffusion_cls):
-    """Build `cls` (ModelConfig) from a llada2_moe / bailing_moe_v2 config.json dict."""
+def moe_config_from_hf(cls, hf: dict[str, Any], source: str, decoder_fields):
+    """Build `cls` (ModelConfig) from a llada2_moe / bailing_moe_v2 config.json dict; `decoder_fields(hf)` reads
+    the fields shared with the dense families (config.decoder_fields_from_hf)."""
     required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_experts", "num_experts_per_tok", "moe_intermediate_size"]
     missing = [k for k in required if hf.get(k) is None]
@@ -101,9 +93,8 @@ def moe_config_from_hf(cls, hf: dict[str, Any], source: str, diffusion_cls):
         raise ValueError(f"{source}: norm_head=true is not supported (LLaDA2 / Ling 2.0 checkpoints use false)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported; allowed: silu")
-    heads = int(hf["num_attention_heads"])
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
-    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
+    common = decoder_fields(hf)
+    head_dim = common["head_dim"]
     factor = float(hf.get("partial_rotary_factor", 1.0))
     rotary_dim = int(head_dim * factor)  # the modeling code's int(head_dim * partial_rotary_factor)
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
@@ -112,7 +103,6 @@ def moe_config_from_hf(cls, hf: dict[str, Any], source: str, diffusion_cls):
     if hf.get("rotary_dim") is not None and int(hf["rotary_dim"]) != rotary_dim:
         raise ValueError(f"{source}: rotary_dim ({hf['rotary_dim']}) disagrees with head_dim * partial_rotary_factor "
                          f"({head_dim} * {factor} = {rotary_dim})")
-    theta, scaling = _rope(hf)
     moe = MoEConfig(
         num_experts=int(hf["num_experts"]),
         num_experts_per_tok=int(hf["num_experts_per_tok"]),
@@ -126,30 +116,16 @@ def moe_config_from_hf(cls, hf: dict[str, Any], source: str, diffusion_cls):
         score_function=str(hf.get("score_function") or "sigmoid"),
         expert_bias=bool(hf.get("moe_router_enable_expert_bias", True)),
     )
-    diffusion = None
-    if isinstance(hf.get("blockdiff"), dict) and "mask_token_id" in hf["blockdiff"]:
-        diffusion = diffusion_cls(int(hf["blockdiff"]["mask_token_id"]), int(hf["blockdiff"]["block_size"]))
     try:
         return cls(
             family=hf["model_type"],
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            **common,
             qkv_bias=bool(hf.get("use_qkv_bias", False)),
             o_bias=bool(hf.get("use_bias", False)),
             qk_norm=bool(hf.get("use_qk_norm", True)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             rotary_dim=rotary_dim,
             moe=moe,
-            diffusion=diffusion,
             hf_extra={k: copy.deepcopy(v) for k, v in hf.items() if k not in MOE_OWNED_KEYS},
         )
     except ValueError as e:

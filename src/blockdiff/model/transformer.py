@@ -89,8 +89,19 @@ class Block(nn.Module):
 
 class DecoderLM(nn.Module):
     """Embedding -> layers -> norm -> head, shared by the dense decoder and the LLaDA2-MoE decoder (which differ only
-    in their layers). Subclasses set `tok_embeddings`, `layers` (each called as layer(x, cos, sin, mask, cache,
-    out_slice=...)), `norm`, `output` and the `inv_freq` buffer."""
+    in their layers): `block(cfg, layer_idx)` builds each layer, called as layer(x, cos, sin, mask, cache,
+    out_slice=...). `rotary_dim` limits RoPE to the first dims of each head (partial rotary)."""
+
+    def __init__(self, cfg: ModelConfig, block, rotary_dim: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, rotary_dim), persistent=False)
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
         """Fresh random init (tests and from-scratch runs; checkpoints overwrite it). Buffers other than the RoPE
@@ -147,16 +158,10 @@ class DecoderLM(nn.Module):
 
 
 class Transformer(DecoderLM):
+    """The dense Llama / Qwen2 / Qwen3 decoder."""
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        super().__init__(cfg, Block)
 
 
 def resize_vocab(model: Transformer, new_size: int) -> None:
