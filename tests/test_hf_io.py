@@ -157,7 +157,8 @@ def test_diffusion_section_round_trips_and_folder_still_loads_in_hf(tmp_path):
     model = tiny_model(**CASES["qwen2"])
     model.cfg.diffusion = DiffusionInfo(mask_token_id=V - 1, block_size=4)
     out = save_pretrained(model, tmp_path / "ckpt")
-    assert json.loads((out / "config.json").read_text())["blockdiff"] == {"mask_token_id": V - 1, "block_size": 4}
+    assert json.loads((out / "config.json").read_text())["blockdiff"] == {
+        "mask_token_id": V - 1, "block_size": 4, "labels": "same", "clean_stream": "block_causal"}
     back = load_pretrained(out)
     assert back.cfg.diffusion == DiffusionInfo(mask_token_id=V - 1, block_size=4) and back.cfg.is_diffusion
     assert "blockdiff" not in back.cfg.hf_extra
@@ -167,6 +168,25 @@ def test_diffusion_section_round_trips_and_folder_still_loads_in_hf(tmp_path):
     assert again.cfg.diffusion == back.cfg.diffusion
     err = (hf_logits(out) - our_logits(model)).abs().max().item()
     assert err <= 1e-4
+
+
+def test_label_alignment_is_a_checkpoint_property(tmp_path):
+    """labels / clean_stream round-trip through config.json; a section written before they existed (or by hand)
+    reads as LLaDA2's same-position, block-causal convention; a bad value names the field."""
+    model = tiny_model(**CASES["llama"])
+    model.cfg.diffusion = DiffusionInfo(mask_token_id=V - 1, block_size=4, labels="shift", clean_stream="causal")
+    out = save_pretrained(model, tmp_path / "shifted")
+    back = load_pretrained(out).cfg.diffusion
+    assert (back.labels, back.clean_stream, back.shift, back.causal_clean) == ("shift", "causal", True, True)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["blockdiff"] = {"mask_token_id": V - 1, "block_size": 4}
+    (out / "config.json").write_text(json.dumps(cfg))
+    old = load_pretrained(out).cfg.diffusion
+    assert (old.labels, old.clean_stream, old.shift, old.causal_clean) == ("same", "block_causal", False, False)
+    cfg["blockdiff"]["labels"] = "left"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"blockdiff.labels must be one of \('same', 'shift'\), got 'left'"):
+        load_pretrained(out)
 
 
 def test_save_over_existing_folder_replaces_it(tmp_path):

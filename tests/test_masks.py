@@ -33,7 +33,7 @@ def _ref_positions(doc_row):
 
 def reference_mask(mode, L, B, doc_ids=None, positions=None, batch=1):
     rows = doc_ids.shape[0] if doc_ids is not None else (positions.shape[0] if positions is not None else batch)
-    n = 2 * L if mode == "bd_train" else L
+    n = 2 * L if mode.startswith("bd_train") else L
     out = torch.zeros(rows, 1, n, n, dtype=torch.bool)
     for r in range(rows):
         doc = doc_ids[r].tolist() if doc_ids is not None else [0] * L
@@ -61,7 +61,7 @@ def reference_mask(mode, L, B, doc_ids=None, positions=None, batch=1):
                     elif q_noisy:
                         ok = bk < bq
                     elif not k_noisy:
-                        ok = bk <= bq
+                        ok = k <= q if mode == "bd_train_causal" else bk <= bq
                     else:
                         ok = False
                 out[r, 0, q, k] = ok
@@ -69,7 +69,7 @@ def reference_mask(mode, L, B, doc_ids=None, positions=None, batch=1):
 
 
 CASES = [(m, None) for m in ("causal", "full")] + [
-    (m, B) for m in ("block_causal", "bd_train") for B in (1, 2, 4, 16)
+    (m, B) for m in ("block_causal", "bd_train", "bd_train_causal") for B in (1, 2, 4, 16)
 ]
 
 
@@ -133,7 +133,8 @@ def test_mask_mod_scalar_indices():
 
 
 # ---------------------------------------------------------------- FlexAttention vs SDPA (CPU, forward only)
-FLEX_CASES = [("causal", None), ("full", None), ("block_causal", 8), ("block_causal", 1), ("bd_train", 16), ("bd_train", 128)]
+FLEX_CASES = [("causal", None), ("full", None), ("block_causal", 8), ("block_causal", 1), ("bd_train", 16), ("bd_train", 128),
+              ("bd_train_causal", 16)]
 
 
 @pytest.mark.parametrize("mode,B", FLEX_CASES)
@@ -142,7 +143,7 @@ def test_flex_equals_sdpa(mode, B, with_docs):
     torch.manual_seed(0)
     Lf = 128
     doc_ids = torch.tensor([[0] * 50 + [1] * 45 + [2] * 33, [5] * 128]) if with_docs else None
-    T = 2 * Lf if mode == "bd_train" else Lf
+    T = 2 * Lf if mode.startswith("bd_train") else Lf
     q, k, v = torch.randn(3, 2, 2, T, 16).unbind(0)  # [b, h, T, d] each
     bm = flex_block_mask(mode, seq_len=Lf, block_size=B, doc_ids=doc_ids, batch=2)
     dense = dense_mask(mode, seq_len=Lf, block_size=B, doc_ids=doc_ids, batch=2)
@@ -293,5 +294,12 @@ def test_bad_inputs(builder):
         builder("causal", seq_len=L, doc_ids=DOC_IDS, batch=3)
 
 
-def test_mask_modes_constant():
-    assert MASK_MODES == ("causal", "full", "block_causal", "bd_train")
+def test_bd_train_causal_clean_half_is_causal_and_noisy_half_unchanged():
+    """The causal clean stream changes only the clean-clean quadrant, and there it is the AR parent's mask."""
+    for B in (1, 4, 16):
+        bd = dense_mask("bd_train", seq_len=L, block_size=B, doc_ids=DOC_IDS)
+        bdc = dense_mask("bd_train_causal", seq_len=L, block_size=B, doc_ids=DOC_IDS)
+        assert torch.equal(bd[..., :L, :], bdc[..., :L, :])  # noisy queries: identical
+        assert torch.equal(bdc[..., L:, L:], dense_mask("causal", seq_len=L, doc_ids=DOC_IDS))
+        assert not bdc[..., L:, :L].any()  # clean queries never see the noisy half
+    assert set(MASK_MODES) >= {"causal", "full", "block_causal", "bd_train", "bd_train_causal"}

@@ -169,7 +169,8 @@ def test_checkpoint_contents(run_a, step, block):
     tok = load_tokenizer(ckpt)
     assert tok.mask_token == "<|mask|>" and tok.mask_id is not None
     cfg = json.loads((ckpt / "config.json").read_text())
-    assert cfg["blockdiff"] == {"mask_token_id": tok.mask_id, "block_size": block}
+    assert cfg["blockdiff"] == {"mask_token_id": tok.mask_id, "block_size": block, "labels": "same",
+                                "clean_stream": "block_causal"}
     assert cfg["vocab_size"] == tok.vocab_size
 
     state = load_trainer_state(ckpt)

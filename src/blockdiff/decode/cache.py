@@ -68,16 +68,22 @@ class KVCache:
         end = max(self.lengths) + T
         return kc[:, :, :end], vc[:, :, :end]
 
-    def attn_mask(self, T: int, *, causal: bool = False) -> Tensor | None:
+    def attn_mask(self, T: int, *, causal: bool = False, causal_rows: Tensor | None = None) -> Tensor | None:
         """Bool mask [b, 1, T, K] for a forward of T new tokens per row: each row sees its own committed prefix and
-        its T new tokens (all of them, or causally with `causal`). None when every row has the same length."""
-        if self.uniform and not causal:
+        its T new tokens (all of them, or causally with `causal`, or causally in the rows where the bool [b]
+        `causal_rows` is True). None when every row has the same length and nothing is causal."""
+        any_causal = causal or (causal_rows is not None and bool(causal_rows.any()))
+        if self.uniform and not any_causal:
             return None
         end = max(self.lengths) + T
         key = torch.arange(end, device=self._len_t.device)
         lens = self._len_t[:self.batch, None, None]  # [b, 1, 1]
         q = torch.arange(T, device=key.device)[None, :, None]  # [1, T, 1]
-        visible = key[None, None, :] < lens + (q + 1 if causal else T)
+        if causal_rows is not None and not causal:
+            span = torch.where(causal_rows.to(key.device)[:, None, None], q + 1, T)  # [b, T, 1]
+        else:
+            span = q + 1 if causal else T
+        visible = key[None, None, :] < lens + span
         return visible[:, None]  # [b, 1, T, K]
 
     def commit(self, n: int | list[int]) -> None:

@@ -19,7 +19,12 @@ Block decoding, per row r (prompts of different lengths share a batch; each row 
   Early exit in unmask-only rules: once every slot before the first committed EOS (or the budget) is committed
   the output is final (committed tokens never change), so the rest of the block is never decoded.
 Every step is one forward of all active rows: rows writing clean K/V and rows denoising share it.
-Counting (SYSTEM.md 6.5): a row's forwards exclude the prefill and include its cache-writing forwards; generated
+Label alignment (the checkpoint's `blockdiff.labels`, docs/alignment.md): with "same" slot j of the block is read
+from logit j of the forward (LLaDA2); with "shift" from logit j-1, and slot 0 from the last logit of the forward
+that encoded the finished previous block (the prefill or its cache-writing forward): an ordinary AR step. With
+`clean_stream = "causal"` the prefill and every cache-writing forward are token-causal (the AR parent's K/V), so
+joint (S/Q) blocks also end with one cache-writing forward.
+Counting (docs/decoding.md): a row's forwards exclude the prefill and include its cache-writing forwards; generated
 tokens count up to and including EOS.
 
 Streaming: `stream(...)` yields a `StepUpdate` per row per step (tokens written, M2T or T2T, with confidence);
@@ -215,6 +220,14 @@ def _trim_stop(tokens: list[int], stops, decode) -> list[int] | None:
     return tokens[:lo]
 
 
+def alignment(model) -> tuple[bool, bool]:
+    """(shift, causal clean stream) of a block-diffusion model, read from its config (LLaDA2's when absent)."""
+    info = getattr(model.cfg, "diffusion", None)
+    if info is None:
+        return False, False
+    return info.shift, info.causal_clean
+
+
 @torch.no_grad()
 def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, eos_ids, generator=None,
            stop: list[str] | tuple[str, ...] = (), decode: Callable[[list[int]], str] | None = None,
@@ -241,6 +254,9 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
         canvas[r, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
     P_t = torch.tensor(P, device=device)
     cache = KVCache(model.cfg, N, L, device=device, dtype=dtype)
+    shift, causal_clean = alignment(model)
+    # shift: per row, the logit that predicts its current block's first slot (last position of the clean prefix)
+    carry = torch.zeros(N, model.cfg.vocab_size, device=device) if shift else None
     t0 = time.perf_counter()
 
     # prefill the complete prompt blocks of every row (right-padded to the longest; padding sees only itself)
@@ -248,11 +264,15 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
     n_pre = [f * B for f in first]
     if max(n_pre) > 0:
         T = max(n_pre)
-        mask = dense_mask("block_causal", seq_len=T, block_size=B, device=device)
+        mask = dense_mask("causal" if causal_clean else "block_causal", seq_len=T, block_size=B, device=device)
         if len(set(n_pre)) > 1:
             key_ok = torch.arange(T, device=device)[None, :] < torch.tensor(n_pre, device=device)[:, None]
             mask = (mask & key_ok[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
-        model(canvas[:, :T], positions=torch.arange(T, device=device)[None].expand(N, T), mask=mask, cache=cache)
+        pre = model(canvas[:, :T], positions=torch.arange(T, device=device)[None].expand(N, T), mask=mask, cache=cache)
+        if carry is not None:
+            for r in range(N):
+                if n_pre[r] > 0:
+                    carry[r] = pre[r, n_pre[r] - 1].float()
         cache.commit(n_pre)
 
     rule, quota = cfg.rule, cfg.quota
@@ -302,9 +322,14 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
         rows = torch.tensor(active, device=device)
         idx = lo_t[rows][:, None] + ar_B  # [a, B] absolute positions of the current blocks
         x = canvas[rows].gather(1, idx)  # [a, B]
-        logits = model(x, positions=idx, mask=cache.attn_mask(B), cache=cache)  # [a, B, V]
+        wrt = torch.tensor([writing[r] for r in active], device=device)  # rows writing their clean K/V
+        mask = cache.attn_mask(B, causal_rows=wrt if causal_clean else None)
+        logits = model(x, positions=idx, mask=mask, cache=cache)  # [a, B, V]
         for r in active:
             forwards[r] += 1
+        if carry is not None:  # slot j from logit j - 1, slot 0 from the clean prefix's last logit
+            last = logits[:, -1].float()
+            logits = torch.cat([carry[rows].to(logits.dtype)[:, None], logits[:, :-1]], 1)
         logits[..., mask_id] = float("-inf")  # never write the mask token itself
         if cfg.repeat_penalty:
             repeat_penalty_(logits, x, cfg.repeat_penalty)
@@ -325,8 +350,9 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
             m2t, t2t = factor_rule(conf, masked, cfg.factor), None
         else:
             m2t, t2t = joint_rule(conf, masked, tok != x, editable, tau, cfg.tau_edit, quota)
-        # Rows writing their final block's clean K/V need no mask: their block has no [MASK] left, so no rule
-        # unmasks anything there, and only unmask-only rules ever write that way (t2t is None for them).
+        m2t = m2t & ~wrt[:, None]  # a cache-writing forward never writes tokens
+        if t2t is not None:
+            t2t = t2t & ~wrt[:, None]
         has_mask = masked.any(-1).tolist()
         if t2t is not None:
             # post-edit budget: a full block gets at most max_post_steps edit-only passes [code]
@@ -351,6 +377,8 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
             if writing[r]:  # this forward wrote the final block's clean K/V
                 commit_n[i] = B
                 writing[r] = False
+                if carry is not None:
+                    carry[r] = last[i]
                 block[r] += 1
                 lo_t[r] = block[r] * B
                 steps[r] = post[r] = 0
@@ -380,8 +408,10 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
                 steps_per_block[r].append(steps[r])
                 if block_done(r):
                     leaving.add(r)
-                elif cfg.edits:  # clean K/V already written by this forward
+                elif cfg.edits and not causal_clean:  # clean K/V already written by this forward
                     commit_n[i] = B
+                    if carry is not None:
+                        carry[r] = last[i]
                     block[r] += 1
                     lo_t[r] = block[r] * B
                     steps[r] = post[r] = 0

@@ -11,6 +11,9 @@ One prompt at a time (rows of a batch are decoded one after the other).
   LLaDA2.1 joint threshold: each step, M2T as above with tau_mask (fallback 1) and T2T on generated, unmasked
     positions whose argmax differs with p > tau_edit; once the block is full, at most max_post_steps edit-only
     passes; the block ends at a step that writes nothing or when that budget is spent.
+Label alignment (the checkpoint's, docs/alignment.md): "same" reads slot j from logit lo + j, "shift" from logit
+lo + j - 1 (slot 0 from the last position of the finished prefix). With a "causal" clean stream the finished
+prefix is encoded token-causally (the current block still sees itself bidirectionally).
 Temperature 0 only (argmax); the mask token is never chosen.
 """
 
@@ -22,7 +25,7 @@ import time
 import torch
 
 from ..model.masks import dense_mask
-from .engine import DecodeConfig, Generation
+from .engine import DecodeConfig, Generation, alignment
 
 
 def _pick(conf: list[float], cand: list[int], tau: float, quota: int) -> list[int]:
@@ -46,17 +49,28 @@ def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: 
     n_blocks = math.ceil((P + budget) / B)
     canvas = list(prompt) + [mask_id] * (n_blocks * B - P)
     forwards, steps_per_block, n_edits = 0, [], 0
+    shift, causal_clean = alignment(model)
     t0 = time.perf_counter()
     for b in range(P // B, n_blocks):
         lo, hi = b * B, (b + 1) * B
-        mask = dense_mask("block_causal", seq_len=hi, block_size=B, device=device)
+        if causal_clean:  # finished prefix token-causal, the current block bidirectional
+            k = torch.arange(hi, device=device)
+            inside = (k >= lo)[:, None] & (k >= lo)[None, :]
+            mask = (dense_mask("causal", seq_len=hi, device=device)[0, 0] | inside)[None, None]
+        else:
+            mask = dense_mask("block_causal", seq_len=hi, block_size=B, device=device)
         steps = post = 0
         while True:
             cand = [i for i in range(B) if canvas[lo + i] == mask_id]
             if cfg.rule == "threshold" and not cand:
                 break
             ids = torch.tensor([canvas[:hi]], device=device)
-            logits = model(ids, positions=torch.arange(hi, device=device)[None], mask=mask)[0, lo:hi]
+            full = model(ids, positions=torch.arange(hi, device=device)[None], mask=mask)[0]
+            if shift:  # slot j from logit j - 1 (slot 0 of the first block is a prompt token: never read)
+                first = full[lo - 1:lo] if lo > 0 else torch.zeros_like(full[:1])
+                logits = torch.cat([first, full[lo:hi - 1]])
+            else:
+                logits = full[lo:hi].clone()
             forwards += 1
             steps += 1
             logits[:, mask_id] = float("-inf")

@@ -32,12 +32,40 @@ _OWNED_KEYS = {
 }
 
 
+# Label alignment of a block-diffusion checkpoint (docs/alignment.md):
+#   "same":  logit i predicts token i (LLaDA2.0/2.1, dFactory `same_token_labels`); official folders are "same".
+#   "shift": logit i predicts token i + 1, as in the AR parent (Dream, Fast-dLLM v2): a block's first slot is read
+#            from the last logit of the finished previous block (an ordinary AR step).
+LABELS = ("same", "shift")
+# How finished (clean) blocks are encoded, in training's clean half and in the decoder's cache-writing forwards:
+#   "block_causal": a token sees its whole block (LLaDA2.0 eq. 3);
+#   "causal":       a token sees only itself and earlier tokens (NBDiff): the cached prefix is the AR parent's.
+CLEAN_STREAMS = ("block_causal", "causal")
+
+
 @dataclass
 class DiffusionInfo:
-    """Block-diffusion facts stored under the `blockdiff` key of config.json (absent for AR checkpoints)."""
+    """Block-diffusion facts stored under the `blockdiff` key of config.json (absent for AR checkpoints).
+    Every consumer (objectives, decoders, evaluation) reads `labels` and `clean_stream` from here."""
 
     mask_token_id: int  # id of [MASK] in the vocabulary
     block_size: int  # tokens per block the model was last trained with (decoding default)
+    labels: str = "same"  # label alignment, one of LABELS
+    clean_stream: str = "block_causal"  # encoding of finished blocks, one of CLEAN_STREAMS
+
+    def __post_init__(self) -> None:
+        if self.labels not in LABELS:
+            raise ValueError(f"blockdiff.labels must be one of {LABELS}, got {self.labels!r}")
+        if self.clean_stream not in CLEAN_STREAMS:
+            raise ValueError(f"blockdiff.clean_stream must be one of {CLEAN_STREAMS}, got {self.clean_stream!r}")
+
+    @property
+    def shift(self) -> bool:
+        return self.labels == "shift"
+
+    @property
+    def causal_clean(self) -> bool:
+        return self.clean_stream == "causal"
 
 
 def decoder_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +80,9 @@ def decoder_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         scaling = rope_params
     diffusion = None
     if isinstance(hf.get("blockdiff"), dict) and "mask_token_id" in hf["blockdiff"]:
-        diffusion = DiffusionInfo(int(hf["blockdiff"]["mask_token_id"]), int(hf["blockdiff"]["block_size"]))
+        bd = hf["blockdiff"]
+        diffusion = DiffusionInfo(int(bd["mask_token_id"]), int(bd["block_size"]), str(bd.get("labels", "same")),
+                                  str(bd.get("clean_stream", "block_causal")))
     return dict(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),

@@ -20,6 +20,9 @@ Conventions (shared by every builder in this file):
       noisy q, clean k: key block strictly earlier (offset block-causal);
       clean q, clean k: key block <= query block (block-causal; trains the KV the decoder caches);
       clean q, noisy k: never.
+  - ``"bd_train_causal"``: as ``"bd_train"`` but the clean half is token-causal (clean q, clean k: key index <=
+    query index), the NBDiff "context-causal" clean stream: the K/V of finished blocks are then exactly what the
+    AR parent computes, and every clean logit is a plain next-token prediction (the AR loss term reads them).
 
 Every mode is a FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx)``. The same function builds the
 dense ``[b, 1, Q, K]`` mask for SDPA (evaluated on broadcast index tensors) and the sparse
@@ -34,8 +37,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-MASK_MODES = ("causal", "full", "block_causal", "bd_train")
-_BLOCK_MODES = ("block_causal", "bd_train")
+MASK_MODES = ("causal", "full", "block_causal", "bd_train", "bd_train_causal")
+_BLOCK_MODES = ("block_causal", "bd_train", "bd_train_causal")
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -145,7 +148,8 @@ def mask_mod(
         def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return with_doc(b, q_idx, kv_idx, block(b, kv_idx) <= block(b, q_idx))
 
-    else:  # bd_train, LLaDA2.0 eq. 3
+    else:  # bd_train (LLaDA2.0 eq. 3) and bd_train_causal (its clean half token-causal)
+        causal_clean = mode == "bd_train_causal"
 
         def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             q_noisy = q_idx < L
@@ -154,14 +158,15 @@ def mask_mod(
             bk = block(b, kv_idx)
             noisy_noisy = q_noisy & k_noisy & (bk == bq)
             noisy_clean = q_noisy & ~k_noisy & (bk < bq)
-            clean_clean = ~q_noisy & ~k_noisy & (bk <= bq)
+            clean_ok = (kv_idx <= q_idx) if causal_clean else (bk <= bq)
+            clean_clean = ~q_noisy & ~k_noisy & clean_ok
             return with_doc(b, q_idx, kv_idx, noisy_noisy | noisy_clean | clean_clean)
 
     return mod
 
 
 def _qk_len(mode: str, seq_len: int) -> int:
-    return 2 * seq_len if mode == "bd_train" else seq_len
+    return 2 * seq_len if mode.startswith("bd_train") else seq_len
 
 
 def _batch_of(batch: int, doc_ids: Tensor | None, positions: Tensor | None) -> int | None:

@@ -7,6 +7,13 @@ Sources:
   0..L-1, only the noisy half's logits enter the loss, logit i predicts token i -- no shift).
 - Weighting: the paper writes 1/t (ELBO); the open trainer averages over masked tokens (`token_mean`). Both
   are offered; the ELBO is what evaluation reports.
+- Label alignment (docs/alignment.md): `shift=True` trains logit i-1 to predict token i, as the AR parent does
+  (Dream, Fast-dLLM v2): inside a block the prediction of token i comes from the noisy logit at i-1; a block's
+  first token comes from the clean stream's logit at the last position of the previous block (an AR step, which
+  is how the decoder reads it); a document's first token is not predicted. With B = 1 this is exactly the
+  parent's next-token loss. `clean_causal=True` encodes the clean half token-causally (NBDiff), and `ar_weight`
+  adds the AR next-token loss on the clean stream beside the diffusion loss (Nemotron-Labs-Diffusion): read from
+  the same forward when the clean half is causal, else from one extra causal forward.
 Departures: when B >= L the clean half is dropped (MDLM with full attention inside each document), as LLaDA2
 does in its stable phase. Complementary masking (SFT, LLaDA2.0) is optional here for CPT too.
 SFT is this same loss with `loss_mask` = the response tokens (prompt tokens never noised, never scored).
@@ -23,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model.masks import dense_mask, flex_block_mask
+from ..model.masks import dense_mask, flex_block_mask, positions_from_doc_ids
 from .noise import T_PER, edit_corruption, mask_positions, sample_t
 
 WEIGHTINGS = ("elbo", "token_mean")
@@ -45,6 +52,12 @@ class DiffusionLossConfig:
     t2t_keep_weight: float = 1.0  # weight of the keep term (CE at intact visible tokens of edit rows; 0 = off)
     t2t_vocab: int = 0  # replacement tokens are drawn from ids [0, t2t_vocab) (required when t2t_ratio > 0)
     t2t_exclude: tuple[int, ...] = ()  # ids never drawn (special tokens: EOS, pad, [MASK], chat markers)
+    # Alignment and AR-preserving aids (docs/alignment.md); the defaults are LLaDA2's.
+    shift: bool = False  # labels "shift": logit i-1 predicts token i (else "same": logit i predicts token i)
+    clean_causal: bool = False  # clean half of [x_t ; x0] token-causal (else block-causal)
+    ar_weight: float = 0.0  # weight of the AR next-token loss on the clean stream (nats per token; 0 = off)
+    mask_slope: float = 0.0  # position-dependent masking: t scaled by 1 + slope * (2u - 1), u in [0, 1] the
+    #                          position inside the block, so later slots are masked more often (0 = uniform)
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -59,6 +72,10 @@ class DiffusionLossConfig:
             raise ValueError(f"t2t_ratio and t2t_max_rate must be in [0, 1], got {self.t2t_ratio}, {self.t2t_max_rate}")
         if self.t2t_ratio > 0 and self.t2t_vocab <= len(set(self.t2t_exclude)):
             raise ValueError(f"t2t_ratio > 0 needs t2t_vocab (replacement vocabulary size), got {self.t2t_vocab}")
+        if self.ar_weight < 0:
+            raise ValueError(f"ar_weight must be >= 0, got {self.ar_weight}")
+        if not 0.0 <= self.mask_slope <= 1.0:
+            raise ValueError(f"mask_slope must be in [0, 1], got {self.mask_slope}")
 
 
 def build_mask(mode: str, *, seq_len: int, device, block_size=None, doc_ids=None, positions=None, batch=1):
@@ -80,6 +97,8 @@ def noised_inputs(batch: dict[str, Tensor], cfg: DiffusionLossConfig, generator:
         eligible = torch.ones_like(x0, dtype=torch.bool)
     t = sample_t(b, L, t_lo=cfg.t_lo, t_hi=cfg.t_hi, per=cfg.t_per, block_size=cfg.block_size,
                  positions=positions, generator=generator, device=x0.device)
+    if cfg.mask_slope > 0:
+        t = slope_t(t, _positions(x0, doc_ids, positions), min(cfg.block_size, L), cfg.mask_slope)
     masked = mask_positions(t, eligible, generator)
     if cfg.complementary:
         # The inverse mask supervises every eligible token once per pair; its ratio is 1 - t.
@@ -93,33 +112,66 @@ def noised_inputs(batch: dict[str, Tensor], cfg: DiffusionLossConfig, generator:
     return x0, x_t, masked, t, eligible, doc_ids, positions
 
 
+def _positions(x0: Tensor, doc_ids: Tensor | None, positions: Tensor | None) -> Tensor:
+    if positions is not None:
+        return positions
+    if doc_ids is not None:
+        return positions_from_doc_ids(doc_ids)
+    b, L = x0.shape
+    return torch.arange(L, device=x0.device).expand(b, L)
+
+
+def slope_t(t: Tensor, positions: Tensor, block_size: int, slope: float) -> Tensor:
+    """Position-dependent masking (Efficient-DLM's idea, our linear form): the mask ratio of the slot at offset u in
+    [0, 1] inside its block is t * (1 + slope * (2u - 1)), clamped to [1e-3, 1]; the block's mean ratio stays ~t.
+    Later slots, which the decoder fills last and from the least context, are masked more often in training."""
+    if block_size <= 1:
+        return t
+    u = (positions % block_size).to(t.dtype) / (block_size - 1)
+    return (t * (1.0 + slope * (2.0 * u - 1.0))).clamp(1e-3, 1.0)
+
+
 @dataclass
 class BDLMTerms:
     """What one noised forward produced; shared by the BDLM loss, CAP and the ELBO of DPO."""
-    logits: Tensor  # [b, L, V] noisy-half logits (logit i predicts token i)
+    logits: Tensor  # [b, L, V] aligned noisy-half logits: logits[:, i] predicts token i (whatever the alignment)
     x0: Tensor  # [b, L] labels
-    masked: Tensor  # [b, L] bool, M2T positions ([MASK] in x_t)
+    masked: Tensor  # [b, L] bool, M2T positions ([MASK] in x_t) that have a prediction
     corrupted: Tensor  # [b, L] bool, T2T positions (a wrong token in x_t), all False without the editing stream
     edit_region: Tensor  # [b, L] bool, visible eligible tokens of rows carrying the editing stream
     t: Tensor  # [b, L] mask ratio per token
     eligible: Tensor  # [b, L] bool, tokens that may be noised
     ce: Tensor  # [b, L] float32 cross-entropy of x0 under logits
+    ar_loss: Tensor | None = None  # scalar AR next-token loss on the clean stream (when cfg.ar_weight > 0)
+    ar_acc: float = 0.0
 
 
-def bdlm_logits(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=None, positions=None,
-                noise_at: Tensor | None = None, embed_noise_std: float = 0.0, generator=None) -> Tensor:
-    """Logits [b, L, V] of the noisy half of [x_t ; x0] under the block-diffusion training mask (x_t alone with
-    full attention inside each document when B >= L). One forward gives every block's conditional."""
+@dataclass
+class BDLMForward:
+    logits: Tensor  # [b, L, V] aligned: logits[:, i] predicts token i
+    scorable: Tensor  # [b, L] bool: token i has a prediction (False at a document's first token when shifted)
+    clean_logits: Tensor | None = None  # [b, L, V] clean-stream logits (shift or causal clean stream), raw
+    mask_mode: str = ""  # attention mode used
+
+
+def bdlm_forward(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=None, positions=None,
+                 noise_at: Tensor | None = None, embed_noise_std: float = 0.0, generator=None, shift: bool = False,
+                 clean_causal: bool = False, need_clean: bool = False) -> BDLMForward:
+    """One forward of [x_t ; x0] under the block-diffusion training mask (x_t alone with full attention inside
+    each document when B >= L); one forward gives every block's conditional. Returns logits aligned so that
+    logits[:, i] predicts token i under either label alignment (see the module docstring)."""
     b, L = x0.shape
     device = x0.device
-    if positions is None:
-        positions = torch.arange(L, device=device).expand(b, L)
-    if block_size >= L:
+    positions = _positions(x0, doc_ids, positions)
+    two_halves = block_size < L
+    if not two_halves:
         inputs, pos = x_t, positions
         mask = build_mask("full", seq_len=L, device=device, doc_ids=doc_ids, positions=positions, batch=b)
+        mode = "full"
     else:
         inputs, pos = torch.cat([x_t, x0], 1), torch.cat([positions, positions], 1)  # [b, 2L]
-        mask = build_mask("bd_train", seq_len=L, device=device, block_size=block_size,
+        mode = "bd_train_causal" if clean_causal else "bd_train"
+        mask = build_mask(mode, seq_len=L, device=device, block_size=block_size,
                           doc_ids=doc_ids, positions=positions, batch=b)
     h = model.embed(inputs)  # [b, T, d]
     if embed_noise_std > 0 and noise_at is not None:
@@ -127,12 +179,43 @@ def bdlm_logits(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=None
         at[:, :L] = noise_at
         noise = torch.randn(h.shape, generator=generator).to(device=device, dtype=h.dtype)
         h = h + noise * embed_noise_std * at[..., None]
-    return model(inputs_embeds=h, positions=pos, mask=mask, logits_slice=slice(0, L))  # [b, L, V]
+    want_clean = two_halves and (shift or need_clean)
+    out = model(inputs_embeds=h, positions=pos, mask=mask, logits_slice=None if want_clean else slice(0, L))
+    noisy, clean = (out[:, :L], out[:, L:]) if want_clean else (out, None)
+    if not shift:
+        return BDLMForward(noisy, torch.ones_like(x0, dtype=torch.bool), clean, mode)
+    # shift: token i from logit i-1 -- the noisy one inside a block, the clean one at a block's first slot
+    aligned = torch.zeros_like(noisy)
+    aligned[:, 1:] = noisy[:, :-1]
+    if clean is not None:
+        first = (positions % block_size == 0)[:, 1:, None]
+        aligned[:, 1:] = torch.where(first, clean[:, :-1], aligned[:, 1:])
+    return BDLMForward(aligned, positions > 0, clean, mode)
+
+
+def bdlm_logits(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=None, positions=None,
+                noise_at: Tensor | None = None, embed_noise_std: float = 0.0, generator=None) -> Tensor:
+    """Logits [b, L, V] of the noisy half of [x_t ; x0] (same-position labels): `bdlm_forward` without alignment."""
+    return bdlm_forward(model, x_t, x0, block_size=block_size, doc_ids=doc_ids, positions=positions,
+                        noise_at=noise_at, embed_noise_std=embed_noise_std, generator=generator).logits
 
 
 def token_ce(logits: Tensor, x0: Tensor) -> Tensor:
     b, L = x0.shape
     return F.cross_entropy(logits.float().reshape(b * L, -1), x0.reshape(-1), reduction="none").view(b, L)
+
+
+def next_token_ce(logits: Tensor, x0: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, Tensor, float]:
+    """AR loss from logits [b, L, V] of a causal stream over x0: (mean CE, per-token CE [b, L-1], accuracy)."""
+    b, L = x0.shape
+    target = x0[:, 1:]
+    valid = torch.ones_like(target, dtype=torch.bool) if doc_ids is None else doc_ids[:, 1:] == doc_ids[:, :-1]
+    lg = logits[:, :-1]
+    ce = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), target.reshape(-1), reduction="none").view(b, L - 1)
+    loss = (ce * valid).sum() / valid.sum().clamp_min(1)
+    with torch.no_grad():
+        acc = float(((lg.argmax(-1) == target) & valid).sum() / valid.sum().clamp_min(1))
+    return loss, ce, acc
 
 
 def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *, generator=None,
@@ -143,9 +226,21 @@ def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *
     if cfg.t2t_ratio > 0:
         x_t, corrupted, region = edit_corruption(x0, x_t, masked, eligible, ratio=cfg.t2t_ratio, rate_max=cfg.t2t_max_rate,
                                          vocab_size=cfg.t2t_vocab, exclude=cfg.t2t_exclude, generator=generator)
-    logits = bdlm_logits(model, x_t, x0, block_size=cfg.block_size, doc_ids=doc_ids, positions=positions,
-                         noise_at=masked, embed_noise_std=embed_noise_std, generator=generator)
-    return BDLMTerms(logits, x0, masked, corrupted, region, t, eligible, token_ce(logits, x0))
+    L = x0.shape[1]
+    ar_in_forward = cfg.ar_weight > 0 and cfg.clean_causal and cfg.block_size < L
+    fw = bdlm_forward(model, x_t, x0, block_size=cfg.block_size, doc_ids=doc_ids, positions=positions,
+                      noise_at=masked, embed_noise_std=embed_noise_std, generator=generator, shift=cfg.shift,
+                      clean_causal=cfg.clean_causal, need_clean=ar_in_forward)
+    sc = fw.scorable  # shifted labels: a document's first token has no prediction, so it is neither scored nor counted
+    terms = BDLMTerms(fw.logits, x0, masked & sc, corrupted & sc, region & sc, t, eligible & sc,
+                      token_ce(fw.logits, x0))
+    if cfg.ar_weight > 0:
+        if ar_in_forward:
+            terms.ar_loss, _, terms.ar_acc = next_token_ce(fw.clean_logits, x0, doc_ids)
+        else:  # block-causal clean half (or none): one extra causal forward over the clean batch
+            terms.ar_loss, m = ar_loss(model, batch)
+            terms.ar_acc = m["next_token_acc"]
+    return terms
 
 
 def bdlm_loss_from_terms(terms: BDLMTerms, cfg: DiffusionLossConfig) -> tuple[Tensor, dict[str, float]]:
@@ -177,6 +272,9 @@ def bdlm_loss_from_terms(terms: BDLMTerms, cfg: DiffusionLossConfig) -> tuple[Te
         with torch.no_grad():
             metrics.update(t2t_nll=float(t2t), t2t_keep_nll=float(keep), t2t_frac=float(n_c / eligible.sum().clamp_min(1)),
                            t2t_acc=float(((pred == terms.x0) & terms.corrupted).sum() / n_c.clamp_min(1)))
+    if terms.ar_loss is not None:
+        loss = loss + cfg.ar_weight * terms.ar_loss
+        metrics.update(ar_nll=float(terms.ar_loss.detach()), ar_acc=terms.ar_acc)
     metrics = {"loss": float(loss.detach()), **metrics}
     return loss, metrics
 
@@ -200,11 +298,12 @@ def diffusion_loss(
 
 
 def sequence_elbo(model, x0: Tensor, x_t: Tensor, masked: Tensor, t: Tensor, *, block_size: int, doc_ids=None,
-                  positions=None) -> Tensor:
+                  positions=None, shift: bool = False, clean_causal: bool = False) -> Tensor:
     """One-sample ELBO estimate per row, [b]: -sum over masked i of CE_i / t_i (a lower bound on log p(x0 | the
     unnoised tokens) in expectation over t and the mask). Used by DPO as the likelihood surrogate."""
-    logits = bdlm_logits(model, x_t, x0, block_size=block_size, doc_ids=doc_ids, positions=positions)
-    return -(token_ce(logits, x0) * masked / t.clamp_min(1e-3)).sum(-1)
+    fw = bdlm_forward(model, x_t, x0, block_size=block_size, doc_ids=doc_ids, positions=positions, shift=shift,
+                      clean_causal=clean_causal)
+    return -(token_ce(fw.logits, x0) * (masked & fw.scorable) / t.clamp_min(1e-3)).sum(-1)
 
 
 def ar_loss(model, batch: dict[str, Tensor], cfg=None, **_) -> tuple[Tensor, dict[str, float]]:
@@ -214,24 +313,19 @@ def ar_loss(model, batch: dict[str, Tensor], cfg=None, **_) -> tuple[Tensor, dic
     b, L = x.shape
     doc_ids, positions = batch.get("doc_ids"), batch.get("positions")
     mask = build_mask("causal", seq_len=L, device=x.device, doc_ids=doc_ids, positions=positions, batch=b)
-    logits = model(x, positions=positions, mask=mask)[:, :-1]  # [b, L-1, V]
-    target = x[:, 1:]
-    valid = torch.ones_like(target, dtype=torch.bool) if doc_ids is None else doc_ids[:, 1:] == doc_ids[:, :-1]
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-    ce = ce.view(b, L - 1)
-    loss = (ce * valid).sum() / valid.sum().clamp_min(1)
-    with torch.no_grad():
-        acc = ((logits.argmax(-1) == target) & valid).sum() / valid.sum().clamp_min(1)
-    return loss, {"loss": float(loss.detach()), "next_token_acc": float(acc)}
+    loss, _, acc = next_token_ce(model(x, positions=positions, mask=mask), x, doc_ids)
+    return loss, {"loss": float(loss.detach()), "next_token_acc": acc}
 
 
 @torch.no_grad()
-def elbo_nll(model, batches, *, mask_token_id: int, block_size: int, eps: float = 1e-3, seed: int = 1234) -> float:
+def elbo_nll(model, batches, *, mask_token_id: int, block_size: int, eps: float = 1e-3, seed: int = 1234,
+             shift: bool = False, clean_causal: bool = False) -> float:
     """Per-token negative ELBO (nats) over held-out batches with t ~ U[eps, 1] and a fixed noise seed, so
     successive evaluations differ only by the model. exp() of it is the ELBO perplexity (an upper bound on
     the true perplexity)."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = DiffusionLossConfig(mask_token_id=mask_token_id, block_size=block_size, weighting="elbo", t_lo=eps, t_hi=1.0)
+    cfg = DiffusionLossConfig(mask_token_id=mask_token_id, block_size=block_size, weighting="elbo", t_lo=eps, t_hi=1.0,
+                              shift=shift, clean_causal=clean_causal)
     total, count = 0.0, 0
     for batch in batches:
         loss, _ = diffusion_loss(model, batch, cfg, generator=gen)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .diffusion import bdlm_logits, token_ce
+from .diffusion import bdlm_forward, token_ce
 
 
 @dataclass
@@ -45,6 +45,8 @@ class EBPOConfig:
     t_hi: float = 1.0
     eps_low: float = 0.2  # rho clipped below at 1 - eps_low
     eps_high: float = 0.28  # rho clipped above at 1 + eps_high
+    shift: bool = False  # the checkpoint's label alignment is "shift" (DiffusionInfo.labels)
+    clean_causal: bool = False  # the checkpoint's clean stream is token-causal (DiffusionInfo.clean_stream)
 
     def __post_init__(self) -> None:
         if self.n_timesteps < 1:
@@ -81,8 +83,9 @@ def elbo_logp(model, batch: dict[str, Tensor], cfg: EBPOConfig) -> Tensor:
     total = torch.zeros(x0.shape[0], device=x0.device)
     for n in range(t.shape[0]):
         x_t = torch.where(masked[n], torch.full_like(x0, cfg.mask_token_id), x0)
-        logits = bdlm_logits(model, x_t, x0, block_size=cfg.block_size, positions=batch.get("positions"))
-        logp = -(token_ce(logits, x0) * masked[n]).sum(-1)
+        fw = bdlm_forward(model, x_t, x0, block_size=cfg.block_size, positions=batch.get("positions"),
+                          shift=cfg.shift, clean_causal=cfg.clean_causal)
+        logp = -(token_ce(fw.logits, x0) * (masked[n] & fw.scorable)).sum(-1)
         total = total + logp / (t.shape[0] * t[n])
     return total / n_resp
 

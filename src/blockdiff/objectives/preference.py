@@ -34,6 +34,8 @@ class DPOConfig:
     samples: int = 1  # Monte Carlo (t, x_t) draws per pair, averaged (each shared by policy / reference / both answers)
     eos_id: int | None = None  # with `answer_only`: the EOS id that ends an answer
     answer_only: bool = False  # ELBO over the answer up to its first EOS only (not the EOS padding after it)
+    shift: bool = False  # the checkpoint's label alignment is "shift" (DiffusionInfo.labels)
+    clean_causal: bool = False  # the checkpoint's clean stream is token-causal (DiffusionInfo.clean_stream)
 
 
 def pair_noise(batch: dict[str, Tensor], cfg: DPOConfig, generator=None):
@@ -72,7 +74,8 @@ def dpo_loss(model, batch: dict[str, Tensor], cfg: DPOConfig, *, ref_model, gene
         # Ours, after LLaDA 1.5's VRPO: averaging K shared-noise ELBO draws cuts the variance of the margin, which
         # at K = 1 is several nats next to beta-scaled rewards of ~0.1-1 (dev/LOG.md).
         x0, x_t, masked, t, pos, docs = pair_noise(batch, cfg, generator)
-        kw = dict(block_size=cfg.block_size, positions=pos, doc_ids=docs)
+        kw = dict(block_size=cfg.block_size, positions=pos, doc_ids=docs, shift=cfg.shift,
+                  clean_causal=cfg.clean_causal)
         elbo = elbo + sequence_elbo(model, x0, x_t, masked, t, **kw) / cfg.samples  # [2n]
         with torch.no_grad():
             elbo_ref = elbo_ref + sequence_elbo(ref_model, x0, x_t, masked, t, **kw) / cfg.samples
@@ -107,7 +110,7 @@ def elbo_preference_accuracy(model, batches, cfg: DPOConfig, *, samples: int = 4
         for _ in range(samples):
             x0, x_t, masked, t, pos, docs = pair_noise(batch, cfg, gen)
             total += sequence_elbo(model, x0, x_t, masked, t, block_size=cfg.block_size, positions=pos,
-                                   doc_ids=docs).cpu()
+                                   doc_ids=docs, shift=cfg.shift, clean_causal=cfg.clean_causal).cpu()
         m = (total[:n] - total[n:]) / samples
         margins.append(m)
         wins.append(m > 0)

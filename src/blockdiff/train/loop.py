@@ -80,13 +80,29 @@ def prepare_model(recipe: Recipe, device: torch.device) -> tuple[Transformer, To
         block = recipe.phases[-1].block_size
         if model.cfg.family == "bailing_moe_v2":
             as_llada2_moe(model.cfg)
-        model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id, block_size=block)
+        model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id, block_size=block,
+                                            **checkpoint_alignment(recipe, model.cfg.diffusion))
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(
             f"{recipe.model.path}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
             f"{model.cfg.vocab_size}"
         )
     return model, tok
+
+
+def checkpoint_alignment(recipe: Recipe, info: DiffusionInfo | None) -> dict[str, str]:
+    """labels / clean_stream of the trained checkpoint: the recipe's choice for an AR parent (LLaDA2's
+    "same" / "block_causal" when unset); a block-diffusion starting checkpoint keeps its own, and a recipe that
+    asks for another is refused (its logits would be read with the wrong alignment)."""
+    o = recipe.objective
+    if info is None:
+        return {"labels": o.labels or "same", "clean_stream": o.clean_stream or "block_causal"}
+    for field_name, want, have in (("labels", o.labels, info.labels), ("clean_stream", o.clean_stream, info.clean_stream)):
+        if want and want != have:
+            raise ValueError(f"{recipe.source}: [objective] {field_name} = {want!r}, but the starting checkpoint "
+                             f"{recipe.model.path} was trained with {field_name} = {have!r} (its config.json "
+                             f"blockdiff section); remove the field to keep the checkpoint's")
+    return {"labels": info.labels, "clean_stream": info.clean_stream}
 
 
 def load_data(recipe: Recipe, tok: Tokenizer, run_dir: Path) -> tuple[PackedDataset, PackedDataset | None]:
@@ -121,7 +137,9 @@ def evaluate(model, recipe: Recipe, batches: list[dict], block_size: int, mask_i
         if recipe.objective.kind == "ar":
             nll = ar_nll(model, batches)
         else:
-            nll = elbo_nll(model, batches, mask_token_id=mask_id, block_size=block_size)
+            info = model.cfg.diffusion
+            nll = elbo_nll(model, batches, mask_token_id=mask_id, block_size=block_size, shift=info.shift,
+                           clean_causal=info.causal_clean)
     model.train(was_training)
     return nll
 
@@ -222,7 +240,7 @@ def train(
         lr = schedule.lr_at(step)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        objective = make_objective(recipe, phase.block_size, mask_id, tok, ref_model)
+        objective = make_objective(recipe, phase.block_size, mask_id, tok, ref_model, model.cfg.diffusion)
         std = annealed_std(noise_std0, step, noise_steps)
         micro: list[dict] = []
         for _ in range(t.grad_accum):

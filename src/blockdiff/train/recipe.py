@@ -85,6 +85,13 @@ class ObjectiveSection:
     dpo_sft_weight: float = 0.0  # dpo: weight of an NLL term on the chosen answer (per token; 0 = plain DPO)
     dpo_samples: int = 1  # dpo: Monte Carlo ELBO draws per pair, averaged (variance reduction; K x the compute)
     dpo_answer_only: bool = False  # dpo: ELBO over the answer up to its first EOS, not the EOS padding after it
+    # Label alignment and AR-preserving aids (docs/alignment.md). `labels` / `clean_stream` become properties of
+    # the checkpoint (config.json `blockdiff`); "" = keep the starting checkpoint's (an AR parent: "same" /
+    # "block_causal", LLaDA2's convention). Post-training a converted checkpoint always uses its own.
+    labels: str = ""  # "same" (logit i predicts token i, LLaDA2) or "shift" (logit i predicts token i + 1, as AR)
+    clean_stream: str = ""  # "block_causal" (LLaDA2) or "causal" (finished blocks encoded as the AR parent does)
+    ar_weight: float = 0.0  # weight of the AR next-token loss on the clean stream beside the diffusion loss (0 = off)
+    mask_slope: float = 0.0  # position-dependent masking in [0, 1]: later slots of a block masked more (0 = off)
 
 
 @dataclass
@@ -268,6 +275,13 @@ def validate(r: Recipe) -> None:
     need(0.0 <= o.embed_noise_frac <= 1.0, f"[objective] embed_noise_frac must be in [0, 1], got {o.embed_noise_frac}")
     need(0.0 <= o.t2t_ratio <= 1.0 and 0.0 <= o.t2t_max_rate <= 1.0,
          f"[objective] t2t_ratio and t2t_max_rate must be in [0, 1], got {o.t2t_ratio}, {o.t2t_max_rate}")
+    need(o.labels in ("", "same", "shift"), f"[objective] labels must be same or shift, got {o.labels!r}")
+    need(o.clean_stream in ("", "block_causal", "causal"),
+         f"[objective] clean_stream must be block_causal or causal, got {o.clean_stream!r}")
+    need(o.ar_weight >= 0, f"[objective] ar_weight must be >= 0, got {o.ar_weight}")
+    need(0.0 <= o.mask_slope <= 1.0, f"[objective] mask_slope must be in [0, 1], got {o.mask_slope}")
+    need(o.ar_weight == 0 and o.mask_slope == 0 or o.kind in ("diffusion", "sft"),
+         "[objective] ar_weight and mask_slope apply to kind diffusion or sft")
     need(o.dpo_sft_weight >= 0, f"[objective] dpo_sft_weight must be >= 0, got {o.dpo_sft_weight}")
     need(o.dpo_samples >= 1, f"[objective] dpo_samples must be >= 1, got {o.dpo_samples}")
     need(o.t2t_weight >= 0 and o.t2t_keep_weight >= 0 and o.cap_lambda >= 0 and o.beta > 0,

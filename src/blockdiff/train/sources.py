@@ -22,31 +22,41 @@ def special_ids(tok) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def ebpo_config(recipe: Recipe, mask_id: int, block_size: int) -> EBPOConfig:
+def _alignment(info) -> dict:
+    """The checkpoint's label alignment as objective-config fields (LLaDA2's defaults without diffusion info)."""
+    if info is None:
+        return {"shift": False, "clean_causal": False}
+    return {"shift": info.shift, "clean_causal": info.causal_clean}
+
+
+def ebpo_config(recipe: Recipe, mask_id: int, block_size: int, info=None) -> EBPOConfig:
     q = recipe.rl
     return EBPOConfig(mask_token_id=mask_id, block_size=block_size, n_timesteps=q.n_timesteps, t_lo=q.t_lo,
-                      t_hi=q.t_hi, eps_low=q.eps_low, eps_high=q.eps_high)
+                      t_hi=q.t_hi, eps_low=q.eps_low, eps_high=q.eps_high, **_alignment(info))
 
 
-def make_objective(recipe: Recipe, block_size: int, mask_id: int | None, tok, ref_model=None):
-    """The recipe's objective at this phase's block size, as f(model, batch, generator, embed_noise_std)."""
+def make_objective(recipe: Recipe, block_size: int, mask_id: int | None, tok, ref_model=None, info=None):
+    """The recipe's objective at this phase's block size, as f(model, batch, generator, embed_noise_std).
+    `info` is the model's DiffusionInfo: its label alignment and clean stream reach every objective."""
     o = recipe.objective
+    align = _alignment(info)
     if o.kind == "ar":
         return lambda model, batch, gen, std: ar_loss(model, batch)
     if o.kind == "dpo":
         cfg = DPOConfig(mask_token_id=mask_id, block_size=block_size, beta=o.beta, t_lo=o.t_lo, t_hi=o.t_hi,
                         sft_weight=o.dpo_sft_weight, samples=o.dpo_samples, eos_id=tok.eos_id,
-                        answer_only=o.dpo_answer_only)
+                        answer_only=o.dpo_answer_only, **align)
         return lambda model, batch, gen, std: dpo_loss(model, batch, cfg, ref_model=ref_model, generator=gen)
     if o.kind == "rl":
-        cfg = ebpo_config(recipe, mask_id, block_size)
+        cfg = ebpo_config(recipe, mask_id, block_size, info)
         return lambda model, batch, gen, std: ebpo_loss(model, batch, cfg)
     dcfg = DiffusionLossConfig(mask_token_id=mask_id, block_size=block_size, weighting=o.weighting, t_lo=o.t_lo,
                                t_hi=o.t_hi, t_per=o.t_per, complementary=o.complementary, t2t_ratio=o.t2t_ratio,
                                t2t_max_rate=o.t2t_max_rate, t2t_weight=o.t2t_weight,
                                t2t_keep_weight=o.t2t_keep_weight,
                                t2t_vocab=tok.vocab_size if o.t2t_ratio > 0 else 0,
-                               t2t_exclude=special_ids(tok) if o.t2t_ratio > 0 else ())
+                               t2t_exclude=special_ids(tok) if o.t2t_ratio > 0 else (), ar_weight=o.ar_weight,
+                               mask_slope=o.mask_slope, **align)
     if o.cap:
         cfg = CAPConfig(dcfg, lam=o.cap_lambda)
         return lambda model, batch, gen, std: cap_loss(model, batch, cfg, generator=gen, embed_noise_std=std)
@@ -89,5 +99,6 @@ def post_training_sources(recipe: Recipe, tok, model, device) -> tuple[object, l
         rcfg = RolloutConfig(prompts_per_step=q.prompts_per_step, group_size=q.group_size, temperature=q.temperature,
                              threshold=q.threshold, steps=q.steps, max_new_tokens=q.max_new_tokens, reward=q.reward,
                              minibatches=q.minibatches)
-        return RolloutSource(prompts, tok, model, rcfg, ebpo_config(recipe, tok.mask_id, B), seed=t.seed), []
+        return RolloutSource(prompts, tok, model, rcfg, ebpo_config(recipe, tok.mask_id, B, model.cfg.diffusion),
+                             seed=t.seed), []
     raise ValueError(f"no post-training source for objective kind {kind!r}")

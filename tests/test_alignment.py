@@ -1,0 +1,233 @@
+"""Label alignment as a checkpoint property (same-position / shifted labels, block-causal / causal clean stream)
+and the AR-preserving aids: equivalences with the AR objective, no label leak, and every consumer (objectives,
+engine with every rule, reference decoder, batching) reading the checkpoint's alignment."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from blockdiff.decode.engine import MODES, DecodeConfig, generate
+from blockdiff.decode.reference import reference_generate
+from blockdiff.model.hf_io import load_pretrained
+from blockdiff.model.transformer import resize_vocab
+from blockdiff.objectives.diffusion import (DiffusionLossConfig, ar_loss, bdlm_forward, diffusion_loss, diffusion_terms,
+                                            noised_inputs, sequence_elbo)
+from test_decode import Spy, bd, make_prompt, tiebroken  # noqa: F401  (bd is a fixture)
+from test_engine import LENGTHS, neighbour_bias
+
+ALIGNMENTS = [("same", "block_causal"), ("shift", "block_causal"), ("shift", "causal"), ("same", "causal")]
+
+
+@pytest.fixture(scope="module")
+def parent(tiny_ar_dir):
+    """(model with a [MASK] row added, mask id): the tiny AR model as conversion starts from it."""
+    model = load_pretrained(tiny_ar_dir).eval()
+    mask_id = model.cfg.vocab_size
+    resize_vocab(model, mask_id + 1)
+    return model, mask_id
+
+
+def packed_batch(vocab: int, b: int = 3, L: int = 16, seed: int = 0) -> dict:
+    """Rows of two or three packed documents (doc ids and positions as packing writes them)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, L), generator=g)
+    cuts = [[0] * 7 + [1] * 9, [0] * 16, [0] * 5 + [1] * 3 + [2] * 8][:b]
+    doc_ids = torch.tensor(cuts)
+    from blockdiff.model.masks import positions_from_doc_ids
+    return {"input_ids": ids, "doc_ids": doc_ids, "positions": positions_from_doc_ids(doc_ids)}
+
+
+@pytest.mark.parametrize("clean_causal", [False, True])
+@pytest.mark.parametrize("weighting", ["elbo", "token_mean"])
+def test_shifted_b1_loss_equals_parent_ar_loss(parent, clean_causal, weighting):
+    """With shifted labels and B = 1 every token is an AR step from the clean stream: at step 0 (the parent's own
+    weights) the block-diffusion loss is exactly the parent's next-token loss (all tokens masked, t = 1)."""
+    model, mask_id = parent
+    batch = packed_batch(mask_id)
+    cfg = DiffusionLossConfig(mask_token_id=mask_id, block_size=1, weighting=weighting, t_lo=1.0, t_hi=1.0,
+                              shift=True, clean_causal=clean_causal)
+    with torch.no_grad():
+        bd_loss, m = diffusion_loss(model, batch, cfg, generator=torch.Generator().manual_seed(0))
+        want, _ = ar_loss(model, batch)
+    assert m["mask_frac"] == 1.0  # of the scorable tokens: a document's first token has no prediction
+    torch.testing.assert_close(bd_loss, want, rtol=1e-5, atol=1e-5)
+
+
+def test_same_position_b1_is_not_the_ar_loss():
+    """On the bundled trained parent: shifted labels at B = 1 start at the parent's next-token loss, while LLaDA2's
+    same-position convention asks the model for the token it cannot see (why same-position conversion must
+    relearn the head)."""
+    from pathlib import Path
+
+    from blockdiff.data.tasks import generate_examples
+    from blockdiff.data.tokenizer import load_tokenizer
+    folder = Path(__file__).resolve().parents[1] / "assets" / "tiny-ar"
+    model = load_pretrained(folder).eval()
+    tok = load_tokenizer(folder).with_mask_token()
+    resize_vocab(model, tok.mask_id + 1)
+    rows = [tok.encode(e.text)[:12] for e in generate_examples("heldout", 8, seed=0)]
+    rows = [r + [tok.eos_id] * (12 - len(r)) for r in rows]
+    batch = {"input_ids": torch.tensor(rows)}
+    kw = dict(mask_token_id=tok.mask_id, block_size=1, t_lo=1.0, t_hi=1.0)
+    with torch.no_grad():
+        same, _ = diffusion_loss(model, batch, DiffusionLossConfig(**kw), generator=torch.Generator().manual_seed(0))
+        shifted, _ = diffusion_loss(model, batch, DiffusionLossConfig(**kw, shift=True),
+                                    generator=torch.Generator().manual_seed(0))
+        want, _ = ar_loss(model, batch)
+    torch.testing.assert_close(shifted, want, rtol=1e-5, atol=1e-5)
+    assert float(want) < 2.0 and float(same) > float(want) + 2.0
+
+
+@pytest.mark.parametrize("labels,clean", ALIGNMENTS)
+@pytest.mark.parametrize("B", [1, 4, 16])
+def test_no_label_leak(parent, labels, clean, B):
+    """The logit that predicts token j never depends on token j itself (masked in x_t, clean in x0), nor on any
+    later token of its own block or a later block, under every alignment and block size."""
+    model, mask_id = parent
+    batch = packed_batch(mask_id, b=1, L=16, seed=3)
+    batch = {k: v[:1] for k, v in batch.items()}
+    x0 = batch["input_ids"]
+    pos = batch["positions"]
+    kw = dict(block_size=B, doc_ids=batch["doc_ids"], positions=pos, shift=labels == "shift",
+              clean_causal=clean == "causal")
+    for j in (5, 9, 12):
+        x_t = x0.clone()
+        x_t[:, j:] = mask_id  # j and everything after it masked
+        x0b = x0.clone()
+        x0b[:, j:] = (x0b[:, j:] + 17) % mask_id  # change the answer and everything after it
+        with torch.no_grad():
+            a = bdlm_forward(model, x_t, x0, **kw).logits[:, j]
+            b = bdlm_forward(model, x_t, x0b, **kw).logits[:, j]
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_ar_term_from_the_causal_clean_stream_equals_a_separate_ar_forward(parent):
+    """ar_weight with a causal clean stream reads the AR loss from the same forward; it must equal the separate
+    causal forward used with a block-causal clean stream (and the plain AR objective)."""
+    model, mask_id = parent
+    batch = packed_batch(mask_id)
+    base = dict(mask_token_id=mask_id, block_size=4, shift=True, ar_weight=0.5)
+    with torch.no_grad():
+        t_causal = diffusion_terms(model, batch, DiffusionLossConfig(**base, clean_causal=True),
+                                   generator=torch.Generator().manual_seed(0))
+        t_block = diffusion_terms(model, batch, DiffusionLossConfig(**base, clean_causal=False),
+                                  generator=torch.Generator().manual_seed(0))
+        want, _ = ar_loss(model, batch)
+    torch.testing.assert_close(t_causal.ar_loss, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t_block.ar_loss, want, rtol=1e-5, atol=1e-5)
+    cfg = DiffusionLossConfig(**base, clean_causal=True)
+    with torch.no_grad():
+        loss, m = diffusion_loss(model, batch, cfg, generator=torch.Generator().manual_seed(0))
+        plain, _ = diffusion_loss(model, batch, dataclasses.replace(cfg, ar_weight=0.0),
+                                  generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, plain + 0.5 * want, rtol=1e-5, atol=1e-5)
+    assert m["ar_nll"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_sequence_elbo_reads_the_alignment(parent):
+    """The ELBO used by DPO (and EBPO's log-ratio) at B = 1, t = 1, shifted: minus the AR negative log-likelihood
+    of the row (first token of each document excluded)."""
+    model, mask_id = parent
+    batch = packed_batch(mask_id, b=2)
+    x0 = batch["input_ids"]
+    masked = torch.ones_like(x0, dtype=torch.bool)
+    t = torch.ones(x0.shape)
+    x_t = torch.full_like(x0, mask_id)
+    with torch.no_grad():
+        elbo = sequence_elbo(model, x0, x_t, masked, t, block_size=1, doc_ids=batch["doc_ids"],
+                             positions=batch["positions"], shift=True)
+        per_row = [ar_loss(model, {k: v[i:i + 1] for k, v in batch.items()}) for i in range(2)]
+    valid = (batch["doc_ids"][:, 1:] == batch["doc_ids"][:, :-1]).sum(-1)
+    want = torch.stack([-l * n for (l, _), n in zip(per_row, valid)])
+    torch.testing.assert_close(elbo, want, rtol=1e-5, atol=1e-4)
+
+
+def test_mask_slope_masks_later_slots_more():
+    cfg = DiffusionLossConfig(mask_token_id=99, block_size=8, mask_slope=0.8, t_lo=0.2, t_hi=0.8)
+    batch = {"input_ids": torch.ones(4000, 16, dtype=torch.long)}
+    _, _, masked, t, *_ = noised_inputs(batch, cfg, torch.Generator().manual_seed(0))
+    per_slot = masked.float().mean(0).view(2, 8).mean(0)  # mask frequency by offset inside the block
+    assert per_slot[0] < 0.35 < 0.65 < per_slot[-1]
+    assert torch.all(per_slot[1:] >= per_slot[:-1] - 0.02)
+    assert abs(float(masked.float().mean()) - 0.5) < 0.03  # the mean ratio is unchanged
+    with pytest.raises(ValueError, match="mask_slope"):
+        DiffusionLossConfig(mask_token_id=99, block_size=8, mask_slope=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoding: every rule reads the checkpoint's alignment
+
+
+def with_alignment(model, labels: str, clean: str):
+    """The same weights seen as a checkpoint with another alignment (its own config copy)."""
+    m = copy.copy(model)
+    m.cfg = copy.deepcopy(model.cfg)
+    m.cfg.diffusion = dataclasses.replace(m.cfg.diffusion, labels=labels, clean_stream=clean)
+    return m
+
+
+@pytest.mark.parametrize("labels,clean", ALIGNMENTS)
+@pytest.mark.parametrize("mode", ["threshold", "S", "Q"])
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_engine_equals_reference_in_every_alignment(bd, labels, clean, mode, block_size):
+    model, mask_id, eos_id = bd
+    model = with_alignment(Spy(tiebroken(model), neighbour_bias(block_size)), labels, clean)
+    cfg = DecodeConfig(mode=mode, block_size=block_size, steps=block_size, max_new_tokens=19)
+    n_edits = 0
+    for n in LENGTHS + [block_size, 2 * block_size]:  # prompts that end on a block boundary: slot 0 from the carry
+        for eos_ids in ([], [eos_id]):
+            prompt = make_prompt(n, seed=n, high=mask_id)
+            ref = reference_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=eos_ids)
+            gen = generate(model, [prompt], cfg, mask_id=mask_id, eos_ids=eos_ids)[0]
+            assert gen.tokens == ref.tokens, (n, eos_ids)
+            assert gen.n_generated == ref.n_generated and gen.stop_reason == ref.stop_reason
+            assert gen.edits == ref.edits
+            writes = len(ref.steps_per_block) - 1  # cache-writing forwards of the blocks before the last
+            if cfg.edits and clean == "block_causal":
+                assert gen.forwards == ref.forwards and gen.steps_per_block == ref.steps_per_block
+            elif cfg.edits:  # a causal clean stream costs one cache-writing forward per finished block
+                assert gen.forwards == ref.forwards + writes and gen.steps_per_block == ref.steps_per_block
+            else:
+                assert gen.steps_per_block[:-1] == ref.steps_per_block[:-1]
+                assert gen.forwards <= ref.forwards + writes
+            n_edits += gen.edits
+    if mode == "S":
+        assert n_edits > 0
+
+
+@pytest.mark.parametrize("labels,clean", ALIGNMENTS[1:3])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_batch_rows_equal_rows_alone_in_shifted_alignments(bd, labels, clean, mode):
+    model, mask_id, eos_id = bd
+    model = with_alignment(tiebroken(model), labels, clean)
+    cfg = DecodeConfig(mode=mode, block_size=4, steps=4, max_new_tokens=13)
+    prompts = [make_prompt(n, seed=10 + n, high=mask_id) for n in LENGTHS + [4, 8]]
+    batch = generate(model, prompts, cfg, mask_id=mask_id, eos_ids=[eos_id])
+    for p, g in zip(prompts, batch):
+        alone = generate(model, [p], cfg, mask_id=mask_id, eos_ids=[eos_id])[0]
+        assert g.tokens == alone.tokens and g.n_generated == alone.n_generated
+        assert g.steps_per_block == alone.steps_per_block and g.forwards == alone.forwards
+        assert g.edits == alone.edits and g.stop_reason == alone.stop_reason
+
+
+def test_shifted_decoding_of_the_parent_at_b1_is_greedy_ar(parent, tiny_ar_dir):
+    """A parent read as a shifted, causal-clean checkpoint and decoded with B = 1 is its own greedy AR decoder:
+    every block's only slot is an AR step from the carry."""
+    from blockdiff.data.tokenizer import load_tokenizer
+    from blockdiff.decode.engine import ar_generate
+    from blockdiff.model.config import DiffusionInfo
+    model, mask_id = parent
+    m = copy.copy(model)
+    m.cfg = copy.deepcopy(model.cfg)
+    m.cfg.diffusion = DiffusionInfo(mask_token_id=mask_id, block_size=1, labels="shift", clean_stream="causal")
+    tok = load_tokenizer(tiny_ar_dir)
+    cfg = DecodeConfig(block_size=1, steps=1, max_new_tokens=12, threshold=0.0)
+    for text in ("add 12+34=", "reverse abc=", "def f("):
+        ids = tok.encode(text)
+        got = generate(m, [ids], cfg, mask_id=mask_id, eos_ids=tok.eos_ids)[0]
+        want = ar_generate(model, ids, max_new_tokens=12, eos_ids=tok.eos_ids)
+        assert got.tokens == want.tokens
