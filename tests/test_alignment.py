@@ -84,16 +84,18 @@ def test_same_position_b1_is_not_the_ar_loss():
 
 @pytest.mark.parametrize("labels,clean", ALIGNMENTS)
 @pytest.mark.parametrize("B", [1, 4, 16])
-def test_no_label_leak(parent, labels, clean, B):
+@pytest.mark.parametrize("offset", [0, 3])
+def test_no_label_leak(parent, labels, clean, B, offset):
     """The logit that predicts token j never depends on token j itself (masked in x_t, clean in x0), nor on any
-    later token of its own block or a later block, under every alignment and block size."""
+    later token of its own block or a later block, under every alignment, block size and block offset (a causal
+    clean stream trains with block boundaries at a random offset per row)."""
     model, mask_id = parent
     batch = packed_batch(mask_id, b=1, L=16, seed=3)
     batch = {k: v[:1] for k, v in batch.items()}
     x0 = batch["input_ids"]
     pos = batch["positions"]
     kw = dict(block_size=B, doc_ids=batch["doc_ids"], positions=pos, shift=labels == "shift",
-              clean_causal=clean == "causal")
+              clean_causal=clean == "causal", block_positions=pos + offset)
     for j in (5, 9, 12):
         x_t = x0.clone()
         x_t[:, j:] = mask_id  # j and everything after it masked
@@ -146,6 +148,17 @@ def test_sequence_elbo_reads_the_alignment(parent):
     torch.testing.assert_close(elbo, want, rtol=1e-5, atol=1e-4)
 
 
+def test_causal_clean_stream_trains_random_block_offsets():
+    """A causal-clean checkpoint is decoded with its first block right after the prompt, so training draws the block
+    boundaries at a random offset in [0, B) per row; the LLaDA2 layout keeps them at multiples of B."""
+    batch = {"input_ids": torch.ones(64, 32, dtype=torch.long)}
+    for clean_causal, want in ((False, {0}), (True, set(range(8)))):
+        cfg = DiffusionLossConfig(mask_token_id=99, block_size=8, shift=True, clean_causal=clean_causal)
+        *_, positions, bpos = noised_inputs(batch, cfg, torch.Generator().manual_seed(0))
+        off = bpos - torch.arange(32)
+        assert set(off[:, 0].tolist()) == want and bool((off == off[:, :1]).all())
+
+
 def test_mask_slope_masks_later_slots_more():
     cfg = DiffusionLossConfig(mask_token_id=99, block_size=8, mask_slope=0.8, t_lo=0.2, t_hi=0.8)
     batch = {"input_ids": torch.ones(4000, 16, dtype=torch.long)}
@@ -174,11 +187,12 @@ def with_alignment(model, labels: str, clean: str):
 @pytest.mark.parametrize("mode", ["threshold", "S", "Q"])
 @pytest.mark.parametrize("block_size", [4, 8])
 def test_engine_equals_reference_in_every_alignment(bd, labels, clean, mode, block_size):
-    model, mask_id, eos_id = bd
-    model = with_alignment(Spy(tiebroken(model), neighbour_bias(block_size)), labels, clean)
+    inner, mask_id, eos_id = bd
     cfg = DecodeConfig(mode=mode, block_size=block_size, steps=block_size, max_new_tokens=19)
     n_edits = 0
     for n in LENGTHS + [block_size, 2 * block_size]:  # prompts that end on a block boundary: slot 0 from the carry
+        base = n % block_size if clean == "causal" else 0  # causal clean stream: blocks start after the prompt
+        model = with_alignment(Spy(tiebroken(inner), neighbour_bias(block_size, base=base)), labels, clean)
         for eos_ids in ([], [eos_id]):
             prompt = make_prompt(n, seed=n, high=mask_id)
             ref = reference_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=eos_ids)

@@ -45,16 +45,16 @@ def disagree(logits, positions, ids):
     return logits
 
 
-def neighbour_bias(block_size: int, strength: float = 30.0):
+def neighbour_bias(block_size: int, strength: float = 30.0, base: int = 0):
     """Context-dependent logits: each position leans toward a token that depends on its left neighbour inside the
-    same block (once that neighbour is unmasked). Unmasking a slot then changes its right neighbour's argmax, so
+    same block (once that neighbour is unmasked; blocks start at `base` + k B). Unmasking a slot then changes its right neighbour's argmax, so
     T2T edits happen and then settle, the same in a block window (engine) and a whole-prefix window (reference)."""
 
     def edit(logits, positions, ids):
         mask_id = logits.shape[-1] - 1
         logits = logits.clone()
         left = torch.cat([torch.full_like(ids[:, :1], mask_id), ids[:, :-1]], dim=1)
-        ok = (positions % block_size != 0) & (left != mask_id)
+        ok = ((positions - base) % block_size != 0) & (left != mask_id)  # blocks start at base + k * block_size
         target = (left * 7 + 3) % mask_id
         logits.scatter_add_(-1, target[..., None], (ok.float() * strength)[..., None])
         return logits

@@ -167,7 +167,7 @@ def test_loss_per_sample_t_matches_noised_inputs():
     # t ~ U[0.2, 0.9] per row: the loss uses the same draws as noised_inputs with the same seed
     cfg = DiffusionLossConfig(mask_token_id=MASK, block_size=4, t_lo=0.2, t_hi=0.9)
     batch = {"input_ids": X0}
-    _, x_t, masked, t, eligible, _, _ = noised_inputs(batch, cfg, gen(9))
+    _, x_t, masked, t, eligible, _, _, _ = noised_inputs(batch, cfg, gen(9))
     assert t[0, 0] != t[1, 0] and 0.2 <= float(t.min()) and float(t.max()) <= 0.9
     fake = FakeModel(FIXED_LOGITS)
     loss, _ = diffusion_loss(fake, batch, cfg, generator=gen(9))
@@ -242,7 +242,7 @@ def test_block_L_is_mdlm_on_x_t_alone(block_size):
 # ------------------------------------------------------------------------------------------ noising
 def test_only_loss_mask_positions_are_masked():
     cfg = DiffusionLossConfig(mask_token_id=MASK, block_size=4, t_lo=0.5, t_hi=1.0)
-    _, x_t, masked, _, eligible, _, _ = noised_inputs({"input_ids": X0, "loss_mask": LOSS_MASK}, cfg, gen(2))
+    _, x_t, masked, _, eligible, _, _, _ = noised_inputs({"input_ids": X0, "loss_mask": LOSS_MASK}, cfg, gen(2))
     assert torch.equal(eligible, LOSS_MASK)
     assert not (masked & ~LOSS_MASK).any() and masked.any()
     assert torch.equal(x_t == MASK, masked)
@@ -254,7 +254,7 @@ def test_complementary_masks_are_disjoint_and_cover_eligible(t_per):
     cfg = DiffusionLossConfig(mask_token_id=MASK, block_size=4, t_lo=0.2, t_hi=0.8, t_per=t_per, complementary=True)
     pos = positions_of(DOC_IDS)
     batch = {"input_ids": X0, "loss_mask": LOSS_MASK, "doc_ids": DOC_IDS, "positions": pos}
-    x0, x_t, masked, t, eligible, doc_ids, positions = noised_inputs(batch, cfg, gen(4))
+    x0, x_t, masked, t, eligible, doc_ids, positions, _ = noised_inputs(batch, cfg, gen(4))
     b = X0.shape[0]
     assert x0.shape == x_t.shape == masked.shape == t.shape == (2 * b, L)
     assert torch.equal(x0, torch.cat([X0, X0])) and torch.equal(eligible, torch.cat([LOSS_MASK, LOSS_MASK]))
@@ -299,7 +299,7 @@ def test_per_block_t_follows_document_blocks():
                 assert torch.equal(blk, blk[:1].expand_as(blk))
     # and through the loss config: t from noised_inputs is constant inside each block
     cfg = DiffusionLossConfig(mask_token_id=MASK, block_size=4, t_lo=0.1, t_hi=0.9, t_per="block")
-    _, _, _, t2, _, _, _ = noised_inputs({"input_ids": X0}, cfg, gen(2))
+    _, _, _, t2, _, _, _, _ = noised_inputs({"input_ids": X0}, cfg, gen(2))
     v = t2.view(2, L // 4, 4)
     assert torch.equal(v, v[..., :1].expand_as(v)) and v[0, 0, 0] != v[0, 1, 0]
 

@@ -3,7 +3,8 @@ block-diffusion models (SYSTEM.md 6.1-6.4), and greedy AR decoding of the parent
 Used by the CLI, the benchmark, the evaluation and RL rollouts.
 
 Block decoding, per row r (prompts of different lengths share a batch; each row keeps its own blocks):
-  canvas_r = prompt_r + max_new_tokens slots, rounded up to a multiple of B; blocks start at position 0.
+  canvas_r = prompt_r + max_new_tokens slots, rounded up to whole blocks; blocks start at position 0 (with a causal
+  clean stream: the first block starts right after the prompt, see "Label alignment" below).
   prefill: every complete block before the one holding the prompt's end, block-causal mask, into the cache.
   then, block by block: the block's prompt tokens are fixed, the rest start as [MASK]; each step forwards only
   the block's B tokens against the row's cached prefix (bidirectional inside the block), picks a token and a
@@ -242,8 +243,12 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
     dtype = next(model.parameters()).dtype
     N, B, budget = len(prompts), cfg.block_size, cfg.max_new_tokens
     P = [len(p) for p in prompts]
-    n_blocks = [math.ceil((p + budget) / B) for p in P]
-    L = max(n_blocks) * B
+    shift, causal_clean = alignment(model)
+    # Block layout: blocks start at position 0 (LLaDA2), except with a causal clean stream, where any prefix can be
+    # encoded exactly as the parent does: the whole prompt is prefilled and the first block starts right after it.
+    base = [p % B if causal_clean else 0 for p in P]  # row r's blocks are [base_r + kB, base_r + (k+1)B)
+    n_blocks = [math.ceil((p + budget - o) / B) for p, o in zip(P, base)]
+    L = max(o + n * B for o, n in zip(base, n_blocks))
     max_pos = getattr(model.cfg, "max_position_embeddings", None)
     if max_pos and L > max_pos:
         warnings.warn(f"decoding canvas of {L} positions (longest prompt {max(P)} + {budget} new tokens, rounded up "
@@ -254,14 +259,13 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
         canvas[r, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
     P_t = torch.tensor(P, device=device)
     cache = KVCache(model.cfg, N, L, device=device, dtype=dtype)
-    shift, causal_clean = alignment(model)
     # shift: per row, the logit that predicts its current block's first slot (last position of the clean prefix)
     carry = torch.zeros(N, model.cfg.vocab_size, device=device) if shift else None
     t0 = time.perf_counter()
 
     # prefill the complete prompt blocks of every row (right-padded to the longest; padding sees only itself)
     first = [p // B for p in P]
-    n_pre = [f * B for f in first]
+    n_pre = [o + f * B for o, f in zip(base, first)]
     if max(n_pre) > 0:
         T = max(n_pre)
         mask = dense_mask("causal" if causal_clean else "block_causal", seq_len=T, block_size=B, device=device)
@@ -308,7 +312,7 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
 
     def block_done(r: int) -> bool:
         """After row r's current block is final: does the row stop here?"""
-        hi = (block[r] + 1) * B
+        hi = base[r] + (block[r] + 1) * B
         gen = canvas[r, P[r]:hi].tolist()
         if _first_stop(gen, eos) is not None or hi - P[r] >= budget or block[r] == n_blocks[r] - 1:
             return True
@@ -373,14 +377,14 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
         leaving: set[int] = set()
         still_masked = (new_x == mask_id).any(-1).tolist()
         for i, r in enumerate(active):
-            lo = block[r] * B
+            lo = base[r] + block[r] * B
             if writing[r]:  # this forward wrote the final block's clean K/V
                 commit_n[i] = B
                 writing[r] = False
                 if carry is not None:
                     carry[r] = last[i]
                 block[r] += 1
-                lo_t[r] = block[r] * B
+                lo_t[r] = base[r] + block[r] * B
                 steps[r] = post[r] = 0
                 if credit is not None:
                     credit[r].zero_()
@@ -413,7 +417,7 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
                     if carry is not None:
                         carry[r] = last[i]
                     block[r] += 1
-                    lo_t[r] = block[r] * B
+                    lo_t[r] = base[r] + block[r] * B
                     steps[r] = post[r] = 0
                 else:
                     writing[r] = True  # next forward writes the clean K/V
@@ -429,9 +433,10 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
             finish(r)
         if want_events:
             for i, r in enumerate(active):
-                gen_now = canvas[r, P[r]:min((block[r] + 1) * B, P[r] + budget)].tolist()
-                n_final = len(gen_now) if r in leaving else max(0, min(block[r] * B - P[r], budget))
-                yield StepUpdate(r, forwards[r], int(idx[i, 0]) // B, per_row.get(i, []), gen_now, n_final,
+                gen_now = canvas[r, P[r]:min(base[r] + (block[r] + 1) * B, P[r] + budget)].tolist()
+                n_final = len(gen_now) if r in leaving else max(0, min(base[r] + block[r] * B - P[r], budget))
+                yield StepUpdate(r, forwards[r], (int(idx[i, 0]) - base[r]) // B, per_row.get(i, []), gen_now,
+                                 n_final,
                                  r in leaving)
         if leaving:
             keep = [i for i, r in enumerate(active) if r not in leaving]

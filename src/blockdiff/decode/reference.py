@@ -13,7 +13,8 @@ One prompt at a time (rows of a batch are decoded one after the other).
     passes; the block ends at a step that writes nothing or when that budget is spent.
 Label alignment (the checkpoint's, docs/alignment.md): "same" reads slot j from logit lo + j, "shift" from logit
 lo + j - 1 (slot 0 from the last position of the finished prefix). With a "causal" clean stream the finished
-prefix is encoded token-causally (the current block still sees itself bidirectionally).
+prefix is encoded token-causally (the current block still sees itself bidirectionally) and blocks start right
+after the prompt.
 Temperature 0 only (argmax); the mask token is never chosen.
 """
 
@@ -46,13 +47,14 @@ def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: 
     device = next(model.parameters()).device
     eos = set() if cfg.ignore_eos else set(eos_ids)
     B, P, budget = cfg.block_size, len(prompt), cfg.max_new_tokens
-    n_blocks = math.ceil((P + budget) / B)
-    canvas = list(prompt) + [mask_id] * (n_blocks * B - P)
-    forwards, steps_per_block, n_edits = 0, [], 0
     shift, causal_clean = alignment(model)
+    base = P % B if causal_clean else 0  # causal clean stream: the first block starts right after the prompt
+    n_blocks = math.ceil((P + budget - base) / B)
+    canvas = list(prompt) + [mask_id] * (base + n_blocks * B - P)
+    forwards, steps_per_block, n_edits = 0, [], 0
     t0 = time.perf_counter()
     for b in range(P // B, n_blocks):
-        lo, hi = b * B, (b + 1) * B
+        lo, hi = base + b * B, base + (b + 1) * B
         if causal_clean:  # finished prefix token-causal, the current block bidirectional
             k = torch.arange(hi, device=device)
             inside = (k >= lo)[:, None] & (k >= lo)[None, :]

@@ -1,13 +1,17 @@
-"""Held-out accuracy of a decoder on the synthetic tasks, with speed numbers measured in the same pass.
+"""Held-out accuracy of a decoder on the synthetic tasks, with speed numbers measured in the same pass: the one
+evaluation path of the conversion report, `bench/convert.py` and `bench/decode.py`.
 
-Accuracy: exact match of the continuation (cut at EOS) with the task's answer. Speed: generated tokens
-(up to and including EOS) per forward (TPF) and per second (TPS), prompts decoded one at a time (batch 1).
+Accuracy: exact match of the continuation (cut at EOS) with the task's answer, with a 95% interval (Wilson).
+Speed: generated tokens (up to and including EOS) per forward (TPF, overall and per task) and per second (TPS),
+prompts decoded one at a time (batch 1).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ..data.tasks import TaskExample, is_correct
 
@@ -21,6 +25,8 @@ def evaluate_tasks(
     if not examples:
         raise ValueError("no examples to evaluate")
     hits: dict[str, list[bool]] = defaultdict(list)
+    task_tok: dict[str, int] = defaultdict(int)
+    task_fw: dict[str, int] = defaultdict(int)
     n_tokens = forwards = 0
     seconds = 0.0
     samples = []
@@ -31,6 +37,8 @@ def evaluate_tasks(
         hits[ex.task].append(ok)
         n_tokens += g.n_generated
         forwards += g.forwards
+        task_tok[ex.task] += g.n_generated
+        task_fw[ex.task] += g.forwards
         seconds += g.seconds
         if len(samples) < 8:
             samples.append({"prompt": ex.prompt, "answer": ex.answer, "output": text, "correct": ok})
@@ -38,7 +46,9 @@ def evaluate_tasks(
     return {
         "n": len(flat),
         "accuracy": sum(flat) / len(flat),
+        "ci95": list(wilson_interval(sum(flat), len(flat))),
         "per_task": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
+        "tpf_per_task": {k: task_tok[k] / max(task_fw[k], 1) for k in sorted(hits)},
         "tpf": n_tokens / max(forwards, 1),
         "tps": n_tokens / max(seconds, 1e-9),
         "generated_tokens": n_tokens,
@@ -46,3 +56,46 @@ def evaluate_tasks(
         "seconds": seconds,
         "samples": samples,
     }
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (well-behaved near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+BLOCK_MODES = ("threshold", "S", "Q")
+
+
+def evaluate_checkpoint(folder: str | Path, examples: Sequence, *, modes: Sequence[str] = BLOCK_MODES,
+                        max_new_tokens: int = 32, steps: int = 32, threshold: float | None = None,
+                        block_size: int | None = None, model=None, tok=None) -> dict[str, dict]:
+    """Task accuracy of a checkpoint decoded with its own kind: {"AR": result} for an AR checkpoint (greedy, KV
+    cache), {mode: result} for a block-diffusion one (each mode through the batched engine at batch 1, the block
+    size from the checkpoint unless given). Each result carries a "decoding" description."""
+    from ..data.tokenizer import load_tokenizer
+    from ..decode.engine import DecodeConfig, ar_generate, block_generate
+    from ..model.hf_io import load_pretrained
+
+    tok = tok if tok is not None else load_tokenizer(folder)
+    model = (model if model is not None else load_pretrained(folder)).eval()
+    info = model.cfg.diffusion
+    if info is None:
+        res = evaluate_tasks(examples, tok, lambda ids: ar_generate(model, ids, max_new_tokens=max_new_tokens,
+                                                                    eos_ids=tok.eos_ids))
+        return {"AR": res | {"decoding": "greedy AR, KV cache"}}
+    B = block_size or info.block_size
+    out = {}
+    for mode in modes:
+        cfg = DecodeConfig(mode=mode, block_size=B, steps=steps, max_new_tokens=max_new_tokens,
+                           threshold=threshold if mode == "threshold" else None)
+        res = evaluate_tasks(examples, tok, lambda ids: block_generate(model, ids, cfg, mask_id=info.mask_token_id,
+                                                                       eos_ids=tok.eos_ids))
+        desc = (f"threshold {cfg.tau_mask}" if mode == "threshold" else
+                f"{mode} (M2T {cfg.tau_mask}, T2T {cfg.tau_edit})")
+        out[mode] = res | {"decoding": f"{desc}, B={B}, steps={steps}, labels {info.labels}, block KV cache"}
+    return out

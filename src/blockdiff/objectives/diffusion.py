@@ -58,6 +58,9 @@ class DiffusionLossConfig:
     ar_weight: float = 0.0  # weight of the AR next-token loss on the clean stream (nats per token; 0 = off)
     mask_slope: float = 0.0  # position-dependent masking: t scaled by 1 + slope * (2u - 1), u in [0, 1] the
     #                          position inside the block, so later slots are masked more often (0 = uniform)
+    mask_suffix: float = 0.0  # fraction of blocks masked as a suffix: a cut drawn uniformly inside the block, slots
+    #                           before it kept clean, slots from it on masked at rate t (the decoder's usual state:
+    #                           a clean prompt or committed prefix, masks after it); 0 = off
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -76,6 +79,8 @@ class DiffusionLossConfig:
             raise ValueError(f"ar_weight must be >= 0, got {self.ar_weight}")
         if not 0.0 <= self.mask_slope <= 1.0:
             raise ValueError(f"mask_slope must be in [0, 1], got {self.mask_slope}")
+        if not 0.0 <= self.mask_suffix <= 1.0:
+            raise ValueError(f"mask_suffix must be in [0, 1], got {self.mask_suffix}")
 
 
 def build_mask(mode: str, *, seq_len: int, device, block_size=None, doc_ids=None, positions=None, batch=1):
@@ -87,19 +92,27 @@ def build_mask(mode: str, *, seq_len: int, device, block_size=None, doc_ids=None
 
 
 def noised_inputs(batch: dict[str, Tensor], cfg: DiffusionLossConfig, generator: torch.Generator | None):
-    """Draw t and the mask; returns (x0, x_t, masked, t, eligible, doc_ids, positions), with the complementary copy
-    appended along the batch when enabled."""
+    """Draw t and the mask; returns (x0, x_t, masked, t, eligible, doc_ids, positions, block_positions), with the
+    complementary copy appended along the batch when enabled. `block_positions` place the block boundaries
+    (block = block_positions // B): the positions themselves, or with a causal clean stream the positions plus a
+    random offset in [0, B) per row, because the decoder of such a checkpoint starts its first block right after
+    the prompt, wherever that falls (docs/alignment.md)."""
     x0 = batch["input_ids"]
     b, L = x0.shape
     doc_ids, positions = batch.get("doc_ids"), batch.get("positions")
     eligible = batch.get("loss_mask")
     if eligible is None:
         eligible = torch.ones_like(x0, dtype=torch.bool)
+    bpos = _positions(x0, doc_ids, positions)
+    if cfg.clean_causal and cfg.block_size < L:
+        bpos = bpos + torch.randint(0, cfg.block_size, (b, 1), generator=generator).to(x0.device)
     t = sample_t(b, L, t_lo=cfg.t_lo, t_hi=cfg.t_hi, per=cfg.t_per, block_size=cfg.block_size,
-                 positions=positions, generator=generator, device=x0.device)
+                 positions=bpos, generator=generator, device=x0.device)
     if cfg.mask_slope > 0:
-        t = slope_t(t, _positions(x0, doc_ids, positions), min(cfg.block_size, L), cfg.mask_slope)
+        t = slope_t(t, bpos, min(cfg.block_size, L), cfg.mask_slope)
     masked = mask_positions(t, eligible, generator)
+    if cfg.mask_suffix > 0:
+        masked = masked & ~clean_prefix(bpos, min(cfg.block_size, L), cfg.mask_suffix, generator)
     if cfg.complementary:
         # The inverse mask supervises every eligible token once per pair; its ratio is 1 - t.
         x0 = torch.cat([x0, x0])
@@ -108,8 +121,9 @@ def noised_inputs(batch: dict[str, Tensor], cfg: DiffusionLossConfig, generator:
         eligible = torch.cat([eligible, eligible])
         doc_ids = None if doc_ids is None else torch.cat([doc_ids, doc_ids])
         positions = None if positions is None else torch.cat([positions, positions])
+        bpos = torch.cat([bpos, bpos])
     x_t = torch.where(masked, torch.full_like(x0, cfg.mask_token_id), x0)
-    return x0, x_t, masked, t, eligible, doc_ids, positions
+    return x0, x_t, masked, t, eligible, doc_ids, positions, bpos
 
 
 def _positions(x0: Tensor, doc_ids: Tensor | None, positions: Tensor | None) -> Tensor:
@@ -129,6 +143,18 @@ def slope_t(t: Tensor, positions: Tensor, block_size: int, slope: float) -> Tens
         return t
     u = (positions % block_size).to(t.dtype) / (block_size - 1)
     return (t * (1.0 + slope * (2.0 * u - 1.0))).clamp(1e-3, 1.0)
+
+
+def clean_prefix(positions: Tensor, block_size: int, frac: float, generator=None) -> Tensor:
+    """Bool [b, L]: the slots kept clean by suffix masking. A fraction `frac` of the (row, block) pairs draws a cut
+    uniformly in [0, B] and keeps the slots before it clean; other blocks keep nothing (uniform masking)."""
+    b, L = positions.shape
+    blocks = (positions // block_size).cpu()
+    n = int(blocks.max()) + 1
+    on = torch.rand(b, n, generator=generator) < frac
+    cut = torch.randint(0, block_size + 1, (b, n), generator=generator)
+    cut = torch.where(on, cut, torch.zeros_like(cut))
+    return ((positions.cpu() % block_size) < torch.gather(cut, 1, blocks.long())).to(positions.device)
 
 
 @dataclass
@@ -156,13 +182,15 @@ class BDLMForward:
 
 def bdlm_forward(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=None, positions=None,
                  noise_at: Tensor | None = None, embed_noise_std: float = 0.0, generator=None, shift: bool = False,
-                 clean_causal: bool = False, need_clean: bool = False) -> BDLMForward:
+                 clean_causal: bool = False, need_clean: bool = False, block_positions=None) -> BDLMForward:
     """One forward of [x_t ; x0] under the block-diffusion training mask (x_t alone with full attention inside
     each document when B >= L); one forward gives every block's conditional. Returns logits aligned so that
-    logits[:, i] predicts token i under either label alignment (see the module docstring)."""
+    logits[:, i] predicts token i under either label alignment (see the module docstring). `block_positions`
+    (default: the positions) place the block boundaries; RoPE always uses the positions."""
     b, L = x0.shape
     device = x0.device
     positions = _positions(x0, doc_ids, positions)
+    bpos = positions if block_positions is None else block_positions
     two_halves = block_size < L
     if not two_halves:
         inputs, pos = x_t, positions
@@ -172,7 +200,7 @@ def bdlm_forward(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=Non
         inputs, pos = torch.cat([x_t, x0], 1), torch.cat([positions, positions], 1)  # [b, 2L]
         mode = "bd_train_causal" if clean_causal else "bd_train"
         mask = build_mask(mode, seq_len=L, device=device, block_size=block_size,
-                          doc_ids=doc_ids, positions=positions, batch=b)
+                          doc_ids=doc_ids, positions=bpos, batch=b)
     h = model.embed(inputs)  # [b, T, d]
     if embed_noise_std > 0 and noise_at is not None:
         at = torch.zeros_like(inputs, dtype=torch.bool)
@@ -188,7 +216,7 @@ def bdlm_forward(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=Non
     aligned = torch.zeros_like(noisy)
     aligned[:, 1:] = noisy[:, :-1]
     if clean is not None:
-        first = (positions % block_size == 0)[:, 1:, None]
+        first = (bpos % block_size == 0)[:, 1:, None]
         aligned[:, 1:] = torch.where(first, clean[:, :-1], aligned[:, 1:])
     return BDLMForward(aligned, positions > 0, clean, mode)
 
@@ -221,7 +249,7 @@ def next_token_ce(logits: Tensor, x0: Tensor, doc_ids: Tensor | None) -> tuple[T
 def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *, generator=None,
                     embed_noise_std: float = 0.0) -> BDLMTerms:
     """Noise the batch (masks; the editing corruption when cfg.t2t_ratio > 0) and run one forward."""
-    x0, x_t, masked, t, eligible, doc_ids, positions = noised_inputs(batch, cfg, generator)
+    x0, x_t, masked, t, eligible, doc_ids, positions, bpos = noised_inputs(batch, cfg, generator)
     corrupted = region = torch.zeros_like(masked)
     if cfg.t2t_ratio > 0:
         x_t, corrupted, region = edit_corruption(x0, x_t, masked, eligible, ratio=cfg.t2t_ratio, rate_max=cfg.t2t_max_rate,
@@ -230,7 +258,7 @@ def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *
     ar_in_forward = cfg.ar_weight > 0 and cfg.clean_causal and cfg.block_size < L
     fw = bdlm_forward(model, x_t, x0, block_size=cfg.block_size, doc_ids=doc_ids, positions=positions,
                       noise_at=masked, embed_noise_std=embed_noise_std, generator=generator, shift=cfg.shift,
-                      clean_causal=cfg.clean_causal, need_clean=ar_in_forward)
+                      clean_causal=cfg.clean_causal, need_clean=ar_in_forward, block_positions=bpos)
     sc = fw.scorable  # shifted labels: a document's first token has no prediction, so it is neither scored nor counted
     terms = BDLMTerms(fw.logits, x0, masked & sc, corrupted & sc, region & sc, t, eligible & sc,
                       token_ce(fw.logits, x0))

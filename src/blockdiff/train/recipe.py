@@ -92,6 +92,7 @@ class ObjectiveSection:
     clean_stream: str = ""  # "block_causal" (LLaDA2) or "causal" (finished blocks encoded as the AR parent does)
     ar_weight: float = 0.0  # weight of the AR next-token loss on the clean stream beside the diffusion loss (0 = off)
     mask_slope: float = 0.0  # position-dependent masking in [0, 1]: later slots of a block masked more (0 = off)
+    mask_suffix: float = 0.0  # fraction of blocks masked as a suffix after a random cut, the prefix clean (0 = off)
 
 
 @dataclass
@@ -280,8 +281,9 @@ def validate(r: Recipe) -> None:
          f"[objective] clean_stream must be block_causal or causal, got {o.clean_stream!r}")
     need(o.ar_weight >= 0, f"[objective] ar_weight must be >= 0, got {o.ar_weight}")
     need(0.0 <= o.mask_slope <= 1.0, f"[objective] mask_slope must be in [0, 1], got {o.mask_slope}")
-    need(o.ar_weight == 0 and o.mask_slope == 0 or o.kind in ("diffusion", "sft"),
-         "[objective] ar_weight and mask_slope apply to kind diffusion or sft")
+    need(0.0 <= o.mask_suffix <= 1.0, f"[objective] mask_suffix must be in [0, 1], got {o.mask_suffix}")
+    need(o.ar_weight == 0 and o.mask_slope == 0 and o.mask_suffix == 0 or o.kind in ("diffusion", "sft"),
+         "[objective] ar_weight, mask_slope and mask_suffix apply to kind diffusion or sft")
     need(o.dpo_sft_weight >= 0, f"[objective] dpo_sft_weight must be >= 0, got {o.dpo_sft_weight}")
     need(o.dpo_samples >= 1, f"[objective] dpo_samples must be >= 1, got {o.dpo_samples}")
     need(o.t2t_weight >= 0 and o.t2t_keep_weight >= 0 and o.cap_lambda >= 0 and o.beta > 0,

@@ -56,7 +56,7 @@ def make_objective(recipe: Recipe, block_size: int, mask_id: int | None, tok, re
                                t2t_keep_weight=o.t2t_keep_weight,
                                t2t_vocab=tok.vocab_size if o.t2t_ratio > 0 else 0,
                                t2t_exclude=special_ids(tok) if o.t2t_ratio > 0 else (), ar_weight=o.ar_weight,
-                               mask_slope=o.mask_slope, **align)
+                               mask_slope=o.mask_slope, mask_suffix=o.mask_suffix, **align)
     if o.cap:
         cfg = CAPConfig(dcfg, lam=o.cap_lambda)
         return lambda model, batch, gen, std: cap_loss(model, batch, cfg, generator=gen, embed_noise_std=std)

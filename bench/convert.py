@@ -1,0 +1,218 @@
+"""Conversion benchmark: held-out accuracy (threshold, S, Q) and TPF of the converted model against conversion
+tokens, for the LLaDA2 same-position recipe and each AR-preserving variant, at equal token budgets, in one run.
+
+    python bench/convert.py [--steps 400] [--points 4] [--prompts 100] [--variants same,shift,...] [--threads 2]
+
+Every variant converts the bundled AR parent (`assets/tiny-ar`) on the bundled corpus (`blockdiff make-data`)
+with the same optimiser, batch (16 x 256 tokens per step) and number of steps; only the objective's options and,
+for the LLaDA2 baseline, the phases differ (the baseline keeps `recipes/tiny_wsd.toml` as it was before label
+alignment existed, scaled to --steps). Checkpoints at --points evenly spaced steps are each decoded on the same
+--prompts held-out task prompts (the development split, seed 7: the main job's report uses another draw, seed 123,
+so the recipe is not tuned to the prompts it is judged on) with the three modes through the batched engine at
+batch 1. The AR parent is decoded (greedy) on the same prompts once.
+
+Outputs under bench/results/: convert-<date>.md (tables), convert-<date>.json (the last line) and
+convert-<date>.png (Q-mode accuracy against conversion tokens, one line per variant, the parent as a horizontal
+line; threshold and S in the JSON). The last stdout line is the JSON, holding a `variants` object: per variant its
+curve points and the conversion tokens it needed to reach 90% of the parent's accuracy (null if never).
+Runs take a while (about 1.5 s per step on 2 cores plus evaluation): run it in the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from machine import cpu_name
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+# name -> (base recipe, objective overrides). Everything else (data, optimiser, steps) is shared.
+DEMO = "recipes/tiny_wsd.toml"
+BASELINE = "bench/recipes/llada2_same.toml"
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "same (LLaDA2)": (BASELINE, {}),
+    "same+ar": (DEMO, {"labels": "same", "clean_stream": "block_causal", "ar_weight": 1.0, "mask_suffix": 0.0}),
+    "shift": (DEMO, {"labels": "shift", "clean_stream": "block_causal", "ar_weight": 0.0, "mask_suffix": 0.0}),
+    "shift+ar": (DEMO, {"labels": "shift", "clean_stream": "block_causal", "ar_weight": 1.0, "mask_suffix": 0.0}),
+    "shift+causal+ar": (DEMO, {"labels": "shift", "clean_stream": "causal", "ar_weight": 1.0, "mask_suffix": 0.0}),
+    "shift+causal+ar+slope": (DEMO, {"labels": "shift", "clean_stream": "causal", "ar_weight": 1.0,
+                                     "mask_suffix": 0.0, "mask_slope": 1.0}),
+    "shift+causal+ar+suffix": (DEMO, {"labels": "shift", "clean_stream": "causal", "ar_weight": 1.0,
+                                      "mask_suffix": 0.5}),
+}
+MODES = ("threshold", "S", "Q")
+
+
+def scaled_phases(recipe, steps: int) -> None:
+    """Rescale the recipe's phases to `steps` optimiser steps in all, keeping their proportions (each >= 1)."""
+    old = recipe.phase_steps()
+    total = sum(old)
+    new = [max(1, round(s * steps / total)) for s in old]
+    new[-1] += steps - sum(new)
+    for p, n in zip(recipe.phases, new):
+        p.steps, p.tokens = n, 0
+
+
+def run_variant(name: str, base: str, overrides: dict, args, examples, out_root: Path) -> dict:
+    import torch
+
+    from blockdiff.eval.task_accuracy import evaluate_checkpoint
+    from blockdiff.train.loop import train
+    from blockdiff.train.recipe import load_recipe, validate
+
+    recipe = load_recipe(REPO / base, {f"objective.{k}": v for k, v in overrides.items()})
+    scaled_phases(recipe, args.steps)
+    every = max(1, args.steps // args.points)
+    recipe.train.save_every = recipe.train.eval_every = every
+    recipe.train.keep_last = 0
+    recipe.train.threads = args.threads
+    recipe.train.decay_steps = min(recipe.train.decay_steps, args.steps // 4)
+    recipe.merge.top_k = 0
+    recipe.eval.tasks = 0
+    validate(recipe)
+    run_dir = out_root / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    result = train(recipe, run_dir, progress=False)
+    train_s = time.perf_counter() - t0
+    points = []
+    for step in sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")):
+        if step % every and step != args.steps:
+            continue  # phase-end checkpoints between the evenly spaced points
+        res = evaluate_checkpoint(run_dir / "checkpoints" / f"step_{step}", examples, modes=MODES,
+                                  max_new_tokens=32, steps=32)
+        pt = {"step": step, "tokens": step * recipe.tokens_per_step,
+              "accuracy": {m: round(res[m]["accuracy"], 4) for m in MODES},
+              "ci95": {m: res[m]["ci95"] for m in MODES},
+              "tpf": {m: round(res[m]["tpf"], 3) for m in MODES},
+              "per_task": {m: {k: round(v, 3) for k, v in res[m]["per_task"].items()} for m in MODES},
+              "tpf_per_task": {m: {k: round(v, 2) for k, v in res[m]["tpf_per_task"].items()} for m in MODES}}
+        points.append(pt)
+        print(f"  {name} step {step}: " + ", ".join(f"{m} {pt['accuracy'][m]:.3f} (TPF {pt['tpf'][m]:.2f})"
+                                                   for m in MODES), flush=True)
+    torch.set_num_threads(args.threads)
+    o = recipe.objective
+    return {"recipe": base, "objective": {"labels": o.labels or "same", "clean_stream": o.clean_stream or "block_causal",
+                                          "ar_weight": o.ar_weight, "mask_slope": o.mask_slope,
+                                          "mask_suffix": o.mask_suffix},
+            "phases": [(p.name, p.block_size, p.steps) for p in recipe.phases], "train_s": round(train_s, 1),
+            "train_tokens_per_s": round(result.tokens_per_s, 1), "points": points}
+
+
+def tokens_to_reach(points: list[dict], target: float, mode: str = "Q") -> int | None:
+    for p in points:
+        if p["accuracy"][mode] >= target:
+            return p["tokens"]
+    return None
+
+
+def plot(variants: dict, parent_acc: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, v in variants.items():
+        xs = [p["tokens"] / 1e6 for p in v["points"]]
+        ax.plot(xs, [p["accuracy"]["Q"] for p in v["points"]], marker="o", label=name)
+    ax.axhline(parent_acc, color="black", ls="--", lw=1, label=f"AR parent ({parent_acc:.2f})")
+    ax.axhline(0.9 * parent_acc, color="grey", ls=":", lw=1, label="90% of parent")
+    ax.set_xlabel("conversion tokens (millions)")
+    ax.set_ylabel("held-out task accuracy (Q mode)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Conversion of assets/tiny-ar: accuracy vs conversion tokens")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=400, help="optimiser steps per variant (16 x 256 tokens each)")
+    ap.add_argument("--points", type=int, default=4, help="evaluated checkpoints per variant (evenly spaced)")
+    ap.add_argument("--prompts", type=int, default=100, help="held-out task prompts per evaluation")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--work", default="runs/bench-convert", help="folder for the runs' checkpoints")
+    ap.add_argument("--out", default="bench/results", help="folder for the md / json / png results")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
+    args = ap.parse_args()
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    bad = [n for n in names if n not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: unknown {', '.join(bad)}; allowed: {', '.join(VARIANTS)}")
+    if args.steps < args.points or args.points < 1:
+        ap.error("--steps must be >= --points >= 1")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from blockdiff.data.tasks import generate_examples
+    from blockdiff.eval.task_accuracy import evaluate_checkpoint
+
+    if not (REPO / "runs/data/train.jsonl").is_file():
+        subprocess.run([sys.executable, "-m", "blockdiff.cli", "make-data", "--out", str(REPO / "runs/data")], check=True)
+    examples = generate_examples("heldout", args.prompts, seed=7)
+    parent = evaluate_checkpoint(REPO / "assets/tiny-ar", examples)["AR"]
+    print(f"AR parent: accuracy {parent['accuracy']:.3f} {parent['ci95']} on {args.prompts} prompts", flush=True)
+    work = REPO / args.work
+    variants = {}
+    t0 = time.perf_counter()
+    for name in names:
+        base, over = VARIANTS[name]
+        print(f"[{name}] {base} + {over}", flush=True)
+        variants[name] = run_variant(name, base, over, args, examples, work)
+        variants[name]["tokens_to_90pct_parent_Q"] = tokens_to_reach(variants[name]["points"], 0.9 * parent["accuracy"])
+        variants[name]["tokens_to_90pct_parent_threshold"] = tokens_to_reach(
+            variants[name]["points"], 0.9 * parent["accuracy"], "threshold")
+
+    date = dt.date.today().isoformat()
+    stem = f"convert-{date}{'-' + args.tag if args.tag else ''}"
+    out = REPO / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Conversion benchmark ({date})", "",
+             f"Machine: {cpu_name()}, {args.threads} torch threads, {platform.python_version()}, torch "
+             f"{torch.__version__}. Steps per variant: {args.steps} x 4,096 tokens; {args.prompts} held-out prompts "
+             f"(seed 7) per point, batch 1, max 32 new tokens. Wall: {time.perf_counter() - t0:.0f} s.", "",
+             f"AR parent (greedy): accuracy {parent['accuracy']:.3f}, 95% CI {parent['ci95']}", "",
+             "| variant | step | tokens | threshold | S | Q | TPF thr | TPF S | TPF Q | Q 95% CI |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, v in variants.items():
+        for p in v["points"]:
+            a, f = p["accuracy"], p["tpf"]
+            lines.append(f"| {name} | {p['step']} | {p['tokens'] / 1e6:.2f}M | {a['threshold']:.3f} | {a['S']:.3f} | "
+                         f"{a['Q']:.3f} | {f['threshold']:.2f} | {f['S']:.2f} | {f['Q']:.2f} | {p['ci95']['Q']} |")
+    lines += ["", "| variant | tokens to 90% of parent (Q) | (threshold) | train tokens/s |", "|---|---:|---:|---:|"]
+    for name, v in variants.items():
+        fmt = lambda x: "not reached" if x is None else f"{x / 1e6:.2f}M"  # noqa: E731
+        lines.append(f"| {name} | {fmt(v['tokens_to_90pct_parent_Q'])} | {fmt(v['tokens_to_90pct_parent_threshold'])} | "
+                     f"{v['train_tokens_per_s']} |")
+    lines += ["", "Per-task accuracy and TPF of the last point (Q mode):", ""]
+    for name, v in variants.items():
+        p = v["points"][-1]
+        lines.append(f"- {name}: accuracy {p['per_task']['Q']}, TPF {p['tpf_per_task']['Q']}")
+    md = "\n".join(lines) + "\n"
+    (out / f"{stem}.md").write_text(md)
+    plot(variants, parent["accuracy"], out / f"{stem}.png")
+    summary = {"date": date, "machine": cpu_name(), "threads": args.threads, "steps": args.steps,
+               "prompts": args.prompts, "parent_accuracy": parent["accuracy"], "parent_ci95": parent["ci95"],
+               "plot": str((out / f"{stem}.png").relative_to(REPO)), "variants": variants}
+    (out / f"{stem}.json").write_text(json.dumps(summary) + "\n")
+    print(md)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
