@@ -245,3 +245,50 @@ def test_shifted_decoding_of_the_parent_at_b1_is_greedy_ar(parent, tiny_ar_dir):
         got = generate(m, [ids], cfg, mask_id=mask_id, eos_ids=tok.eos_ids)[0]
         want = ar_generate(model, ids, max_new_tokens=12, eos_ids=tok.eos_ids)
         assert got.tokens == want.tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipes and the training loop: the alignment is written into the checkpoint and kept by post-training
+
+
+def test_conversion_writes_alignment_and_continuation_keeps_it(tiny_ar_dir, tiny_data, tmp_path):
+    import json
+
+    from blockdiff.train.loop import train
+    from blockdiff.train.metrics import read_metrics
+    from test_train import make_recipe
+
+    phases = [{"block_size": 1, "steps": 1, "lr": 1e-3}, {"block_size": 8, "steps": 2, "lr": 1e-3}]
+    r = make_recipe(tiny_ar_dir, tiny_data, phases=phases,
+                    objective={"labels": "shift", "clean_stream": "causal", "ar_weight": 0.5, "mask_suffix": 0.5})
+    res = train(r, tmp_path / "run", progress=False)
+    bd_cfg = json.loads((res.final_dir / "config.json").read_text())["blockdiff"]
+    assert (bd_cfg["labels"], bd_cfg["clean_stream"]) == ("shift", "causal")
+    rows = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if not m.get("eval")]
+    assert all("ar_nll" in m and m["ar_nll"] > 0 for m in rows)
+    # continuing from the converted checkpoint keeps its alignment without being told
+    r2 = make_recipe(res.final_dir, tiny_data, phases=phases[1:])
+    res2 = train(r2, tmp_path / "run2", progress=False)
+    info = load_pretrained(res2.final_dir).cfg.diffusion
+    assert (info.labels, info.clean_stream) == ("shift", "causal")
+    # and refuses a recipe that would read its logits with another alignment
+    r3 = make_recipe(res.final_dir, tiny_data, phases=phases[1:], objective={"labels": "same"})
+    with pytest.raises(ValueError, match=r"labels = 'same', but the starting checkpoint .* was trained with "
+                                         r"labels = 'shift'"):
+        train(r3, tmp_path / "run3", progress=False)
+    assert not (tmp_path / "run3" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("labels", "left", r"\[objective\] labels must be same or shift, got 'left'"),
+    ("clean_stream", "full", r"\[objective\] clean_stream must be block_causal or causal, got 'full'"),
+    ("ar_weight", -1.0, r"\[objective\] ar_weight must be >= 0, got -1.0"),
+    ("mask_slope", 2.0, r"\[objective\] mask_slope must be in \[0, 1\], got 2.0"),
+    ("mask_suffix", 1.5, r"\[objective\] mask_suffix must be in \[0, 1\], got 1.5"),
+])
+def test_recipe_rejects_bad_alignment_fields(tiny_ar_dir, tiny_data, field, value, msg):
+    from blockdiff.train.recipe import RecipeError
+    from test_train import make_recipe
+
+    with pytest.raises(RecipeError, match=msg):
+        make_recipe(tiny_ar_dir, tiny_data, objective={field: value})

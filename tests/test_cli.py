@@ -163,11 +163,15 @@ def test_convert_writes_report(converted, hf_dir):
     assert tasks["prompts"] == 4
     for side in ("ar_parent", "converted"):
         assert 0.0 <= tasks[side]["accuracy"] <= 1.0 and tasks[side]["n"] == 4
+    assert set(tasks["converted_rows"]) == {"threshold", "S", "Q"} and set(tasks["parent_rows"]) == {"AR"}
+    for res in tasks["converted_rows"].values():
+        lo, hi = res["ci95"]
+        assert lo <= res["accuracy"] <= hi and set(res["tpf_per_task"]) == set(res["per_task"])
     md = (out / "report.md").read_text()
-    assert "| AR parent |" in md and "| converted |" in md and "phase3-B8" in md
+    assert "| AR parent |" in md and "| converted | S (M2T 0.5, T2T 0.0)" in md and "phase3-B8" in md
     assert f"report: {out / 'report.json'}" in stdout
     last = json.loads(stdout.strip().splitlines()[-3])  # the one-JSON-line summary before model:/report:
-    assert "ar_accuracy" in last and "converted_accuracy" in last
+    assert "ar_accuracy" in last and "converted_accuracy" in last and set(last["converted_modes"]) == {"threshold", "S", "Q"}
 
     ckpt = out / "checkpoints/step_000002"
     assert json.loads((ckpt / "recipe.json").read_text())["train"]["batch_size"] == 2  # --set applied

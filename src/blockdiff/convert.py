@@ -2,9 +2,9 @@
 checkpoints, and write a report.
 
 The report gives, measured in this run: validation ELBO perplexity at the end of every phase; for the bundled
-model, held-out task accuracy of the AR parent (greedy AR decoding with a KV cache) and of the converted model
-(LLaDA2.0 threshold decoding with an exact block KV cache) on the same prompts, with tokens per forward and
-tokens per second; the wall time.
+model, held-out task accuracy (with a 95% interval) of the AR parent (greedy AR decoding with a KV cache) and of
+the converted model (LLaDA2.0 threshold, LLaDA2.1 S and Q decoding with an exact block KV cache) on the same
+prompts, with tokens per forward (overall and per task) and tokens per second; the wall time.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 
 from .data.tasks import generate_examples
-from .data.tokenizer import load_tokenizer
-from .decode.engine import BlockDecodeConfig, ar_generate, block_generate
-from .eval.task_accuracy import evaluate_tasks
-from .model.hf_io import load_pretrained, write_json_atomic
+from .eval.task_accuracy import evaluate_checkpoint
+from .model.hf_io import write_json_atomic
 from .train.loop import train
 from .train.merge import merge_top_k
 from .train.recipe import Recipe
@@ -35,30 +33,17 @@ class ConvertResult:
 
 
 def evaluate_parent_and_converted(recipe: Recipe, parent: Path, converted: Path, seed: int = 123) -> dict:
+    """Parent and converted model on the same held-out prompts, each decoded with its own kind (greedy AR for AR
+    checkpoints; threshold, S and Q block decoding for block-diffusion ones: a parent may itself be a converted
+    model when a conversion is continued)."""
     ev = recipe.eval
     examples = generate_examples("heldout", ev.tasks, seed=seed)
-
-    def run(folder: Path) -> tuple[dict, str]:
-        """Decode with the model's own kind: greedy AR for AR checkpoints, threshold block decoding for
-        block-diffusion ones (a parent may itself be a converted model when a conversion is continued)."""
-        tok = load_tokenizer(folder)
-        model = load_pretrained(folder).eval()
-        info = model.cfg.diffusion
-        if info is None:
-            res = evaluate_tasks(examples, tok, lambda ids: ar_generate(model, ids, max_new_tokens=ev.max_new_tokens,
-                                                                        eos_ids=tok.eos_ids))
-            return res, "greedy AR, KV cache"
-        dcfg = BlockDecodeConfig(block_size=info.block_size, steps=ev.steps, threshold=ev.threshold,
-                                 max_new_tokens=ev.max_new_tokens)
-        res = evaluate_tasks(examples, tok, lambda ids: block_generate(model, ids, dcfg, mask_id=info.mask_token_id,
-                                                                       eos_ids=tok.eos_ids))
-        return res, f"threshold {ev.threshold}, B={info.block_size}, steps={ev.steps}, block KV cache"
-
-    parent_res, parent_dec = run(parent)
-    conv_res, conv_dec = run(converted)
-    return {"prompts": len(examples), "max_new_tokens": ev.max_new_tokens,
-            "decoding": {"ar_parent": parent_dec, "converted": conv_dec},
-            "ar_parent": parent_res, "converted": conv_res}
+    kw = dict(max_new_tokens=ev.max_new_tokens, steps=ev.steps, threshold=ev.threshold)
+    parent_res = evaluate_checkpoint(parent, examples, **kw)
+    conv_res = evaluate_checkpoint(converted, examples, **kw)
+    return {"prompts": len(examples), "seed": seed, "max_new_tokens": ev.max_new_tokens,
+            "ar_parent": next(iter(parent_res.values())), "parent_rows": parent_res, "converted_rows": conv_res,
+            "converted": conv_res.get("threshold") or next(iter(conv_res.values()))}
 
 
 def run_conversion(recipe: Recipe, out: str | Path, *, resume: bool = False, progress: bool = True) -> ConvertResult:
@@ -113,15 +98,22 @@ def format_report(r: dict) -> str:
         lines += ["", f"Top-{m['k']} merge at B = {m['block_size']}: {picks}"]
     if "tasks" in r:
         t = r["tasks"]
-        lines += ["", f"## Held-out synthetic tasks ({t['prompts']} prompts, max {t['max_new_tokens']} new tokens, batch 1)", "",
-                  "| model | decoding | accuracy | " + " | ".join(t["ar_parent"]["per_task"]) + " | TPF | tokens/s |",
-                  "|---|---|---|" + "---|" * len(t["ar_parent"]["per_task"]) + "---|---|"]
-        parent_name = "AR parent" if t["decoding"]["ar_parent"].startswith("greedy AR") else "parent"
-        for name, key in ((parent_name, "ar_parent"), ("converted", "converted")):
-            res, dec = t[key], t["decoding"][key]
-            per = " | ".join(f"{v:.3f}" for v in res["per_task"].values())
-            lines.append(f"| {name} | {dec} | {res['accuracy']:.3f} | {per} | {res['tpf']:.2f} | {res['tps']:.1f} |")
-        lines += ["", "Samples (converted):", ""]
+        tasks = list(t["ar_parent"]["per_task"])
+        lines += ["", f"## Held-out synthetic tasks ({t['prompts']} prompts, seed {t.get('seed', 123)}, max "
+                      f"{t['max_new_tokens']} new tokens, batch 1)", "",
+                  "| model | decoding | accuracy | 95% CI | " + " | ".join(tasks) + " | TPF | tokens/s |",
+                  "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
+        rows = [("AR parent" if k == "AR" else "parent", v) for k, v in t["parent_rows"].items()]
+        rows += [("converted", v) for v in t["converted_rows"].values()]
+        for name, res in rows:
+            per = " | ".join(f"{res['per_task'].get(k, 0.0):.3f}" for k in tasks)
+            lo, hi = res["ci95"]
+            lines.append(f"| {name} | {res['decoding']} | {res['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {per} | "
+                         f"{res['tpf']:.2f} | {res['tps']:.1f} |")
+        lines += ["", "TPF per task (converted): " + "; ".join(
+            f"{mode} " + ", ".join(f"{k} {v:.2f}" for k, v in res["tpf_per_task"].items())
+            for mode, res in t["converted_rows"].items())]
+        lines += ["", "Samples (converted, first row):", ""]
         for s in t["converted"]["samples"][:4]:
             lines.append(f"- `{s['prompt']}` -> `{s['output']}` (expected `{s['answer']}`)")
     return "\n".join(lines) + "\n"
@@ -131,4 +123,5 @@ def print_report(r: dict) -> None:
     print(format_report(r))
     print(json.dumps({k: v for k, v in r.items() if k != "tasks"} | (
         {"ar_accuracy": r["tasks"]["ar_parent"]["accuracy"], "converted_accuracy": r["tasks"]["converted"]["accuracy"],
-         "converted_tpf": r["tasks"]["converted"]["tpf"]} if "tasks" in r else {})))
+         "converted_modes": {m: {"accuracy": round(v["accuracy"], 4), "ci95": v["ci95"], "tpf": round(v["tpf"], 3)}
+                       for m, v in r["tasks"]["converted_rows"].items()}} if "tasks" in r else {})))
