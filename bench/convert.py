@@ -80,16 +80,24 @@ def run_variant(name: str, base: str, overrides: dict, args, examples, out_root:
     recipe.eval.tasks = 0
     validate(recipe)
     run_dir = out_root / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    result = train(recipe, run_dir, progress=False)
-    train_s = time.perf_counter() - t0
+    done = run_dir / "bench_train.json"
+    if args.reuse and done.is_file():  # trained by an earlier invocation with the same settings: evaluate only
+        info = json.loads(done.read_text())
+        if info["steps"] != args.steps or info["objective"] != overrides:
+            raise SystemExit(f"{run_dir}: trained with other settings ({info}); drop --reuse or use another --work")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        result = train(recipe, run_dir, progress=False)
+        info = {"steps": args.steps, "objective": overrides, "train_s": round(time.perf_counter() - t0, 1),
+                "train_tokens_per_s": round(result.tokens_per_s, 1)}
+        done.write_text(json.dumps(info) + "\n")
     points = []
-    for step in sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")):
+    for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
+        step = int(ckpt.name.split("_")[1])
         if step % every and step != args.steps:
             continue  # phase-end checkpoints between the evenly spaced points
-        res = evaluate_checkpoint(run_dir / "checkpoints" / f"step_{step}", examples, modes=MODES,
-                                  max_new_tokens=32, steps=32)
+        res = evaluate_checkpoint(ckpt, examples, modes=MODES, max_new_tokens=32, steps=32)
         pt = {"step": step, "tokens": step * recipe.tokens_per_step,
               "accuracy": {m: round(res[m]["accuracy"], 4) for m in MODES},
               "ci95": {m: res[m]["ci95"] for m in MODES},
@@ -104,8 +112,8 @@ def run_variant(name: str, base: str, overrides: dict, args, examples, out_root:
     return {"recipe": base, "objective": {"labels": o.labels or "same", "clean_stream": o.clean_stream or "block_causal",
                                           "ar_weight": o.ar_weight, "mask_slope": o.mask_slope,
                                           "mask_suffix": o.mask_suffix},
-            "phases": [(p.name, p.block_size, p.steps) for p in recipe.phases], "train_s": round(train_s, 1),
-            "train_tokens_per_s": round(result.tokens_per_s, 1), "points": points}
+            "phases": [(p.name, p.block_size, p.steps) for p in recipe.phases], "train_s": info["train_s"],
+            "train_tokens_per_s": info["train_tokens_per_s"], "points": points}
 
 
 def tokens_to_reach(points: list[dict], target: float, mode: str = "Q") -> int | None:
@@ -148,6 +156,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench-convert", help="folder for the runs' checkpoints")
     ap.add_argument("--out", default="bench/results", help="folder for the md / json / png results")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument("--reuse", action="store_true", help="evaluate runs an earlier invocation already trained (same "
+                    "--steps and variant) instead of training them again")
     args = ap.parse_args()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     bad = [n for n in names if n not in VARIANTS]
