@@ -292,3 +292,31 @@ def test_recipe_rejects_bad_alignment_fields(tiny_ar_dir, tiny_data, field, valu
 
     with pytest.raises(RecipeError, match=msg):
         make_recipe(tiny_ar_dir, tiny_data, objective={field: value})
+
+
+@pytest.mark.parametrize("labels,clean", ALIGNMENTS[1:3])
+@pytest.mark.parametrize("mode", ["S", "threshold"])
+def test_stream_in_shifted_alignments(bd, labels, clean, mode):
+    """Streaming under shifted labels (and prompt-aligned blocks): the events alone rebuild the output, the part
+    reported final never changes afterwards, and nothing is written into the prompt."""
+    from blockdiff.decode.engine import stream
+    inner, mask_id, eos_id = bd
+    model = with_alignment(tiebroken(inner), labels, clean)
+    prompts = [make_prompt(n, seed=n, high=mask_id) for n in (3, 9)]
+    cfg = DecodeConfig(mode=mode, block_size=4, steps=4, max_new_tokens=14)
+    canvases: dict[int, dict[int, int]] = {0: {}, 1: {}}
+    finals: dict[int, list[int]] = {0: [], 1: []}
+    out = None
+    for item in stream(model, prompts, cfg, mask_id=mask_id, eos_ids=[eos_id]):
+        if isinstance(item, list):
+            out = item
+            continue
+        final_now = item.tokens[:item.n_final]
+        assert final_now[:len(finals[item.row])] == finals[item.row]  # what was final stays final
+        finals[item.row] = final_now
+        for e in item.events:
+            assert e.pos >= len(prompts[item.row])
+            canvases[item.row][e.pos] = e.token
+    for r, g in enumerate(out):
+        P = len(prompts[r])
+        assert [canvases[r][P + i] for i in range(len(g.tokens))] == g.tokens
