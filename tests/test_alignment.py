@@ -1,6 +1,7 @@
 """Label alignment as a checkpoint property (same-position / shifted labels, block-causal / causal clean stream)
 and the AR-preserving aids: equivalences with the AR objective, no label leak, and every consumer (objectives,
-engine with every rule, reference decoder, batching) reading the checkpoint's alignment."""
+engine with every rule, batching, streaming, the training loop) reading the checkpoint's alignment. Engine ==
+reference decoder in every alignment lives with the other equivalences in test_engine.py."""
 
 from __future__ import annotations
 
@@ -10,16 +11,14 @@ import dataclasses
 import pytest
 import torch
 
-from blockdiff.decode.engine import MODES, DecodeConfig, generate
+from blockdiff.decode.engine import DecodeConfig, generate
 from blockdiff.decode.reference import reference_generate
 from blockdiff.model.hf_io import load_pretrained
 from blockdiff.model.transformer import resize_vocab
 from blockdiff.objectives.diffusion import (DiffusionLossConfig, ar_loss, bdlm_forward, diffusion_loss, diffusion_terms,
                                             noised_inputs, sequence_elbo)
 from test_decode import Spy, bd, make_prompt, tiebroken  # noqa: F401  (bd is a fixture)
-from test_engine import LENGTHS, neighbour_bias
-
-ALIGNMENTS = [("same", "block_causal"), ("shift", "block_causal"), ("shift", "causal"), ("same", "causal")]
+from test_engine import ALIGNMENTS, LENGTHS, with_alignment
 
 
 @pytest.fixture(scope="module")
@@ -175,59 +174,6 @@ def test_mask_slope_masks_later_slots_more():
 # decoding: every rule reads the checkpoint's alignment
 
 
-def with_alignment(model, labels: str, clean: str):
-    """The same weights seen as a checkpoint with another alignment (its own config copy)."""
-    m = copy.copy(model)
-    m.cfg = copy.deepcopy(model.cfg)
-    m.cfg.diffusion = dataclasses.replace(m.cfg.diffusion, labels=labels, clean_stream=clean)
-    return m
-
-
-@pytest.mark.parametrize("labels,clean", ALIGNMENTS)
-@pytest.mark.parametrize("mode", ["threshold", "S", "Q"])
-@pytest.mark.parametrize("block_size", [4, 8])
-def test_engine_equals_reference_in_every_alignment(bd, labels, clean, mode, block_size):
-    inner, mask_id, eos_id = bd
-    cfg = DecodeConfig(mode=mode, block_size=block_size, steps=block_size, max_new_tokens=19)
-    n_edits = 0
-    for n in LENGTHS + [block_size, 2 * block_size]:  # prompts that end on a block boundary: slot 0 from the carry
-        base = n % block_size if clean == "causal" else 0  # causal clean stream: blocks start after the prompt
-        model = with_alignment(Spy(tiebroken(inner), neighbour_bias(block_size, base=base)), labels, clean)
-        for eos_ids in ([], [eos_id]):
-            prompt = make_prompt(n, seed=n, high=mask_id)
-            ref = reference_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=eos_ids)
-            gen = generate(model, [prompt], cfg, mask_id=mask_id, eos_ids=eos_ids)[0]
-            assert gen.tokens == ref.tokens, (n, eos_ids)
-            assert gen.n_generated == ref.n_generated and gen.stop_reason == ref.stop_reason
-            assert gen.edits == ref.edits
-            writes = len(ref.steps_per_block) - 1  # cache-writing forwards of the blocks before the last
-            if cfg.edits and clean == "block_causal":
-                assert gen.forwards == ref.forwards and gen.steps_per_block == ref.steps_per_block
-            elif cfg.edits:  # a causal clean stream costs one cache-writing forward per finished block
-                assert gen.forwards == ref.forwards + writes and gen.steps_per_block == ref.steps_per_block
-            else:
-                assert gen.steps_per_block[:-1] == ref.steps_per_block[:-1]
-                assert gen.forwards <= ref.forwards + writes
-            n_edits += gen.edits
-    if mode == "S":
-        assert n_edits > 0
-
-
-@pytest.mark.parametrize("labels,clean", ALIGNMENTS[1:3])
-@pytest.mark.parametrize("mode", list(MODES))
-def test_batch_rows_equal_rows_alone_in_shifted_alignments(bd, labels, clean, mode):
-    model, mask_id, eos_id = bd
-    model = with_alignment(tiebroken(model), labels, clean)
-    cfg = DecodeConfig(mode=mode, block_size=4, steps=4, max_new_tokens=13)
-    prompts = [make_prompt(n, seed=10 + n, high=mask_id) for n in LENGTHS + [4, 8]]
-    batch = generate(model, prompts, cfg, mask_id=mask_id, eos_ids=[eos_id])
-    for p, g in zip(prompts, batch):
-        alone = generate(model, [p], cfg, mask_id=mask_id, eos_ids=[eos_id])[0]
-        assert g.tokens == alone.tokens and g.n_generated == alone.n_generated
-        assert g.steps_per_block == alone.steps_per_block and g.forwards == alone.forwards
-        assert g.edits == alone.edits and g.stop_reason == alone.stop_reason
-
-
 def test_shifted_decoding_of_the_parent_at_b1_is_greedy_ar(parent, tiny_ar_dir):
     """A parent read as a shifted, causal-clean checkpoint and decoded with B = 1 is its own greedy AR decoder:
     every block's only slot is an AR step from the carry."""
@@ -320,3 +266,22 @@ def test_stream_in_shifted_alignments(bd, labels, clean, mode):
     for r, g in enumerate(out):
         P = len(prompts[r])
         assert [canvases[r][P + i] for i in range(len(g.tokens))] == g.tokens
+
+
+@pytest.mark.parametrize("labels,clean", [ALIGNMENTS[0], ALIGNMENTS[2]])
+@pytest.mark.parametrize("mode", ["threshold", "S"])
+def test_eos_fill_engine_equals_reference_and_keeps_outputs_ending_at_eos(bd, labels, clean, mode):
+    """eos_fill (off by default): masked slots after a committed EOS become EOS at once. The engine equals the
+    reference decoder with it, and it never spends more forwards than without it on a model that ends early."""
+    from test_decode import _force
+    inner, mask_id, eos_id = bd
+    cfg = DecodeConfig(mode=mode, block_size=8, steps=8, max_new_tokens=19, eos_fill=True)
+    for n in (3, 8, 13):
+        model = with_alignment(Spy(tiebroken(inner), _force(eos_id, n + 2)), labels, clean)
+        prompt = make_prompt(n, seed=n, high=mask_id)
+        ref = reference_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=[eos_id])
+        gen = generate(model, [prompt], cfg, mask_id=mask_id, eos_ids=[eos_id])[0]
+        assert gen.tokens == ref.tokens and gen.stop_reason == ref.stop_reason == "eos" and len(gen.tokens) in (2, 3)  # shift: logit n+2 -> slot n+3
+        plain = generate(model, [prompt], dataclasses.replace(cfg, eos_fill=False), mask_id=mask_id,
+                         eos_ids=[eos_id])[0]
+        assert gen.forwards <= plain.forwards

@@ -8,6 +8,8 @@ every decision has a margin far above the cached-vs-uncached rounding.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 
@@ -66,14 +68,28 @@ def neighbour_bias(block_size: int, strength: float = 30.0, base: int = 0):
 # engine == reference
 
 
+ALIGNMENTS = [("same", "block_causal"), ("shift", "block_causal"), ("shift", "causal"), ("same", "causal")]
+
+
+def with_alignment(model, labels: str, clean: str):
+    """The same weights seen as a checkpoint with another label alignment / clean stream (its own config copy)."""
+    m = copy.copy(model)
+    m.cfg = copy.deepcopy(model.cfg)
+    m.cfg.diffusion = dataclasses.replace(m.cfg.diffusion, labels=labels, clean_stream=clean)
+    return m
+
+
 @pytest.mark.parametrize("mode,penalty", [("threshold", 0.0), ("S", 0.0), ("Q", 0.0), ("S", 3.0)])
 @pytest.mark.parametrize("block_size", [4, 8])
-def test_engine_equals_reference(bd, mode, penalty, block_size):
-    model, mask_id, eos_id = bd
-    model = Spy(tiebroken(model), neighbour_bias(block_size))
+@pytest.mark.parametrize("labels,clean", ALIGNMENTS)
+def test_engine_equals_reference(bd, mode, penalty, block_size, labels, clean):
+    """In every label alignment (docs/alignment.md). Prompts ending on a block boundary take slot 0 from the carry."""
+    inner, mask_id, eos_id = bd
     cfg = DecodeConfig(mode=mode, block_size=block_size, steps=block_size, max_new_tokens=19, repeat_penalty=penalty)
     n_edits = 0
-    for n in LENGTHS:
+    for n in LENGTHS + [block_size, 2 * block_size]:
+        base = n % block_size if clean == "causal" else 0  # causal clean stream: blocks start after the prompt
+        model = with_alignment(Spy(tiebroken(inner), neighbour_bias(block_size, base=base)), labels, clean)
         for eos_ids in ([], [eos_id]):
             prompt = make_prompt(n, seed=n, high=mask_id)
             ref = reference_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=eos_ids)
@@ -81,12 +97,15 @@ def test_engine_equals_reference(bd, mode, penalty, block_size):
             assert gen.tokens == ref.tokens, (n, eos_ids)
             assert gen.n_generated == ref.n_generated and gen.stop_reason == ref.stop_reason
             assert gen.edits == ref.edits
-            if cfg.edits:  # the finishing pass doubles as the cache write: the same forwards exactly
+            writes = len(ref.steps_per_block) - 1  # cache-writing forwards of the blocks before the last
+            if cfg.edits and clean == "block_causal":  # the finishing pass doubles as the cache write
                 assert gen.steps_per_block == ref.steps_per_block and gen.forwards == ref.forwards
+            elif cfg.edits:  # a causal clean stream costs one cache-writing forward per finished block
+                assert gen.steps_per_block == ref.steps_per_block and gen.forwards == ref.forwards + writes
             else:  # + one cache-writing forward per finished block; the last block may stop early
                 assert gen.steps_per_block[:-1] == ref.steps_per_block[:-1]
                 assert gen.steps_per_block[-1] <= ref.steps_per_block[-1]
-                assert gen.forwards <= ref.forwards + len(ref.steps_per_block) - 1
+                assert gen.forwards <= ref.forwards + writes
             n_edits += gen.edits
     if mode == "S":
         assert n_edits > 0  # tau_edit 0 edits on this model: the equivalence covered T2T
@@ -105,11 +124,12 @@ def test_reference_rejects_unsupported(bd):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_batch_rows_equal_rows_alone(bd, mode):
+@pytest.mark.parametrize("labels,clean", ALIGNMENTS[:3])
+def test_batch_rows_equal_rows_alone(bd, mode, labels, clean):
     model, mask_id, eos_id = bd
-    model = tiebroken(model)
+    model = with_alignment(tiebroken(model), labels, clean)
     cfg = DecodeConfig(mode=mode, block_size=4, steps=4, max_new_tokens=13)
-    prompts = [make_prompt(n, seed=10 + n, high=mask_id) for n in LENGTHS + [5]]
+    prompts = [make_prompt(n, seed=10 + n, high=mask_id) for n in LENGTHS + [4, 5, 8]]
     batch = generate(model, prompts, cfg, mask_id=mask_id, eos_ids=[eos_id])
     for p, g in zip(prompts, batch):
         alone = generate(model, [p], cfg, mask_id=mask_id, eos_ids=[eos_id])[0]

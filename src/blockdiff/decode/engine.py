@@ -82,6 +82,8 @@ class DecodeConfig:
     top_p: float = 1.0  # nucleus mass (1 = all); temperature > 0 only
     ignore_eos: bool = False  # keep decoding past EOS until max_new_tokens (benchmarks)
     repeat_penalty: float = 0.0  # logit penalty for repeating the left neighbour inside a block (anti-stutter)
+    eos_fill: bool = False  # once a generated slot of the block holds EOS, fill the masked slots after it with EOS
+    #                         in the same step (the output ends at the first EOS; off = the official algorithms)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -199,6 +201,19 @@ def _output_final(row: list[int], mask_id: int, eos: set[int]) -> bool:
         if t in eos:
             return True
     return True
+
+
+def fill_after_eos(block: torch.Tensor, generated: torch.Tensor, mask_id: int, eos: set[int]) -> torch.Tensor:
+    """`DecodeConfig.eos_fill`: in each row of `block` [a, B], the [MASK] slots after the first generated EOS become
+    that EOS id (nothing after it reaches the output). Rows without a generated EOS are unchanged."""
+    is_eos = torch.zeros_like(block, dtype=torch.bool)
+    for e in eos:
+        is_eos |= block == e
+    is_eos &= generated
+    seen = is_eos.long().cumsum(-1)
+    after = (seen - is_eos.long()) > 0  # strictly after the first EOS
+    first_id = block.gather(-1, is_eos.long().argmax(-1, keepdim=True))  # the first EOS's own id
+    return torch.where(after & (block == mask_id), first_id.expand_as(block), block)
 
 
 def find_stop(text: str, stops) -> int | None:
@@ -367,6 +382,8 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
         else:
             write = m2t
         new_x = torch.where(write, tok, x)
+        if cfg.eos_fill and eos:
+            new_x = fill_after_eos(new_x, editable, mask_id, eos)
         canvas[rows] = canvas[rows].scatter(1, idx, new_x)
         wrote = write.any(-1).tolist()
         n_edit = t2t.sum(-1).tolist() if t2t is not None else [0] * a

@@ -36,6 +36,17 @@ def _pick(conf: list[float], cand: list[int], tau: float, quota: int) -> list[in
     return sorted(cand, key=lambda i: (-conf[i], i))[:quota]
 
 
+def _fill_after_eos(canvas: list[int], lo: int, hi: int, P: int, mask_id: int, eos: set[int], on: bool) -> None:
+    """eos_fill: the [MASK] slots after the block's first generated EOS become that EOS."""
+    if not on:
+        return
+    first = next((i for i in range(max(lo, P), hi) if canvas[i] in eos), None)
+    if first is not None:
+        for i in range(first + 1, hi):
+            if canvas[i] == mask_id:
+                canvas[i] = canvas[first]
+
+
 @torch.no_grad()
 def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: int, eos_ids) -> Generation:
     if not prompt:
@@ -83,6 +94,7 @@ def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: 
             if cfg.rule == "threshold":
                 for i in _pick(conf, cand, cfg.tau_mask, cfg.quota):
                     canvas[lo + i] = tok[i]
+                _fill_after_eos(canvas, lo, hi, P, mask_id, eos, cfg.eos_fill)
                 continue
             if not cand:
                 post += 1
@@ -95,6 +107,7 @@ def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: 
                 break
             for i in m2t + t2t:
                 canvas[lo + i] = tok[i]
+            _fill_after_eos(canvas, lo, hi, P, mask_id, eos, cfg.eos_fill)
             n_edits += len(t2t)
         steps_per_block.append(steps)
         if any(t in eos for t in canvas[P:hi]) or hi - P >= budget:
