@@ -99,7 +99,7 @@ def _decode_config(args, info):
                         threshold=args.threshold, edit_threshold=args.edit_threshold,
                         max_post_steps=args.max_post_steps, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty)
+                        ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty, eos_fill=args.eos_fill)
 
 
 class _StreamPrinter:
@@ -296,6 +296,8 @@ def _add_decoding_args(g) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="decode the whole budget even after EOS (benchmarks)")
     g.add_argument("--repeat-penalty", type=float, default=0.0,
                    help="logit penalty for repeating the left neighbour inside a block (0 = off; anti-stutter)")
+    g.add_argument("--eos-fill", action="store_true",
+                   help="fill the masked slots after a committed EOS with EOS at once (saves forwards; off = official)")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     g.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
 

@@ -73,7 +73,7 @@ BLOCK_MODES = ("threshold", "S", "Q")
 
 def evaluate_checkpoint(folder: str | Path, examples: Sequence, *, modes: Sequence[str] = BLOCK_MODES,
                         max_new_tokens: int = 32, steps: int = 32, threshold: float | None = None,
-                        block_size: int | None = None, model=None, tok=None) -> dict[str, dict]:
+                        block_size: int | None = None, model=None, tok=None, eos_fill: bool = False) -> dict[str, dict]:
     """Task accuracy of a checkpoint decoded with its own kind: {"AR": result} for an AR checkpoint (greedy, KV
     cache), {mode: result} for a block-diffusion one (each mode through the batched engine at batch 1, the block
     size from the checkpoint unless given). Each result carries a "decoding" description."""
@@ -92,10 +92,11 @@ def evaluate_checkpoint(folder: str | Path, examples: Sequence, *, modes: Sequen
     out = {}
     for mode in modes:
         cfg = DecodeConfig(mode=mode, block_size=B, steps=steps, max_new_tokens=max_new_tokens,
-                           threshold=threshold if mode == "threshold" else None)
+                           threshold=threshold if mode == "threshold" else None, eos_fill=eos_fill)
         res = evaluate_tasks(examples, tok, lambda ids: block_generate(model, ids, cfg, mask_id=info.mask_token_id,
                                                                        eos_ids=tok.eos_ids))
         desc = (f"threshold {cfg.tau_mask}" if mode == "threshold" else
                 f"{mode} (M2T {cfg.tau_mask}, T2T {cfg.tau_edit})")
-        out[mode] = res | {"decoding": f"{desc}, B={B}, steps={steps}, labels {info.labels}, block KV cache"}
+        fill = ", EOS fill" if eos_fill else ""
+        out[mode] = res | {"decoding": f"{desc}, B={B}, steps={steps}, labels {info.labels}{fill}, block KV cache"}
     return out
