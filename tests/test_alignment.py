@@ -158,6 +158,19 @@ def test_causal_clean_stream_trains_random_block_offsets():
         assert set(off[:, 0].tolist()) == want and bool((off == off[:, :1]).all())
 
 
+def test_mask_suffix_keeps_a_clean_prefix_in_each_block():
+    """mask_suffix = 1 with t = 1: inside every block the masked slots are exactly a suffix (from a uniform cut on),
+    so the model trains on the decoder's state: a clean prefix, masks after it; the cuts cover [0, B]."""
+    cfg = DiffusionLossConfig(mask_token_id=99, block_size=8, mask_suffix=1.0, t_lo=1.0, t_hi=1.0)
+    batch = {"input_ids": torch.ones(500, 32, dtype=torch.long)}
+    _, _, masked, *_ = noised_inputs(batch, cfg, torch.Generator().manual_seed(0))
+    blocks = masked.view(500, 4, 8).long()
+    assert torch.equal(blocks, blocks.cummax(-1).values)  # once masked, masked to the block's end
+    assert set((8 - blocks.sum(-1)).flatten().tolist()) == set(range(9))  # every cut 0..B occurs
+    with pytest.raises(ValueError, match="mask_suffix"):
+        DiffusionLossConfig(mask_token_id=99, block_size=8, mask_suffix=-0.1)
+
+
 def test_mask_slope_masks_later_slots_more():
     cfg = DiffusionLossConfig(mask_token_id=99, block_size=8, mask_slope=0.8, t_lo=0.2, t_hi=0.8)
     batch = {"input_ids": torch.ones(4000, 16, dtype=torch.long)}
