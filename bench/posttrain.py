@@ -1,6 +1,6 @@
 """Measured effects of post-training on the bundled model: before/after tables, through the code users run.
 
-    python bench/posttrain.py instruct --models before=runs/tiny-long/merged after=runs/post-sft/final [--threshold 0.95]
+    python bench/posttrain.py instruct --models before=assets/tiny-bd after=runs/post-sft/final [--threshold 0.95]
     python bench/posttrain.py instruct --models sft=runs/post-sft/final cap=runs/post-cap/final --name cap
     python bench/posttrain.py instruct --models m2t=... t2t=... --mode S --name t2t
     python bench/posttrain.py pref --models before=runs/post-sft/final after=runs/post-dpo/final --pairs runs/post-data/pairs_valid.jsonl
