@@ -165,7 +165,7 @@ def reference_block_decode(model, prompt, cfg: BlockDecodeConfig, mask_id: int, 
             logits[:, mask_id] = float("-inf")
             conf, tok = torch.softmax(logits.float(), -1).max(-1)
             masked = [t == mask_id for t in canvas[lo:hi]]
-            for i in ref_threshold_row(conf.tolist(), masked, cfg.threshold, cfg.quota):
+            for i in ref_threshold_row(conf.tolist(), masked, cfg.threshold, cfg.quota_at(steps - 1)):
                 canvas[lo + i] = int(tok[i])
         steps_per_block.append(steps)
         if any(t in eos for t in canvas[P:hi]) or hi - P >= cfg.max_new_tokens:
@@ -409,8 +409,8 @@ def test_bad_input(bd, ar):
     for kw in ({"block_size": 0}, {"steps": 0}, {"max_new_tokens": 0}, {"threshold": 1.5}, {"threshold": -0.1}):
         with pytest.raises(ValueError):
             BlockDecodeConfig(**kw)
-    assert BlockDecodeConfig(block_size=8, steps=3).quota == 3
-    assert BlockDecodeConfig(block_size=32, steps=32).quota == 1
+    assert [BlockDecodeConfig(block_size=8, steps=3).quota_at(i) for i in range(3)] == [3, 3, 2]  # official: not ceil
+    assert {BlockDecodeConfig(block_size=32, steps=32).quota_at(i) for i in range(32)} == {1}
     cache = KVCache(model.cfg, 1, 6)
     k = torch.zeros(1, model.cfg.num_kv_heads, 4, model.cfg.head_dim)
     cache.update(0, k, k)

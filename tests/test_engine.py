@@ -82,10 +82,13 @@ def with_alignment(model, labels: str, clean: str):
 @pytest.mark.parametrize("mode,penalty", [("threshold", 0.0), ("S", 0.0), ("Q", 0.0), ("S", 3.0)])
 @pytest.mark.parametrize("block_size", [4, 8])
 @pytest.mark.parametrize("labels,clean", ALIGNMENTS)
-def test_engine_equals_reference(bd, mode, penalty, block_size, labels, clean):
-    """In every label alignment (docs/alignment.md). Prompts ending on a block boundary take slot 0 from the carry."""
+@pytest.mark.parametrize("steps", [None, 3])
+def test_engine_equals_reference(bd, mode, penalty, block_size, labels, clean, steps):
+    """In every label alignment (docs/alignment.md), with steps = B and with a B % steps != 0 fallback schedule.
+    Prompts ending on a block boundary take slot 0 from the carry."""
     inner, mask_id, eos_id = bd
-    cfg = DecodeConfig(mode=mode, block_size=block_size, steps=block_size, max_new_tokens=19, repeat_penalty=penalty)
+    cfg = DecodeConfig(mode=mode, block_size=block_size, steps=steps or block_size, max_new_tokens=19,
+                       repeat_penalty=penalty)
     n_edits = 0
     for n in LENGTHS + [block_size, 2 * block_size]:
         base = n % block_size if clean == "causal" else 0  # causal clean stream: blocks start after the prompt
@@ -343,7 +346,28 @@ def test_decode_config_validation(bd):
     assert DecodeConfig(mode="S", threshold=0.6).tau_mask == 0.6
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(bd[0], [[1], []], DecodeConfig(), mask_id=bd[1], eos_ids=[])
-    assert math.isclose(DecodeConfig(block_size=32, steps=8).quota, 4)
+    # the official LLaDA2 schedule (`_get_num_transfer_tokens`): floor(B / s), one more on the first B % s steps
+    assert [DecodeConfig(block_size=32, steps=8).quota_at(i) for i in range(8)] == [4] * 8
+    assert [DecodeConfig(block_size=16, steps=5).quota_at(i) for i in range(5)] == [4, 3, 3, 3, 3]
+    assert [DecodeConfig(block_size=4, steps=6, max_new_tokens=9).quota_at(i) for i in range(6)] == [1, 1, 1, 1, 0, 0]
+    # official generate(): steps = min(steps, gen_length // minimal_topk) with minimal_topk 1
+    cfg = DecodeConfig(block_size=32, steps=32, max_new_tokens=8)
+    assert cfg.effective_steps == 8 and [cfg.quota_at(i) for i in range(8)] == [4] * 8
+
+
+@pytest.mark.parametrize("mode", ["threshold", "S"])
+def test_fallback_commits_follow_the_official_schedule(bd, mode):
+    """With a threshold nothing can pass, every step commits exactly its quota: B 16, steps 5 -> 4, 3, 3, 3, 3; and
+    steps capped at max_new_tokens (B 8, steps 32, 4 new tokens -> s 4 -> 2, 2, 2, 2)."""
+    model, mask_id, eos_id = bd
+    model = tiebroken(model)
+    for B, steps, budget, want in ((16, 5, 16, [4, 3, 3, 3, 3]), (8, 32, 4, [2, 2, 2, 2])):
+        cfg = DecodeConfig(mode=mode, block_size=B, steps=steps, max_new_tokens=budget, threshold=1.0,
+                           edit_threshold=1.0 if mode == "S" else None)
+        per_step = [sum(e.kind == "m2t" for e in u.events)
+                    for u in stream(model, [make_prompt(B, seed=1, high=mask_id)], cfg, mask_id=mask_id, eos_ids=[])
+                    if not isinstance(u, list) and u.events]
+        assert per_step == want, (B, steps, per_step)
 
 
 def test_bad_prompt_ids(bd):

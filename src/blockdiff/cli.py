@@ -284,7 +284,8 @@ def _add_decoding_args(g) -> None:
                         "factor = Fast-dLLM; credit = dInfer credit")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per prompt (tokens)")
     g.add_argument("--block-size", type=int, default=0, help="block size B (tokens; 0 = the model's trained block size)")
-    g.add_argument("--steps", type=int, default=32, help="denoising steps per block; quota = ceil(B/steps) tokens/step")
+    g.add_argument("--steps", type=int, default=32, help="denoising steps per block (capped at --max-new-tokens); fallback commits per step: "
+                   "floor(B/steps), one more on the first B %% steps steps (the official LLaDA2 schedule)")
     g.add_argument("--threshold", type=float, default=None,
                    help="M2T: unmask slots with confidence above this (0-1; default: the mode's)")
     g.add_argument("--edit-threshold", type=float, default=None,

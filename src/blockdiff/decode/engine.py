@@ -71,7 +71,7 @@ MODES: dict[str, tuple[str, float, float | None]] = {
 class DecodeConfig:
     mode: str = "threshold"  # one of MODES
     block_size: int = 32  # B, tokens per block
-    steps: int = 32  # denoising steps budgeted per block (quota = ceil(B / steps) commits per step at least)
+    steps: int = 32  # denoising steps per block, capped at max_new_tokens; fallback quota per step: see quota_at
     threshold: float | None = None  # M2T confidence threshold in [0, 1]; None = the mode's default
     edit_threshold: float | None = None  # T2T threshold in [0, 1] (joint modes); None = the mode's default
     max_post_steps: int = 16  # edit-only passes after a block fills (joint modes)
@@ -125,8 +125,21 @@ class DecodeConfig:
         return self.rule == "joint"
 
     @property
-    def quota(self) -> int:
-        return math.ceil(self.block_size / self.steps)
+    def effective_steps(self) -> int:
+        """Denoising steps per block as the official LLaDA2 `generate()` uses them: min(steps, max_new_tokens //
+        minimal_topk) with minimal_topk = 1."""
+        return min(self.steps, self.max_new_tokens)
+
+    def quota_at(self, step: int) -> int:
+        """Fallback commits at denoising step `step` (0-based) of a block, the official `_get_num_transfer_tokens`
+        schedule: floor(B / s) per step plus one more on the first B % s steps (B 16, s 5: 4, 3, 3, 3, 3), s the
+        effective steps. Those s steps fill any block; a later step (never reached by unmask-only rules) gets
+        max(1, floor(B / s)) so progress is guaranteed whatever the rule."""
+        s = self.effective_steps
+        base, rem = divmod(self.block_size, s)
+        if step < s:
+            return base + (1 if step < rem else 0)
+        return max(1, base)
 
 
 BlockDecodeConfig = DecodeConfig  # the foundation's name, kept for callers of block_generate
@@ -294,7 +307,7 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
                     carry[r] = pre[r, n_pre[r] - 1].float()
         cache.commit(n_pre)
 
-    rule, quota = cfg.rule, cfg.quota
+    rule = cfg.rule
     ar_B = torch.arange(B, device=device)
     lo_t = torch.tensor(n_pre, device=device)  # start of each row's current block
     block = list(first)
@@ -361,6 +374,7 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
         masked = x == mask_id
         editable = idx >= P_t[rows][:, None]  # generated slots (prompt tokens are never edited)
         tau = cfg.tau_mask
+        quota = torch.tensor([cfg.quota_at(steps[r]) for r in active], device=device)[:, None]  # [a, 1]
         if rule == "threshold":
             m2t, t2t = threshold_rule(conf, masked, tau, quota), None
         elif rule in ("dinfer", "credit"):

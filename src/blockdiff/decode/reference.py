@@ -7,7 +7,8 @@ early exit. Decisions are made per position in Python, independently of the vect
 One prompt at a time (rows of a batch are decoded one after the other).
 
   LLaDA2.0 threshold: while the block holds [MASK]: commit masked positions with confidence > tau; if fewer than
-    quota = ceil(B / steps) pass, the quota most confident instead.
+    quota pass, the quota most confident instead (the official schedule: floor(B / s) per step, one more on the
+    first B % s steps, s = min(steps, max_new_tokens); DecodeConfig.quota_at).
   LLaDA2.1 joint threshold: each step, M2T as above with tau_mask (fallback 1) and T2T on generated, unmasked
     positions whose argmax differs with p > tau_edit; once the block is full, at most max_post_steps edit-only
     passes; the block ends at a step that writes nothing or when that budget is spent.
@@ -92,7 +93,7 @@ def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: 
             conf_t, tok_t = torch.softmax(logits.float(), -1).max(-1)
             conf, tok = conf_t.tolist(), tok_t.tolist()
             if cfg.rule == "threshold":
-                for i in _pick(conf, cand, cfg.tau_mask, cfg.quota):
+                for i in _pick(conf, cand, cfg.tau_mask, cfg.quota_at(steps - 1)):
                     canvas[lo + i] = tok[i]
                 _fill_after_eos(canvas, lo, hi, P, mask_id, eos, cfg.eos_fill)
                 continue
@@ -100,7 +101,7 @@ def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: 
                 post += 1
                 if post > cfg.max_post_steps:
                     break
-            m2t = _pick(conf, cand, cfg.tau_mask, cfg.quota) if cand else []
+            m2t = _pick(conf, cand, cfg.tau_mask, cfg.quota_at(steps - 1)) if cand else []
             t2t = [i for i in range(B) if lo + i >= P and canvas[lo + i] != mask_id and tok[i] != canvas[lo + i]
                    and conf[i] > cfg.tau_edit]
             if not m2t and not t2t:

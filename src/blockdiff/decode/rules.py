@@ -92,10 +92,11 @@ def _no_edit(masked: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- rules
-def threshold_rule(conf: Tensor, masked: Tensor, threshold: float, quota: int) -> Tensor:
+def threshold_rule(conf: Tensor, masked: Tensor, threshold: float, quota) -> Tensor:
     """LLaDA2.0 threshold decoding with fallback [code]: commit every masked position with confidence >
     threshold; if fewer than `quota` pass, commit the `quota` most confident masked positions instead
-    (guaranteed progress). quota = ceil(B / steps), 1 at the defaults B = 32, steps = 32."""
+    (guaranteed progress). `quota` is an int or a per-row [b, 1] tensor: the official per-step schedule
+    (`DecodeConfig.quota_at`: floor(B / steps), one more on the first B % steps steps; 1 at B = 32, steps = 32)."""
     conf = _masked_conf(conf, masked)
     passing = masked & (conf > threshold)
     k = torch.where(passing.sum(-1, keepdim=True) < quota, quota, 0)  # [b, 1]
@@ -103,7 +104,7 @@ def threshold_rule(conf: Tensor, masked: Tensor, threshold: float, quota: int) -
 
 
 def joint_rule(conf: Tensor, masked: Tensor, changed: Tensor, editable: Tensor, tau_mask: float,
-               tau_edit: float, quota: int = 1) -> tuple[Tensor, Tensor]:
+               tau_edit: float, quota=1) -> tuple[Tensor, Tensor]:
     """LLaDA2.1 joint threshold decoding [paper + code], one step:
     M2T: masked positions with p(v_i) > tau_mask are unmasked (fallback: the `quota` most confident, 1 by default);
     T2T: unmasked generated positions whose token differs from v_i with p(v_i) > tau_edit are replaced by v_i, in
