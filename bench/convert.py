@@ -63,8 +63,6 @@ def scaled_phases(recipe, steps: int) -> None:
 
 
 def run_variant(name: str, base: str, overrides: dict, args, examples, out_root: Path) -> dict:
-    import torch
-
     from blockdiff.eval.task_accuracy import evaluate_checkpoint
     from blockdiff.train.loop import train
     from blockdiff.train.recipe import load_recipe, validate
@@ -107,7 +105,6 @@ def run_variant(name: str, base: str, overrides: dict, args, examples, out_root:
         points.append(pt)
         print(f"  {name} step {step}: " + ", ".join(f"{m} {pt['accuracy'][m]:.3f} (TPF {pt['tpf'][m]:.2f})"
                                                    for m in MODES), flush=True)
-    torch.set_num_threads(args.threads)
     o = recipe.objective
     return {"recipe": base, "objective": {"labels": o.labels or "same", "clean_stream": o.clean_stream or "block_causal",
                                           "ar_weight": o.ar_weight, "mask_slope": o.mask_slope,

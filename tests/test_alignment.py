@@ -18,7 +18,7 @@ from blockdiff.model.transformer import resize_vocab
 from blockdiff.objectives.diffusion import (DiffusionLossConfig, ar_loss, bdlm_forward, diffusion_loss, diffusion_terms,
                                             noised_inputs, sequence_elbo)
 from test_decode import Spy, bd, make_prompt, tiebroken  # noqa: F401  (bd is a fixture)
-from test_engine import ALIGNMENTS, LENGTHS, with_alignment
+from test_engine import ALIGNMENTS, with_alignment
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Held-out accuracy of a decoder on the synthetic tasks, with speed numbers measured in the same pass: the one
-evaluation path of the conversion report, `bench/convert.py` and `bench/decode.py`.
+"""Held-out accuracy of a decoder on the synthetic tasks, with speed numbers measured in the same pass. The
+conversion report and `bench/convert.py` both evaluate through `evaluate_checkpoint`.
 
 Accuracy: exact match of the continuation (cut at EOS) with the task's answer, with a 95% interval (Wilson).
 Speed: generated tokens (up to and including EOS) per forward (TPF, overall and per task) and per second (TPS),
@@ -73,7 +73,7 @@ BLOCK_MODES = ("threshold", "S", "Q")
 
 def evaluate_checkpoint(folder: str | Path, examples: Sequence, *, modes: Sequence[str] = BLOCK_MODES,
                         max_new_tokens: int = 32, steps: int = 32, threshold: float | None = None,
-                        block_size: int | None = None, model=None, tok=None, eos_fill: bool = False) -> dict[str, dict]:
+                        block_size: int | None = None, eos_fill: bool = False) -> dict[str, dict]:
     """Task accuracy of a checkpoint decoded with its own kind: {"AR": result} for an AR checkpoint (greedy, KV
     cache), {mode: result} for a block-diffusion one (each mode through the batched engine at batch 1, the block
     size from the checkpoint unless given). Each result carries a "decoding" description."""
@@ -81,8 +81,8 @@ def evaluate_checkpoint(folder: str | Path, examples: Sequence, *, modes: Sequen
     from ..decode.engine import DecodeConfig, ar_generate, block_generate
     from ..model.hf_io import load_pretrained
 
-    tok = tok if tok is not None else load_tokenizer(folder)
-    model = (model if model is not None else load_pretrained(folder)).eval()
+    tok = load_tokenizer(folder)
+    model = load_pretrained(folder).eval()
     info = model.cfg.diffusion
     if info is None:
         res = evaluate_tasks(examples, tok, lambda ids: ar_generate(model, ids, max_new_tokens=max_new_tokens,

@@ -177,7 +177,6 @@ class BDLMForward:
     logits: Tensor  # [b, L, V] aligned: logits[:, i] predicts token i
     scorable: Tensor  # [b, L] bool: token i has a prediction (False at a document's first token when shifted)
     clean_logits: Tensor | None = None  # [b, L, V] clean-stream logits (shift or causal clean stream), raw
-    mask_mode: str = ""  # attention mode used
 
 
 def bdlm_forward(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=None, positions=None,
@@ -195,7 +194,6 @@ def bdlm_forward(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=Non
     if not two_halves:
         inputs, pos = x_t, positions
         mask = build_mask("full", seq_len=L, device=device, doc_ids=doc_ids, positions=positions, batch=b)
-        mode = "full"
     else:
         inputs, pos = torch.cat([x_t, x0], 1), torch.cat([positions, positions], 1)  # [b, 2L]
         mode = "bd_train_causal" if clean_causal else "bd_train"
@@ -211,21 +209,14 @@ def bdlm_forward(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=Non
     out = model(inputs_embeds=h, positions=pos, mask=mask, logits_slice=None if want_clean else slice(0, L))
     noisy, clean = (out[:, :L], out[:, L:]) if want_clean else (out, None)
     if not shift:
-        return BDLMForward(noisy, torch.ones_like(x0, dtype=torch.bool), clean, mode)
+        return BDLMForward(noisy, torch.ones_like(x0, dtype=torch.bool), clean)
     # shift: token i from logit i-1 -- the noisy one inside a block, the clean one at a block's first slot
     aligned = torch.zeros_like(noisy)
     aligned[:, 1:] = noisy[:, :-1]
     if clean is not None:
         first = (bpos % block_size == 0)[:, 1:, None]
         aligned[:, 1:] = torch.where(first, clean[:, :-1], aligned[:, 1:])
-    return BDLMForward(aligned, positions > 0, clean, mode)
-
-
-def bdlm_logits(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=None, positions=None,
-                noise_at: Tensor | None = None, embed_noise_std: float = 0.0, generator=None) -> Tensor:
-    """Logits [b, L, V] of the noisy half of [x_t ; x0] (same-position labels): `bdlm_forward` without alignment."""
-    return bdlm_forward(model, x_t, x0, block_size=block_size, doc_ids=doc_ids, positions=positions,
-                        noise_at=noise_at, embed_noise_std=embed_noise_std, generator=generator).logits
+    return BDLMForward(aligned, positions > 0, clean)
 
 
 def token_ce(logits: Tensor, x0: Tensor) -> Tensor:
@@ -233,8 +224,8 @@ def token_ce(logits: Tensor, x0: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().reshape(b * L, -1), x0.reshape(-1), reduction="none").view(b, L)
 
 
-def next_token_ce(logits: Tensor, x0: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, Tensor, float]:
-    """AR loss from logits [b, L, V] of a causal stream over x0: (mean CE, per-token CE [b, L-1], accuracy)."""
+def next_token_ce(logits: Tensor, x0: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, float]:
+    """AR loss from logits [b, L, V] of a causal stream over x0: (mean CE over in-document targets, accuracy)."""
     b, L = x0.shape
     target = x0[:, 1:]
     valid = torch.ones_like(target, dtype=torch.bool) if doc_ids is None else doc_ids[:, 1:] == doc_ids[:, :-1]
@@ -243,7 +234,7 @@ def next_token_ce(logits: Tensor, x0: Tensor, doc_ids: Tensor | None) -> tuple[T
     loss = (ce * valid).sum() / valid.sum().clamp_min(1)
     with torch.no_grad():
         acc = float(((lg.argmax(-1) == target) & valid).sum() / valid.sum().clamp_min(1))
-    return loss, ce, acc
+    return loss, acc
 
 
 def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *, generator=None,
@@ -264,7 +255,7 @@ def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *
                       token_ce(fw.logits, x0))
     if cfg.ar_weight > 0:
         if ar_in_forward:
-            terms.ar_loss, _, terms.ar_acc = next_token_ce(fw.clean_logits, x0, doc_ids)
+            terms.ar_loss, terms.ar_acc = next_token_ce(fw.clean_logits, x0, doc_ids)
         else:  # block-causal clean half (or none): one extra causal forward over the clean batch
             terms.ar_loss, m = ar_loss(model, batch)
             terms.ar_acc = m["next_token_acc"]
@@ -341,7 +332,7 @@ def ar_loss(model, batch: dict[str, Tensor], cfg=None, **_) -> tuple[Tensor, dic
     b, L = x.shape
     doc_ids, positions = batch.get("doc_ids"), batch.get("positions")
     mask = build_mask("causal", seq_len=L, device=x.device, doc_ids=doc_ids, positions=positions, batch=b)
-    loss, _, acc = next_token_ce(model(x, positions=positions, mask=mask), x, doc_ids)
+    loss, acc = next_token_ce(model(x, positions=positions, mask=mask), x, doc_ids)
     return loss, {"loss": float(loss.detach()), "next_token_acc": acc}
 
 
