@@ -32,7 +32,6 @@ class KVCache:
         self.batch = batch  # rows in use (a prefix of the allocated rows)
         self.lengths = [0] * batch  # committed tokens per row
         self._len_t = torch.zeros(batch, dtype=torch.long, device=device)
-        self.device = device
 
     @property
     def length(self) -> int:

@@ -1,27 +1,34 @@
 """Decoding rules: which positions of the current block to write at this step. Each rule is a small function,
-vectorised over the batch, behind one interface:
+vectorised over the rows of the batch, that takes the per-position confidence and masks of the block and its own
+parameters, and returns bool [b, B] masks of the positions to write:
 
-    rule(conf [b, B], masked [b, B], changed [b, B], editable [b, B], cfg) -> (m2t [b, B], t2t [b, B])
+    threshold_rule(conf, masked, threshold, quota)                        -> m2t
+    dinfer_threshold_rule(conf, masked, threshold)                        -> m2t
+    factor_rule(conf, masked, factor)                                     -> m2t
+    joint_rule(conf, masked, changed, editable, tau_mask, tau_edit, quota) -> (m2t, t2t)
 
-- `conf`: probability of the chosen token per position (float32, SYSTEM.md 6.1);
-- `masked`: the position still holds [MASK];
-- `changed`: the chosen token differs from the token the position holds now (only meaningful where not masked);
-- `editable`: a generated, already-unmasked position (never a prompt token): the only place T2T may write;
-- returns the positions to unmask (Mask-to-Token) and the positions to re-write (Token-to-Token edit).
+- `conf` [b, B]: probability of the chosen token per position (float32, docs/design.md 6.1);
+- `masked` [b, B]: the position still holds [MASK];
+- `changed` [b, B]: the chosen token differs from the token the position holds now (joint only);
+- `editable` [b, B]: a generated position (never a prompt token): the only place T2T may write (joint only);
+- `quota`: fallback commits at this step, an int or a per-row [b, 1] tensor (`DecodeConfig.quota_at`);
+- m2t: the positions to unmask (Mask-to-Token); t2t: the positions to re-write (Token-to-Token edit).
+Only the joint rule edits; the others unmask only. The engine (`engine.stream`) picks the rule from
+`DecodeConfig.rule`, and itself withholds writes from rows whose forward writes clean K/V and applies the
+edit-only pass budget (`max_post_steps`).
 
 Token choice (`choose_tokens`) is separate from the rule: argmax at temperature 0, else a sample after
-temperature / top-k / top-p. dInfer's credit rule changes the logits before the choice (`credit_adjust`).
+temperature / top-k / top-p. Logit transforms applied before the choice: dInfer's credit (`credit_update`,
+then `credit_adjust`) and the anti-stutter `repeat_penalty_`.
 
 Sources: LLaDA2.0 code (threshold + quota fallback), LLaDA2.1 paper + code (joint threshold, S/Q presets),
-dInfer (threshold >= min(tau, c_max - 1e-5), credit), Fast-dLLM (factor rule). SYSTEM.md 6.2-6.4.
+dInfer (threshold >= min(tau, c_max - 1e-5), credit), Fast-dLLM (factor rule). docs/design.md 6.2-6.4.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-RULES = ("threshold", "joint", "dinfer", "factor", "credit")
 
 
 # ----------------------------------------------------------------------------------------------- token choice
@@ -85,10 +92,6 @@ def _rank(conf: Tensor) -> Tensor:
 
 def _masked_conf(conf: Tensor, masked: Tensor) -> Tensor:
     return torch.where(masked, conf, torch.full_like(conf, -1.0))
-
-
-def _no_edit(masked: Tensor) -> Tensor:
-    return torch.zeros_like(masked)
 
 
 # ----------------------------------------------------------------------------------------------- rules

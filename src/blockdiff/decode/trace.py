@@ -2,12 +2,14 @@
 
 Line types (one JSON object per line):
   {"type": "meta", "config": {...DecodeConfig...}, "prompts": [[ids]...], "mask_id": .., "eos_ids": [..]}
-  {"type": "event", "row": r, "step": s, "block": b, "pos": p, "token": id, "text": "..", "kind": "m2t"|"t2t",
-   "conf": c, "prev": id|null}
-  {"type": "done", "row": r, "step": s, "tokens": [...], "stop_reason": ".."}
+  {"type": "event", "row": r, "step": s, "block": b, "pos": p, "token": id, "kind": "m2t"|"t2t", "conf": c,
+   "prev": id|null, "text": ".."}
+  {"type": "done", "row": r, "forwards": n, "tokens": [...], "stop_reason": ".."}
 `pos` is the absolute position in the row's canvas (prompt included); `step` counts the row's forwards after
-prefill. The file is written to a temporary name and renamed when complete, so a crashed run never leaves a
-truncated trace under the requested name.
+prefill; `text` is present only when the writer was given `token_text`. The `done` line (one per row, written by
+`close`) holds the row's `Generation`: `forwards` after prefill (cache-writing forwards included), the output
+`tokens` (trimmed at EOS or a stop string) and its `stop_reason`. The file is written to a temporary name and
+renamed when complete, so a crashed run never leaves a truncated trace under the requested name.
 """
 
 from __future__ import annotations
