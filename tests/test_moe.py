@@ -84,6 +84,23 @@ def test_expert_bias_steers_selection_not_weights():
     assert not torch.equal(idx0, idx), "the bias changed no selection"
 
 
+def test_norm_topk_prob_false_still_normalises(official, tmp_path):
+    """The official gate normalises the k weights whatever norm_topk_prob says: a folder that sets it false gives
+    the same logits as the same weights with true, and each token's weights sum to routed_scaling_factor."""
+    folder, hf, tensors = official
+    m = MoEConfig(num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                  norm_topk_prob=False)
+    logits = torch.randn(32, 8, generator=torch.Generator().manual_seed(4)) * 2
+    idx, w = route(logits, torch.zeros(8), m)
+    torch.testing.assert_close(w.sum(-1), torch.full((32,), 2.5))
+    off = write_official_folder(tmp_path / "off", official_config(norm_topk_prob=False), tensors)
+    ids = torch.randint(2, hf["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = load_pretrained(folder).eval()(ids)
+        got = load_pretrained(off).eval()(ids)
+    assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------------------------- MoE layer
 def swiglu(x, w1, w3, w2):
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
@@ -300,9 +317,14 @@ def test_missing_moe_field_is_named(tmp_path):
         load_config(tmp_path)
 
 
+# Values the official gate ignores (docs/moe.md): they must still be written back as read.
+IGNORED_BY_THE_GATE = {"norm_topk_prob": False, "moe_router_enable_expert_bias": False, "num_shared_experts": 0}
+
+
+@pytest.mark.parametrize("overrides", [{}, IGNORED_BY_THE_GATE], ids=["official", "ignored-by-gate"])
 @pytest.mark.parametrize("family", ["llada2_moe", "bailing_moe_v2"])
-def test_config_round_trip(family):
-    hf = official_config(family)
+def test_config_round_trip(family, overrides):
+    hf = official_config(family, **overrides)
     cfg = ModelConfig.from_hf(hf)
     out = cfg.to_hf()
     for k, v in hf.items():

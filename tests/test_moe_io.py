@@ -14,6 +14,14 @@ from safetensors import safe_open
 from blockdiff.model.hf_io import INDEX_NAME, load_pretrained, save_pretrained
 
 
+def file_tensors_any(folder) -> dict[str, torch.Tensor]:
+    """All tensors of a saved folder, sharded (index) or single-file."""
+    if (folder / INDEX_NAME).exists():
+        return file_tensors(folder)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
 def file_tensors(folder) -> dict[str, torch.Tensor]:
     index = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
     out = {}
@@ -54,10 +62,7 @@ def test_bf16_save_keeps_expert_bias_fp32(tmp_path):
     src = write_official_folder(tmp_path / "src", hf, official_tensors(hf))
     model = load_pretrained(src)
     out = save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16)
-    saved = file_tensors(out) if (out / INDEX_NAME).exists() else None
-    if saved is None:
-        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-            saved = {k: f.get_tensor(k) for k in f.keys()}
+    saved = file_tensors_any(out)
     assert saved["model.layers.1.mlp.gate.expert_bias"].dtype == torch.float32
     assert saved["model.layers.1.mlp.experts.0.gate_proj.weight"].dtype == torch.bfloat16
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -94,6 +99,66 @@ def test_missing_expert_and_bad_shape_name_the_tensor(tmp_path):
     tensors["model.layers.1.mlp.experts.8.gate_proj.weight"] = torch.zeros(32, 64)  # only 8 experts: 0..7
     with pytest.raises(ValueError, match=r"does not use: model\.layers\.1\.mlp\.experts\.8\.gate_proj\.weight"):
         load_pretrained(write_official_folder(tmp_path / "extra", hf, tensors))
+
+
+def logits_of(folder, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return load_pretrained(folder).eval()(ids)
+
+
+def test_expert_bias_flag_false_loads_and_routes_with_the_bias(tmp_path):
+    """moe_router_enable_expert_bias=false: the official gate still adds the expert_bias buffer (and its
+    save_pretrained writes it), so the folder loads, gives the logits of the same weights with the flag true, a
+    non-zero bias changes them, and a save writes the flag and the bias back unchanged."""
+    hf = official_config(moe_router_enable_expert_bias=False)
+    tensors = official_tensors(hf, seed=5)
+    for k in tensors:
+        if k.endswith("expert_bias"):
+            tensors[k] = tensors[k] * 10  # large enough to move several selections of 24 tokens
+    ids = torch.randint(2, hf["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(8))
+    off = write_official_folder(tmp_path / "off", hf, tensors)
+    on = write_official_folder(tmp_path / "on", official_config(moe_router_enable_expert_bias=True), tensors)
+    zero = write_official_folder(tmp_path / "zero", hf, {k: torch.zeros_like(v) if k.endswith("expert_bias") else v
+                                                         for k, v in tensors.items()})
+    got = logits_of(off, ids)
+    assert torch.equal(got, logits_of(on, ids))
+    assert not torch.allclose(got, logits_of(zero, ids), atol=1e-3), "the bias changed no routing"
+    out = save_pretrained(load_pretrained(off), tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["moe_router_enable_expert_bias"] is False
+    assert torch.equal(file_tensors_any(out)["model.layers.1.mlp.gate.expert_bias"],
+                       tensors["model.layers.1.mlp.gate.expert_bias"])
+    assert torch.equal(logits_of(out, ids), got)
+
+
+@pytest.mark.parametrize("shared_tensors", ["absent", "zero-width"])
+def test_no_shared_expert_loads_saves_reloads_and_runs(tmp_path, shared_tensors):
+    """num_shared_experts=0: the official LLaDA2 code builds no shared expert (no tensors), Ling's builds a
+    zero-width one (tensors of shape [0, d] / [d, 0]); both load, as the same model as a shared expert whose
+    down_proj is zero, and save -> reload keeps the config value and the logits."""
+    hf = official_config(num_shared_experts=0)
+    tensors = official_tensors(hf, seed=6)
+    assert tensors["model.layers.1.mlp.shared_experts.gate_proj.weight"].shape == (0, 64)
+    if shared_tensors == "absent":
+        tensors = {k: v for k, v in tensors.items() if ".shared_experts." not in k}
+    src = write_official_folder(tmp_path / "src", hf, tensors)
+    model = load_pretrained(src)
+    assert all(layer.feed_forward.shared is None for layer in model.layers[1:])
+    # reference: the same weights plus a one-expert shared SwiGLU that adds nothing (down_proj zero)
+    with_shared = {k: v for k, v in tensors.items() if ".shared_experts." not in k}
+    for i in (1, 2):
+        p = f"model.layers.{i}.mlp.shared_experts."
+        with_shared[p + "gate_proj.weight"] = torch.randn(32, 64)
+        with_shared[p + "up_proj.weight"] = torch.randn(32, 64)
+        with_shared[p + "down_proj.weight"] = torch.zeros(64, 32)
+    ref = write_official_folder(tmp_path / "ref", official_config(num_shared_experts=1), with_shared)
+    ids = torch.randint(2, hf["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(9))
+    got = logits_of(src, ids)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, logits_of(ref, ids), atol=1e-6, rtol=0)
+    out = save_pretrained(model, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["num_shared_experts"] == 0
+    assert not any(".shared_experts." in k for k in file_tensors_any(out))
+    assert torch.equal(logits_of(out, ids), got)
 
 
 def test_llada2_without_mask_token_loads_without_diffusion_info(tmp_path, capsys):
@@ -137,10 +202,7 @@ def test_convert_ling_folder_to_llada2(tmp_path, tiny_data):
     assert tok.mask_id is not None and model.cfg.diffusion.mask_token_id == tok.mask_id == tok.token_to_id("<|mask|>")
     assert model.cfg.diffusion.block_size == 8
     assert tok.mask_id == 300 and model.cfg.vocab_size == 301  # the Ling vocabulary was full: grown by one row
-    saved = file_tensors(out) if (out / INDEX_NAME).exists() else None
-    if saved is None:
-        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-            saved = {k: f.get_tensor(k) for k in f.keys()}
+    saved = file_tensors_any(out)
     assert saved.keys() == {k for k in tensors if not k.startswith("model.layers.3.")}  # MTP layer dropped
     for layer in (1, 2):
         k = f"model.layers.{layer}.mlp.gate.expert_bias"

@@ -166,6 +166,9 @@ def _load_moe(folder: Path, cfg: ModelConfig, files: dict[str, Path], dtype: tor
                 mapped = moe_adapter.hf_to_ours(key)
                 if mapped is not None and mapped[0] == "output.weight" and cfg.tie_word_embeddings:
                     continue  # tied head: the embedding is the weight
+                if (mapped is not None and ".shared." in mapped[0] and not cfg.moe.num_shared_experts
+                        and 0 in handle.get_slice(key).get_shape()):
+                    continue  # num_shared_experts=0: Ling's code saves a zero-width shared expert; nothing to load
                 if mapped is None or mapped[0] not in tensors or key not in expected:
                     if not (mapped is None and moe_adapter.IGNORED_MOE_HF_KEYS.search(key)):
                         unexpected.append(key)
@@ -188,7 +191,7 @@ def _load_moe(folder: Path, cfg: ModelConfig, files: dict[str, Path], dtype: tor
     missing = sorted(expected - loaded)
     if missing:
         if missing == [k for k in missing if k.endswith("mlp.gate.expert_bias")] and not cfg.moe.expert_bias:
-            pass  # moe_router_enable_expert_bias=false: the bias is unused and may be absent
+            pass  # moe_router_enable_expert_bias=false: an absent bias is zero (the official buffer's init)
         else:
             raise ValueError(f"{folder}: checkpoint lacks tensors: {', '.join(missing[:8])}")
     if cfg.family == "llada2_moe" and cfg.diffusion is None:
@@ -218,8 +221,6 @@ def _moe_hf_tensors(model) -> dict[str, torch.Tensor]:
     tied = model.output.weight is model.tok_embeddings.weight
     for name, t in model.state_dict(keep_vars=True).items():
         if tied and name == "output.weight":
-            continue
-        if name.endswith("expert_bias") and not model.cfg.moe.expert_bias:
             continue
         t = t.detach()
         if moe_adapter.is_stacked(name):

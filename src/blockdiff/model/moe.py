@@ -5,7 +5,12 @@ Router, per token (the official BailingMoeV2 / LLaDA2 gate; the same scheme as D
 router): logits in fp32, scores = sigmoid(logits); *selection* uses scores + expert_bias: experts are split into
 n_group groups, a group's score is the sum of its top-2 biased scores, the best topk_group groups are kept and
 the top-k experts among them are chosen. The *weights* are the unbiased scores of the chosen experts, normalised
-to sum 1 (norm_topk_prob) and times routed_scaling_factor. The bias only steers load balance, never the mix.
+to sum 1 and times routed_scaling_factor. The bias only steers load balance, never the mix.
+
+As in the official gate (LLaDA2MoeGate / BailingMoeV2Gate.forward in the remote code), `norm_topk_prob` and
+`moe_router_enable_expert_bias` are not read: the weights are always normalised (for k > 1) and selection always
+adds the expert_bias buffer. A folder whose config.json sets either to false still runs as the official code
+runs it, and the values are written back unchanged (docs/moe.md).
 
 `expert_bias` is a buffer, not a parameter: no optimiser ever touches it. During conversion we keep it frozen
 (README "Choices"): LLaDA2 does not publish its bias-update rule, and the Ling bias already balances the
@@ -41,7 +46,8 @@ class SwiGLU(nn.Module):
 
 
 def route(logits: Tensor, expert_bias: Tensor | None, m: MoEConfig) -> tuple[Tensor, Tensor]:
-    """Router logits [N, E] -> (expert ids [N, k], weights [N, k] fp32). Pure function of the logits."""
+    """Router logits [N, E] -> (expert ids [N, k], weights [N, k] fp32). Pure function of the logits;
+    `expert_bias=None` selects on the unbiased scores (the Router always passes its buffer)."""
     scores = torch.sigmoid(logits.float())  # [N, E]
     biased = scores if expert_bias is None else scores + expert_bias.float()
     N, E = scores.shape
@@ -53,7 +59,7 @@ def route(logits: Tensor, expert_bias: Tensor | None, m: MoEConfig) -> tuple[Ten
         biased = biased.masked_fill(~group_mask.repeat_interleave(E // m.n_group, dim=1), float("-inf"))
     idx = biased.topk(m.num_experts_per_tok, dim=-1).indices  # [N, k]
     weights = scores.gather(1, idx)
-    if m.norm_topk_prob and m.num_experts_per_tok > 1:
+    if m.num_experts_per_tok > 1:  # whatever m.norm_topk_prob says, as the official gate does
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # 1e-20: the official gate's guard
     return idx, weights * m.routed_scaling_factor
 
@@ -71,7 +77,7 @@ class Router(nn.Module):
         autocast is switched off here, or bf16 training on CUDA would compute them in bf16 anyway."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        return route(logits, self.expert_bias if self.m.expert_bias else None, self.m)
+        return route(logits, self.expert_bias, self.m)  # whatever m.expert_bias says, as the official gate does
 
 
 class Experts(nn.Module):
@@ -147,6 +153,8 @@ class MoE(nn.Module):
         super().__init__()
         self.router = Router(dim, m)
         self.experts = Experts(dim, m)
+        # num_shared_experts = 0: no shared expert (the official LLaDA2 code builds none; Ling's builds a zero-width
+        # one, whose empty tensors the loader accepts and skips).
         self.shared = SwiGLU(dim, m.shared_intermediate_size) if m.num_shared_experts > 0 else None
 
     def forward(self, x: Tensor) -> Tensor:

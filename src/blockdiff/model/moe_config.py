@@ -38,14 +38,16 @@ class MoEConfig:
     num_experts: int = 8  # routed experts E
     num_experts_per_tok: int = 2  # experts k chosen per token
     moe_intermediate_size: int = 64  # SwiGLU width of one routed expert
-    num_shared_experts: int = 1  # always-on experts, fused into one SwiGLU of width num_shared * moe_intermediate
+    num_shared_experts: int = 1  # always-on experts, fused into one SwiGLU of width num_shared * moe_intermediate; 0: none
     n_group: int = 1  # expert groups for group-limited routing (experts per group = E / n_group)
     topk_group: int = 1  # groups kept per token
     first_k_dense_replace: int = 0  # the first this-many layers use a dense SwiGLU of intermediate_size
     routed_scaling_factor: float = 1.0  # multiplies the (normalised) routing weights
-    norm_topk_prob: bool = True  # normalise the k chosen weights to sum 1
+    # The next two are read and written back unchanged, but, as in the official LLaDA2 / BailingMoeV2 gate, they
+    # change nothing: the k chosen weights are always normalised to sum 1, and selection always adds expert_bias.
+    norm_topk_prob: bool = True  # config.json norm_topk_prob (unused by the gate, see above)
     score_function: str = "sigmoid"  # only sigmoid is used by the family
-    expert_bias: bool = True  # moe_router_enable_expert_bias: selection adds a per-expert bias buffer
+    expert_bias: bool = True  # config.json moe_router_enable_expert_bias (unused by the gate, see above)
 
     @property
     def shared_intermediate_size(self) -> int:
