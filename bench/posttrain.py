@@ -31,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from blockdiff.data.chat import ChatTemplate, SYSTEM_PROMPT, answer_text, encode_prompt, read_pairs, task_prompt  # noqa: E402
-from blockdiff.data.tasks import generate_examples, is_correct  # noqa: E402
+from blockdiff.data.chat_template import ChatTemplate, answer_text, encode_prompt  # noqa: E402
+from blockdiff.data.post_data import read_pairs, task_prompt  # noqa: E402
+from blockdiff.data.tasks import SYSTEM_PROMPT, generate_examples, is_correct  # noqa: E402
 from blockdiff.data.tokenizer import load_tokenizer  # noqa: E402
 from blockdiff.decode.engine import DecodeConfig, generate  # noqa: E402
 from blockdiff.model.hf_io import load_pretrained  # noqa: E402

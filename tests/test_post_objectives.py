@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blockdiff.data.chat import (ChatTemplate, answer_text, chat_rows, read_chat, read_pairs, read_rl_prompts,
-                                 tokenize_conversation, validate_messages, write_post_data)
+from blockdiff.data.bundled import write_post_data
+from blockdiff.data.chat_template import ChatTemplate, answer_text, tokenize_conversation, validate_messages
+from blockdiff.data.post_data import chat_rows, read_chat, read_pairs, read_rl_prompts
 from blockdiff.data.documents import DataError
 from blockdiff.data.tokenizer import load_tokenizer
 from blockdiff.objectives.cap import CAPConfig, cap_entropy, cap_loss

@@ -13,7 +13,7 @@ import torch
 
 import blockdiff.train.sources as sources
 from blockdiff.cli import main
-from blockdiff.data.chat import write_post_data
+from blockdiff.data.bundled import write_post_data
 from blockdiff.model.hf_io import load_pretrained
 from blockdiff.train.loop import train
 from blockdiff.train.metrics import read_metrics

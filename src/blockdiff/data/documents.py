@@ -1,4 +1,5 @@
-"""Read user training data (.txt and .jsonl) into documents, with errors that say where and why.
+"""Read user data files (.txt and .jsonl) with errors that say where and why: the package's one jsonl
+reader (`read_jsonl`, also used by the post-training readers) and the pretraining documents.
 
 A `.txt` file is one document. A `.jsonl` file holds one JSON object per non-blank line, whose
 `text_field` is the document. Nothing is skipped silently: every problem raises `DataError` with
@@ -9,6 +10,7 @@ what was expected.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,21 +42,17 @@ def _decode(path: Path, data: bytes) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _read_txt(path: Path) -> list[Document]:
-    text = _decode(path, path.read_bytes())
-    if not text.strip():
-        raise DataError(f"{path}: empty file (no text); expected a .txt file holding one document")
-    return [Document(text=text, source=str(path), line=0)]
-
-
-def _read_jsonl(path: Path, text_field: str) -> list[Document]:
+def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), *, example: str | None = None,
+               missing_hint: str = "") -> Iterator[tuple[int, dict]]:
+    """Yield (1-based line number, object) for each non-blank line of a jsonl file; every object is a dict
+    holding `fields`. Errors name `path:line`; `example` (default: built from `fields`) shows the expected
+    line, `missing_hint` is appended to a missing-field error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    example = example or "{" + ", ".join(f'"{f}": ...' for f in fields) + "}"
     content = _decode(path, path.read_bytes())
-    if not content.strip():
-        raise DataError(
-            f"{path}: empty file (no lines); expected one JSON object per line like "
-            f'{{"{text_field}": "..."}}'
-        )
-    docs = []
+    n = 0
     for lineno, raw in enumerate(content.split("\n"), start=1):
         if not raw.strip():
             continue
@@ -63,19 +61,35 @@ def _read_jsonl(path: Path, text_field: str) -> list[Document]:
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                f'expected one JSON object per line like {{"{text_field}": "..."}}'
+                f"expected one JSON object per line like {example}"
             ) from None
         if not isinstance(obj, dict):
             raise DataError(
                 f"{path}:{lineno}: line is a JSON {type(obj).__name__}, not an object; "
-                f'expected an object like {{"{text_field}": "..."}}'
+                f"expected an object like {example}"
             )
-        if text_field not in obj:
-            keys = ", ".join(repr(k) for k in list(obj)[:20]) or "none"
-            raise DataError(
-                f"{path}:{lineno}: missing field {text_field!r} (keys present: {keys}); "
-                f"pass text_field= to read another field"
-            )
+        for f in fields:
+            if f not in obj:
+                keys = ", ".join(repr(k) for k in list(obj)[:20]) or "none"
+                raise DataError(f"{path}:{lineno}: missing field {f!r} (keys present: {keys}){missing_hint}")
+        n += 1
+        yield lineno, obj
+    if n == 0:
+        raise DataError(f"{path}: empty file (no lines); expected one JSON object per line like {example}")
+
+
+def _read_txt(path: Path) -> list[Document]:
+    text = _decode(path, path.read_bytes())
+    if not text.strip():
+        raise DataError(f"{path}: empty file (no text); expected a .txt file holding one document")
+    return [Document(text=text, source=str(path), line=0)]
+
+
+def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
+    docs = []
+    lines = read_jsonl(path, (text_field,), example=f'{{"{text_field}": "..."}}',
+                       missing_hint="; pass text_field= to read another field")
+    for lineno, obj in lines:
         text = obj[text_field]
         if not isinstance(text, str):
             raise DataError(
@@ -114,5 +128,5 @@ def read_documents(paths: list[str | Path], text_field: str = "text") -> list[Do
     docs: list[Document] = []
     for p in paths:
         for f in _expand(Path(p)):
-            docs.extend(_read_txt(f) if f.suffix == ".txt" else _read_jsonl(f, text_field))
+            docs.extend(_read_txt(f) if f.suffix == ".txt" else _jsonl_documents(f, text_field))
     return docs

@@ -31,6 +31,8 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 
 # One prompt in HELDOUT_MODULUS is held out (10%): enough held-out prompts for every task.
 HELDOUT_MODULUS = 10
+# The system turn of a task in chat form (generated SFT/DPO data, RL prompts, the post-training bench).
+SYSTEM_PROMPT = "Answer with the result only."
 
 
 @dataclass(frozen=True)

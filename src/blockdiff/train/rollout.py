@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.chat import ChatTemplate, RLPrompt, answer_text, encode_prompt
+from ..data.chat_template import ChatTemplate, answer_text, encode_prompt
+from ..data.post_data import RLPrompt
 from ..data.tasks import TaskExample, is_correct
 from ..decode.engine import DecodeConfig, generate
 from ..objectives.policy import EBPOConfig, elbo_logp, group_advantages, sample_timesteps

@@ -5,7 +5,7 @@ run them through the same loop as conversion. A source has `next_batch()`, `stat
 
 from __future__ import annotations
 
-from ..data.chat import chat_rows, read_chat, read_pairs, read_rl_prompts
+from ..data.post_data import chat_rows, read_chat, read_pairs, read_rl_prompts
 from ..data.packing import BatchStream, PackedDataset
 from ..objectives.cap import CAPConfig, cap_loss
 from ..objectives.diffusion import DiffusionLossConfig, ar_loss, diffusion_loss
