@@ -92,12 +92,14 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _decode_config(args, loaded):
-    return loaded.decode_config(mode=args.mode, block_size=args.block_size, steps=args.steps,
-                                threshold=args.threshold, edit_threshold=args.edit_threshold,
-                                max_post_steps=args.max_post_steps, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty, eos_fill=args.eos_fill)
+def _decode_config(args, info):
+    from .decode.engine import DecodeConfig
+
+    return DecodeConfig(mode=args.mode, block_size=args.block_size or info.block_size, steps=args.steps,
+                        threshold=args.threshold, edit_threshold=args.edit_threshold,
+                        max_post_steps=args.max_post_steps, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty, eos_fill=args.eos_fill)
 
 
 class _StreamPrinter:
@@ -129,16 +131,23 @@ class _StreamPrinter:
             self.shown = text
 
 
+def _load_for_decoding(path: str):
+    from .data.tokenizer import load_tokenizer
+    from .model.hf_io import load_pretrained
+
+    model = load_pretrained(path).eval()  # first: its errors name the model folder and config.json
+    tok = load_tokenizer(path)
+    return model, tok
+
+
 def cmd_generate(args) -> int:
     import torch
 
-    from .decode.engine import find_stop
-    from .load import load_checkpoint
+    from .decode.engine import ar_generate, find_stop, generate
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    loaded = load_checkpoint(args.model)
-    tok = loaded.tokenizer
+    model, tok = _load_for_decoding(args.model)
     texts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -151,14 +160,15 @@ def cmd_generate(args) -> int:
     for k, ids in enumerate(prompts):
         if not ids:
             raise ValueError(f"prompt {k + 1} is empty after tokenisation")
-    info = loaded.info
-    cfg = _decode_config(args, loaded)
+    info = model.cfg.diffusion
     if args.ar or info is None:
         if not args.ar:
             print(f"[blockdiff] {args.model} has no blockdiff diffusion section: decoding it as an AR model", file=sys.stderr)
-        gens = loaded.generate(prompts, cfg, ar=True, generator=gen)
+        gens = [ar_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids,
+                            temperature=args.temperature, generator=gen) for ids in prompts]
         seconds = sum(g.seconds for g in gens)
     else:
+        cfg = _decode_config(args, info)
         trace = None
         callbacks = []
         if args.trace:
@@ -175,8 +185,8 @@ def cmd_generate(args) -> int:
                 f(u)
 
         try:
-            gens = loaded.generate(prompts, cfg, generator=gen, stop=args.stop or (),
-                                   on_step=on_step if callbacks else None)
+            gens = generate(model, prompts, cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen,
+                            stop=args.stop or (), decode=tok.decode, on_step=on_step if callbacks else None)
         except BaseException:
             if trace is not None:
                 trace.close(None)
@@ -207,13 +217,13 @@ def cmd_chat(args) -> int:
     import torch
 
     from .data.chat_template import ChatTemplate, answer_text
-    from .load import load_checkpoint
+    from .decode.engine import ar_generate, generate
 
     gen = torch.Generator().manual_seed(args.seed)
-    loaded = load_checkpoint(args.model)
-    tok = loaded.tokenizer
+    model, tok = _load_for_decoding(args.model)
     template = ChatTemplate(tok)
-    cfg = _decode_config(args, loaded)
+    info = model.cfg.diffusion
+    cfg = _decode_config(args, info) if info is not None and not args.ar else None
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     src = "the tokenizer's chat template" if tok.chat_template else "the default chat template (tokenizer has none)"
@@ -230,7 +240,11 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         ids = tok.encode(template.render(system + history, add_generation_prompt=True))
-        g = loaded.generate([ids], cfg, ar=args.ar, generator=gen)[0]
+        if cfg is None:
+            g = ar_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids,
+                            temperature=args.temperature, generator=gen)
+        else:
+            g = generate(model, [ids], cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)[0]
         reply = answer_text(tok, g.tokens)
         history.append({"role": "assistant", "content": reply})
         print(reply, flush=True)
