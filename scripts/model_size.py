@@ -1,7 +1,7 @@
 """Parameter counts and weight footprint of a checkpoint, computed from its config.json alone (no weights read).
 
     python scripts/model_size.py /path/to/LLaDA2.1-mini            # a model folder or a config.json
-    python scripts/model_size.py --shape llada2-mini --shape llada2-flash   # SYSTEM.md section 5 shapes
+    python scripts/model_size.py --shape llada2-mini --shape llada2-flash   # docs/design.md 5 shapes
 
 For MoE families prints total, active (per token: k routed experts + shared + dense + attention + embeddings)
 and active non-embedding parameters, and the bf16 weight bytes (2 bytes per parameter; the fp32 expert_bias
@@ -24,7 +24,7 @@ _MOE_COMMON = {"model_type": "llada2_moe", "vocab_size": 157184, "num_key_value_
                "partial_rotary_factor": 0.5, "num_experts": 256, "num_experts_per_tok": 8, "num_shared_experts": 1,
                "n_group": 8, "topk_group": 4, "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
                "rope_theta": 600000, "max_position_embeddings": 32768}
-SHAPES = {  # SYSTEM.md section 5
+SHAPES = {  # docs/design.md 5
     "llada2-mini": dict(_MOE_COMMON, hidden_size=2048, num_hidden_layers=20, num_attention_heads=16,
                         intermediate_size=5120, moe_intermediate_size=512),
     "llada2-flash": dict(_MOE_COMMON, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,

@@ -1,6 +1,6 @@
 """Tiny LLaDA2-MoE / Ling 2.0 checkpoints in the official HF layout, written independently of our adapter:
 config.json in the official spelling, one tensor per expert under the official names, sharded safetensors with
-model.safetensors.index.json (no real weights exist on this machine; shapes follow SYSTEM.md section 5)."""
+model.safetensors.index.json (no real weights exist on this machine; shapes follow docs/design.md 5)."""
 
 from __future__ import annotations
 

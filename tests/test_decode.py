@@ -86,7 +86,7 @@ class Spy(nn.Module):
 
 
 def ref_threshold_row(conf: list[float], masked: list[bool], threshold: float, quota: int) -> set[int]:
-    """SYSTEM.md 6.2 per row: masked positions with confidence > threshold; if fewer than `quota` pass, the
+    """docs/design.md 6.2 per row: masked positions with confidence > threshold; if fewer than `quota` pass, the
     `quota` most confident masked positions instead (ties: lower index first)."""
     cand = [i for i, m in enumerate(masked) if m]
     passing = {i for i in cand if conf[i] > threshold}
@@ -217,7 +217,7 @@ def test_block_generate_equals_no_cache_reference(bd, block_size, threshold):
             assert gen.n_generated == ref_n
             assert gen.steps_per_block == ref_steps
             # Same denoising forwards; the cached engine adds one cache-writing forward per finished block
-            # except the last (SYSTEM.md 6.1), and counts it.
+            # except the last (docs/design.md 6.1), and counts it.
             assert gen.forwards == ref_fwd + len(ref_steps) - 1
             spread.add(tuple(ref_steps))
     if threshold == 1.0:  # only the fallback commits: exactly one token per step

@@ -40,7 +40,7 @@ def official(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ router
 def ref_route_token(logits: list[float], bias: list[float], m: MoEConfig) -> dict[int, float]:
-    """One token, straight from the description in SYSTEM.md section 5: {expert: weight}."""
+    """One token, straight from the description in docs/design.md 5: {expert: weight}."""
     scores = [1 / (1 + math.exp(-x)) for x in logits]
     biased = [s + b for s, b in zip(scores, bias)]
     size = m.num_experts // m.n_group
@@ -335,7 +335,7 @@ def test_config_round_trip(family, overrides):
 
 
 def test_parameter_counts_of_official_shapes():
-    """SYSTEM.md section 5: LLaDA2.0-mini is 16B total / ~1.4B active; flash 100B / ~6B active."""
+    """docs/design.md 5: LLaDA2.0-mini is 16B total / ~1.4B active; flash 100B / ~6B active."""
     mini = ModelConfig.from_hf(official_config(
         vocab_size=157184, hidden_size=2048, intermediate_size=5120, num_hidden_layers=20, num_attention_heads=16,
         num_key_value_heads=4, head_dim=128, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,

@@ -1,4 +1,4 @@
-"""The `blockdiff` command line: a thin layer over the public API (STYLE.md item 4).
+"""The `blockdiff` command line: a thin layer over the public API (docs/design.md, Code conventions 4).
 
     blockdiff make-data  write the bundled corpus (synthetic tasks + Python stdlib source) as jsonl, or with
                          --kind chat|pairs the post-training data (SFT conversations, DPO pairs) from the tasks

@@ -6,7 +6,7 @@ Formats (one JSON object per line):
     pairs  {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}
     RL     {"prompt": "...", "answer": "..."}
 
-SFT rows (LLaDA2.0 SFT, SYSTEM.md section 4): prompt tokens are never masked and never in the loss
+SFT rows (LLaDA2.0 SFT, docs/design.md 4.1): prompt tokens are never masked and never in the loss
 (`loss_mask` False); assistant tokens (content + end-of-turn) are; the sequence then gets one EOS and is
 padded with EOS up to the next multiple of B (the padding is response: the model learns to end, as in the open
 trainer). Over-length examples (more than seq_len tokens before padding) are dropped with a counted warning

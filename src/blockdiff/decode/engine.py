@@ -1,5 +1,5 @@
 """The decoding engine: token ids in, token ids out. Batched block decoding with an exact KV cache for
-block-diffusion models (SYSTEM.md 6.1-6.4), and greedy AR decoding of the parent model through the same cache.
+block-diffusion models (docs/design.md 6.1-6.4), and greedy AR decoding of the parent model through the same cache.
 Used by the CLI, the benchmark, the evaluation and RL rollouts.
 
 Block decoding, per row r (prompts of different lengths share a batch; each row keeps its own blocks):

@@ -1,5 +1,5 @@
 """Reference block decoder: a deliberately plain, no-cache implementation of the official algorithms
-(SYSTEM.md 6.1-6.3), kept for the equivalence tests and as the benchmark baseline.
+(docs/design.md 6.1-6.3), kept for the equivalence tests and as the benchmark baseline.
 
 Like the official HF `generate()` of LLaDA2.0/2.1, every step recomputes the whole canvas prefix up to the end of
 the current block with the block-causal mask and reads the current block's logits; there is no KV cache and no

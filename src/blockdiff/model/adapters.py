@@ -1,4 +1,4 @@
-"""State-dict adapters: HF key names <-> ours, per model family (STYLE.md item 1).
+"""State-dict adapters: HF key names <-> ours, per model family (docs/design.md, Code conventions 1).
 
 Our names follow the short gpt-fast / torchtitan convention (tok_embeddings, layers.N.attention.wq, ...). A family
 differs only by which HF names map to them; the Llama / Qwen2 / Qwen3 dense family shares one table (Qwen2 adds

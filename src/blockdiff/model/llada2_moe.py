@@ -1,4 +1,4 @@
-"""The LLaDA2-MoE / Ling 2.0 (BailingMoeV2) decoder in plain PyTorch (SYSTEM.md section 5).
+"""The LLaDA2-MoE / Ling 2.0 (BailingMoeV2) decoder in plain PyTorch (docs/design.md 5).
 
 Same interface and KV-cache protocol as `transformer.Transformer` (ids or embeddings, positions, mask ->
 logits; `cache.update(layer_idx, k, v)` in every attention layer; `logits_slice`), so the decoding engine,

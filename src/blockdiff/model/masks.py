@@ -4,7 +4,7 @@ Conventions (shared by every builder in this file):
 
 - Masks are boolean, ``True`` = the query may attend the key.
 - Packing: ``doc_ids`` ``[b, L]`` (int) gives each token's document; attention never crosses a
-  document boundary (LLaDA2.0 document-level mask, SYSTEM.md 2.3). ``None`` = one document per row.
+  document boundary (LLaDA2.0 document-level mask, docs/design.md 2.3). ``None`` = one document per row.
 - Blocks are defined from per-token ``positions`` ``[b, L]`` (position inside the document, restarting
   at 0 at each document start): block(j) = positions[j] // block_size. So the block rule applies inside
   each document. If ``positions`` is ``None`` it is derived from ``doc_ids`` (restart at every change of
@@ -14,7 +14,7 @@ Conventions (shared by every builder in this file):
   - ``"full"``: same doc, bidirectional (MDLM, block_size = L).
   - ``"block_causal"``: same doc and block(key) <= block(query) (inference; block_size 1 == causal).
   - ``"bd_train"``: the vectorised block-diffusion training mask on the doubled input ``[x_t ; x0]``
-    of length 2L (LLaDA2.0 eq. 3, SYSTEM.md 2.2). Both halves reuse the same doc ids and positions.
+    of length 2L (LLaDA2.0 eq. 3, docs/design.md 2.2). Both halves reuse the same doc ids and positions.
     With noisy = index < L and blocks taken in each half:
       noisy q, noisy k: same block (block-diagonal);
       noisy q, clean k: key block strictly earlier (offset block-causal);

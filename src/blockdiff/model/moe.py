@@ -1,5 +1,5 @@
 """Mixture of experts for the LLaDA2-MoE / Ling 2.0 (BailingMoeV2) family: the group-limited sigmoid router,
-stacked routed experts with a sort-based grouped forward, and the shared expert (SYSTEM.md section 5).
+stacked routed experts with a sort-based grouped forward, and the shared expert (docs/design.md 5).
 
 Router, per token (the official BailingMoeV2 / LLaDA2 gate; the same scheme as DeepSeek-V3's "aux-loss-free"
 router): logits in fp32, scores = sigmoid(logits); *selection* uses scores + expert_bias: experts are split into

@@ -1,6 +1,6 @@
 """State-dict adapter for the LLaDA2-MoE / Ling 2.0 (BailingMoeV2) family: official HF key names <-> ours.
 
-Official names (SYSTEM.md section 5): `model.word_embeddings`, per layer `input_layernorm`,
+Official names (docs/design.md 5): `model.word_embeddings`, per layer `input_layernorm`,
 `post_attention_layernorm`, `attention.query_key_value`, `attention.query_layernorm`, `attention.key_layernorm`,
 `attention.dense`, dense layers `mlp.{gate,up,down}_proj`, MoE layers `mlp.gate.weight`, buffer
 `mlp.gate.expert_bias`, `mlp.experts.E.{gate,up,down}_proj`, `mlp.shared_experts.{gate,up,down}_proj`;

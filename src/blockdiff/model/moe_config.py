@@ -198,7 +198,7 @@ _LING_ONLY_KEYS = ("num_nextn_predict_layers", "mtp_loss_scaling_factor")
 
 def as_llada2_moe(cfg) -> None:
     """Relabel a bailing_moe_v2 (Ling 2.0) config as llada2_moe, in place, for block-diffusion conversion: the
-    weights are the same architecture (SYSTEM.md section 5: LLaDA2 = BailingMoeV2 minus causality and MTP).
+    weights are the same architecture (docs/design.md 5: LLaDA2 = BailingMoeV2 minus causality and MTP).
 
     `architectures` becomes ["LLaDA2MoeModelLM"] and `auto_map` points at LLaDA2's remote-code file and class
     names (configuration_llada2_moe.LLaDA2MoeConfig, modeling_llada2_moe.LLaDA2MoeModel / LLaDA2MoeModelLM):

@@ -1,7 +1,7 @@
 """The decoder: one plain-PyTorch transformer for the dense Llama / Qwen2 / Qwen3 family.
 
 It takes token ids (or input embeddings), positions and an attention mask and returns logits. It knows nothing
-of noise, losses, sampling or parallelism (STYLE.md item 1). Whether it behaves as an AR model or a
+of noise, losses, sampling or parallelism (docs/design.md, Code conventions 1). Whether it behaves as an AR model or a
 block-diffusion model is decided entirely by the mask the caller passes and by how the caller reads the logits.
 
 KV cache protocol (duck-typed, implemented in `blockdiff.decode.cache`): if `cache` is given, every attention

@@ -6,7 +6,7 @@
 
 Sharpening the distributions the model already gets right raises the confidence of correct predictions, so a
 threshold decoder commits more of them per forward (higher TPF). lambda = 2.0 is the value recommended in the
-open trainer's documentation (SYSTEM.md 4); the report does not state its own. Positions that are wrong are
+open trainer's documentation (docs/design.md 4.2); the report does not state its own. Positions that are wrong are
 left to the cross-entropy term: minimising their entropy would only make the model confidently wrong.
 Departure: none known; entropy is computed in float32 over the full vocabulary.
 """

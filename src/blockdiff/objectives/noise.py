@@ -3,7 +3,7 @@ Gaussian noise on masked-position embeddings used while converting an AR model.
 
 Sources: LLaDA2.0 report (arXiv 2512.15745) section on the BDLM objective (linear schedule alpha_t = 1 - t,
 each token masked independently with probability t) and its "noise on masked embeddings" stabiliser; BD3-LM
-for per-block t. Departures: the embedding-noise std and its annealing are not published (SYSTEM.md 2.4): ours
+for per-block t. Departures: the embedding-noise std and its annealing are not published (docs/design.md 2.4): ours
 are documented at `embedding_noise_std`.
 """
 
@@ -86,7 +86,7 @@ def edit_corruption(
     exclude=(),
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """LLaDA2.1 editing-stream (T2T) corruption; the scheme is ours (the report publishes none, SYSTEM.md 4).
+    """LLaDA2.1 editing-stream (T2T) corruption; the scheme is ours (the report publishes none, docs/design.md 4.4).
 
     Each row carries the editing stream with probability `ratio`; such a row draws a rate r ~ U(0, rate_max) and
     replaces each eligible, *unmasked* token with probability r by a token drawn uniformly from the vocabulary

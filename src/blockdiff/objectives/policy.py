@@ -1,4 +1,4 @@
-"""EBPO: ELBO-based Block-level Policy Optimization (LLaDA2.1 report, RL section; SYSTEM.md 4).
+"""EBPO: ELBO-based Block-level Policy Optimization (LLaDA2.1 report, RL section; docs/design.md 4.5).
 
 PPO-style clipped surrogate with asymmetric bounds over rollouts of the block decoder:
 

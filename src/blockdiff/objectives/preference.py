@@ -1,4 +1,4 @@
-"""DPO on the ELBO (LLaDA2.0 report, post-training section; SYSTEM.md 4).
+"""DPO on the ELBO (LLaDA2.0 report, post-training section; docs/design.md 4.3).
 
 A diffusion LM has no tractable log-likelihood, so DPO's log p is replaced by the ELBO B(theta, y | c) -- the
 SFT objective read as a likelihood bound, sum over masked response tokens of log p / t -- estimated with one

@@ -1,4 +1,4 @@
-"""The one visible training loop (STYLE.md item 3). Conversion (CPT with the WSD block schedule), AR
+"""The one visible training loop (docs/design.md, Code conventions 3). Conversion (CPT with the WSD block schedule), AR
 pretraining of the bundled base model and post-training (SFT/CAP, DPO, RL) differ only in the batch source,
 the objective function (chosen by the recipe's [objective] kind, train/sources.py) and the phases.
 
