@@ -1,5 +1,5 @@
 """Decoding: the threshold rule against a brute-force reference, exact-KV-cache block decoding against a no-cache
-reference decoder written from SYSTEM.md 6.1-6.2 (the official HF `generate()` recomputes the whole prefix every
+reference decoder written from docs/design.md 6.1-6.2 (the official HF `generate()` recomputes the whole prefix every
 step), AR decoding against greedy full recomputation, sampling reproducibility, decoding invariants and bad input.
 
 The tiny random models are near uniform (every confidence ~1/V), which would make every threshold behave like
@@ -145,7 +145,7 @@ def ref_output_final(canvas, *, lo, end, mask_id, eos) -> bool:
 
 @torch.no_grad()
 def reference_block_decode(model, prompt, cfg: BlockDecodeConfig, mask_id: int, eos_ids):
-    """No-cache block decoder from SYSTEM.md 6.1-6.2, like the official HF generate(): each step recomputes the
+    """No-cache block decoder from docs/design.md 6.1-6.2, like the official HF generate(): each step recomputes the
     whole canvas prefix up to the current block with the block-causal mask and reads the current block's
     logits. Temperature 0 only. Returns (tokens, n_generated, denoising forwards, steps per block)."""
     eos = set(eos_ids)

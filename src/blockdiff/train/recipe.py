@@ -1,7 +1,7 @@
 """Recipes: a training run as data (a TOML file), parsed into typed dataclasses and validated up front.
 
 A recipe names the starting model, the data, the optimiser settings, the objective and the list of phases.
-The Warmup-Stable-Decay block schedule of LLaDA2.0 (SYSTEM.md section 3) is simply a list of phases, each
+The Warmup-Stable-Decay block schedule of LLaDA2.0 (docs/design.md 3) is simply a list of phases, each
 with its block size, budget and learning rate -- data, not code. Every error names the file, the field and
 the allowed range, before any model is loaded.
 """
