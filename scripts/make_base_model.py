@@ -23,7 +23,7 @@ from blockdiff.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_t
 from blockdiff.decode.engine import ar_generate
 from blockdiff.eval.task_accuracy import evaluate_tasks
 from blockdiff.model.config import ModelConfig
-from blockdiff.model.hf_io import load_pretrained, save_pretrained, write_json_atomic
+from blockdiff.model.hf_io import load_pretrained, save_pretrained
 from blockdiff.model.transformer import Transformer
 from blockdiff.train.loop import train
 from blockdiff.train.recipe import parse_recipe

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_json
 from .data.tasks import generate_examples
 from .eval.task_accuracy import evaluate_checkpoint
-from .model.hf_io import write_json_atomic
 from .train.loop import train
 from .train.merge import merge_top_k
 from .train.recipe import Recipe
@@ -71,7 +71,7 @@ def run_conversion(recipe: Recipe, out: str | Path, *, resume: bool = False, pro
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     report["device"] = "cuda" if torch.cuda.is_available() and recipe.train.device != "cpu" else "cpu"
     path = out / "report.json"
-    write_json_atomic(path, report)
+    write_json(path, report)
     (out / "report.md").write_text(format_report(report))
     return ConvertResult(model_dir, report, path)
 

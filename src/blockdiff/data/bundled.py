@@ -8,12 +8,11 @@ Everything is generated on the machine, deterministically, with no download.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_text
 from .chat_template import user_turn
 from .corpus import stdlib_documents
 from .tasks import SYSTEM_PROMPT, TaskExample, generate_examples
@@ -25,12 +24,8 @@ class BundledCorpus:
     valid: Path  # jsonl, held-out tasks + held-out stdlib files
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}) + "\n")
-    os.replace(tmp, path)
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_bundled_corpus(
@@ -57,8 +52,8 @@ def write_bundled_corpus(
     train = [t for t in train if t.strip()]
     valid = [t for t in valid if t.strip()]
     paths = BundledCorpus(out / "train.jsonl", out / "valid.jsonl")
-    _write_jsonl(paths.train, train)
-    _write_jsonl(paths.valid, valid)
+    _write_jsonl(paths.train, [{"text": t} for t in train])
+    _write_jsonl(paths.valid, [{"text": t} for t in valid])
     return paths
 
 
@@ -107,6 +102,6 @@ def write_post_data(out_dir: str | Path, kind: str, *, train: int, valid: int, s
             path = out / f"pairs_{name}.jsonl"
         else:
             raise ValueError(f"unknown data kind {kind!r}; expected chat or pairs")
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        _write_jsonl(path, rows)
         written.append(path)
     return written

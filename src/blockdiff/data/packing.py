@@ -10,8 +10,6 @@ document), and the unused tail of a row is padding that forms its own document.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blockdiff.atomic import open_for_replace
 from blockdiff.data.documents import Document
 from blockdiff.data.tokenizer import Tokenizer
 
@@ -62,14 +61,8 @@ def _load_cache(path: Path) -> TokenizedCorpus | None:
 
 def _save_cache(path: Path, corpus: TokenizedCorpus) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, tokens=corpus.tokens, doc_offsets=corpus.doc_offsets)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open_for_replace(path, "wb") as f:
+        np.savez(f, tokens=corpus.tokens, doc_offsets=corpus.doc_offsets)
 
 
 def tokenize_documents(

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ..atomic import write_text
 
 # Names that mark a mask token when a tokenizer does not declare one (LLaDA, BERT, RoBERTa).
 MASK_TOKEN_CANDIDATES: tuple[str, ...] = ("<|mask|>", "[MASK]", "<mask>")
@@ -48,19 +48,6 @@ def train_bpe_tokenizer(
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a saved tokenizer is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_tokenizer(
@@ -103,9 +90,9 @@ def save_tokenizer(
     }
     if chat_template is not None:
         config["chat_template"] = chat_template
-    _write_atomic(folder / "tokenizer.json", tok.to_str(pretty=True))
-    _write_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-    _write_atomic(folder / "special_tokens_map.json", json.dumps(named, indent=2, ensure_ascii=False))
+    write_text(folder / "tokenizer.json", tok.to_str(pretty=True))
+    write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+    write_text(folder / "special_tokens_map.json", json.dumps(named, indent=2, ensure_ascii=False))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

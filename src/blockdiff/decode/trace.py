@@ -15,11 +15,11 @@ renamed when complete, so a crashed run never leaves a truncated trace under the
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from ..atomic import PendingFile
 from .engine import DecodeConfig, Generation, StepUpdate
 
 
@@ -29,14 +29,13 @@ class TraceWriter:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             raise FileNotFoundError(f"--trace: folder {self.path.parent} does not exist")
-        self.tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        self.f = open(self.tmp, "w", encoding="utf-8")
+        self.out = PendingFile(self.path)
         self.token_text = token_text
         self._write({"type": "meta", "config": asdict(cfg), "prompts": prompts, "mask_id": mask_id,
                      "eos_ids": sorted(set(eos_ids))})
 
     def _write(self, obj) -> None:
-        self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.out.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
     def __call__(self, u: StepUpdate) -> None:
         for e in u.events:
@@ -50,11 +49,10 @@ class TraceWriter:
         for r, g in enumerate(generations or []):
             self._write({"type": "done", "row": r, "forwards": g.forwards, "tokens": g.tokens,
                          "stop_reason": g.stop_reason})
-        self.f.close()
         if generations is None:  # aborted: keep nothing under the requested name
-            self.tmp.unlink(missing_ok=True)
-            return
-        os.replace(self.tmp, self.path)
+            self.out.discard()
+        else:
+            self.out.commit()
 
 
 def read_trace(path: str | Path) -> list[dict]:

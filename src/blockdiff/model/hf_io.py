@@ -15,16 +15,15 @@ disk whatever `dtype` is: selection compares biased scores that differ by ~1e-3,
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import os  # noqa: F401  (tests/test_hf_io.py patches hf_io.os.replace; the folder swap is atomic.py)
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import folder_for_replace, write_json
 from . import moe_adapter
 from .adapters import IGNORED_HF_KEYS, hf_to_ours, ours_to_hf
 from .attention import rope_inv_freq
@@ -47,16 +46,6 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    _chmod_default(Path(tmp), 0o666)  # mkstemp makes 0600; match what open() would create
-    os.replace(tmp, path)
 
 
 def load_config(folder: str | Path) -> ModelConfig:
@@ -276,27 +265,20 @@ def save_pretrained(
     """Write `folder` atomically in the HF layout. `extra_files` maps file name -> JSON-able object;
     `write_extra(tmp_folder)` may write further files (optimizer state, ...) inside the same atomic swap."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        _chmod_default(tmp, 0o777)  # mkdtemp makes 0700; give the folder the permissions mkdir would
+    with folder_for_replace(folder) as tmp:
         sd = hf_state_dict(model, dtype)
         hf_cfg = model.cfg.to_hf()
         # transformers >= 4.56 reads `dtype` before `torch_dtype`: overwrite both, or a `dtype` kept in hf_extra
         # from the source folder would mislabel the weights we write.
         hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-        write_json_atomic(tmp / "config.json", hf_cfg)
+        write_json(tmp / "config.json", hf_cfg)
         _write_weights(sd, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
         for name, obj in (extra_files or {}).items():
-            write_json_atomic(tmp / name, obj)
+            write_json(tmp / name, obj)
         if write_extra is not None:
             write_extra(tmp)
-        _swap_in(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -327,25 +309,5 @@ def _write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: i
         for k, t in shard.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()
-    write_json_atomic(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
-
-def _chmod_default(path: Path, mode: int) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
-def _swap_in(tmp: Path, folder: Path) -> None:
-    """Replace `folder` by `tmp` with renames only (the old folder survives until the new one is in place)."""
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        try:
-            os.replace(tmp, folder)
-        except BaseException:
-            os.replace(old, folder)  # put the good checkpoint back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)

@@ -6,7 +6,6 @@ mid-save never leaves a partial checkpoint, and an existing one is never overwri
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_json
 from ..model.hf_io import read_json, save_pretrained
 
 STATE_NAME = "trainer_state.json"
@@ -64,8 +64,8 @@ def save_checkpoint(
     def write_extra(tmp: Path) -> None:
         torch.save(optimizer.state_dict(), tmp / OPTIM_NAME)
         torch.save(rng_state(generator), tmp / RNG_NAME)
-        (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=2) + "\n")
-        (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
+        write_json(tmp / STATE_NAME, trainer_state)
+        write_json(tmp / RECIPE_NAME, recipe)
 
     return save_pretrained(model, out, tokenizer=tokenizer, write_extra=write_extra)
 

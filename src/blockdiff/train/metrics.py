@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from ..atomic import open_for_replace, write_text
 
 
 class MetricsLog:
@@ -17,7 +17,7 @@ class MetricsLog:
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= truncate_from_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         # Open per record: nothing is left open when training stops on an exception (e.g. divergence).
@@ -60,8 +60,8 @@ def plot_curves(metrics_path: Path, png_path: Path, schedule=None) -> None:
             ax.text(ph.start, ax.get_ylim()[1], f" B={ph.block_size}", fontsize=7, va="top", color="gray")
     ax.set_title("blockdiff training")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=Path(png_path).parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with open_for_replace(png_path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
