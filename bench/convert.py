@@ -67,7 +67,9 @@ def run_variant(name: str, base: str, overrides: dict, args, examples, out_root:
     from blockdiff.train.loop import train
     from blockdiff.train.recipe import load_recipe, validate
 
-    recipe = load_recipe(REPO / base, {f"objective.{k}": v for k, v in overrides.items()})
+    # labels / clean_stream are the [objective]'s (the checkpoint's alignment); the aids are the [diffusion] loss's
+    recipe = load_recipe(REPO / base, {f"{'objective' if k in ('labels', 'clean_stream') else 'diffusion'}.{k}": v
+                                       for k, v in overrides.items()})
     scaled_phases(recipe, args.steps)
     every = max(1, args.steps // args.points)
     recipe.train.save_every = recipe.train.eval_every = every
@@ -105,10 +107,10 @@ def run_variant(name: str, base: str, overrides: dict, args, examples, out_root:
         points.append(pt)
         print(f"  {name} step {step}: " + ", ".join(f"{m} {pt['accuracy'][m]:.3f} (TPF {pt['tpf'][m]:.2f})"
                                                    for m in MODES), flush=True)
-    o = recipe.objective
+    o, d = recipe.objective, recipe.diffusion
     return {"recipe": base, "objective": {"labels": o.labels or "same", "clean_stream": o.clean_stream or "block_causal",
-                                          "ar_weight": o.ar_weight, "mask_slope": o.mask_slope,
-                                          "mask_suffix": o.mask_suffix},
+                                          "ar_weight": d.ar_weight, "mask_slope": d.mask_slope,
+                                          "mask_suffix": d.mask_suffix},
             "phases": [(p.name, p.block_size, p.steps) for p in recipe.phases], "train_s": info["train_s"],
             "train_tokens_per_s": info["train_tokens_per_s"], "points": points}
 

@@ -219,7 +219,8 @@ def test_conversion_writes_alignment_and_continuation_keeps_it(tiny_ar_dir, tiny
 
     phases = [{"block_size": 1, "steps": 1, "lr": 1e-3}, {"block_size": 8, "steps": 2, "lr": 1e-3}]
     r = make_recipe(tiny_ar_dir, tiny_data, phases=phases,
-                    objective={"labels": "shift", "clean_stream": "causal", "ar_weight": 0.5, "mask_suffix": 0.5})
+                    objective={"labels": "shift", "clean_stream": "causal"},
+                    diffusion={"ar_weight": 0.5, "mask_suffix": 0.5})
     res = train(r, tmp_path / "run", progress=False)
     bd_cfg = json.loads((res.final_dir / "config.json").read_text())["blockdiff"]
     assert (bd_cfg["labels"], bd_cfg["clean_stream"]) == ("shift", "causal")
@@ -238,19 +239,19 @@ def test_conversion_writes_alignment_and_continuation_keeps_it(tiny_ar_dir, tiny
     assert not (tmp_path / "run3" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("labels", "left", r"\[objective\] labels must be same or shift, got 'left'"),
-    ("clean_stream", "full", r"\[objective\] clean_stream must be block_causal or causal, got 'full'"),
-    ("ar_weight", -1.0, r"\[objective\] ar_weight must be >= 0, got -1.0"),
-    ("mask_slope", 2.0, r"\[objective\] mask_slope must be in \[0, 1\], got 2.0"),
-    ("mask_suffix", 1.5, r"\[objective\] mask_suffix must be in \[0, 1\], got 1.5"),
+@pytest.mark.parametrize("section,field,value,msg", [
+    ("objective", "labels", "left", r"\[objective\] labels must be same or shift, got 'left'"),
+    ("objective", "clean_stream", "full", r"\[objective\] clean_stream must be block_causal or causal, got 'full'"),
+    ("diffusion", "ar_weight", -1.0, r"\[diffusion\] ar_weight must be >= 0, got -1.0"),
+    ("diffusion", "mask_slope", 2.0, r"\[diffusion\] mask_slope must be in \[0, 1\], got 2.0"),
+    ("diffusion", "mask_suffix", 1.5, r"\[diffusion\] mask_suffix must be in \[0, 1\], got 1.5"),
 ])
-def test_recipe_rejects_bad_alignment_fields(tiny_ar_dir, tiny_data, field, value, msg):
+def test_recipe_rejects_bad_alignment_fields(tiny_ar_dir, tiny_data, section, field, value, msg):
     from blockdiff.train.recipe import RecipeError
     from test_train import make_recipe
 
     with pytest.raises(RecipeError, match=msg):
-        make_recipe(tiny_ar_dir, tiny_data, objective={field: value})
+        make_recipe(tiny_ar_dir, tiny_data, **{section: {field: value}})
 
 
 @pytest.mark.parametrize("labels,clean", ALIGNMENTS[1:3])
@@ -307,8 +308,8 @@ def test_shifted_conversion_resumes_exactly(tiny_ar_dir, tiny_data, tmp_path):
     from test_train import assert_same_weights, make_recipe
 
     phases = [{"block_size": 1, "steps": 2, "lr": 1e-3}, {"block_size": 8, "steps": 4, "lr": 1e-3}]
-    r = make_recipe(tiny_ar_dir, tiny_data, phases=phases, objective={
-        "labels": "shift", "clean_stream": "causal", "ar_weight": 0.5, "mask_slope": 0.5, "mask_suffix": 0.5})
+    r = make_recipe(tiny_ar_dir, tiny_data, phases=phases, objective={"labels": "shift", "clean_stream": "causal"},
+                    diffusion={"ar_weight": 0.5, "mask_slope": 0.5, "mask_suffix": 0.5})
     train(r, tmp_path / "a", progress=False)
     part = train(r, tmp_path / "b", progress=False, max_steps=4)
     assert part.steps == 4

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import blockdiff.train.sources as sources
+import blockdiff.train.tasks as tasks
 from blockdiff.cli import main
 from blockdiff.data.bundled import write_post_data
 from blockdiff.model.hf_io import load_pretrained
@@ -38,9 +38,10 @@ def recipe_for(kind, model_dir, d: Path, steps=4, **sections):
     raw = {"model": {"path": str(model_dir)}, "data": data,
            "train": {"batch_size": 2 if kind != "rl" else 1, "save_every": 2, "eval_every": 2, "warmup_steps": 1,
                      "threads": 1, "device": "cpu"},
-           "objective": {"kind": kind, "t_lo": 0.3, "t_hi": 0.8, "embed_noise": False},
-           "rl": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8, "reward": "contains", "minibatches": 2,
-                  "threshold": 0.9},
+           "objective": {"kind": kind},
+           **{"sft": {"diffusion": {"t_lo": 0.3, "t_hi": 0.8}}, "dpo": {"dpo": {"t_lo": 0.3, "t_hi": 0.8}},
+              "rl": {"rollout": {"prompts_per_step": 2, "group_size": 4, "reward": "contains", "minibatches": 2,
+                                 "decode": {"max_new_tokens": 8, "threshold": 0.9}}}}[kind],
            "phases": [{"block_size": 8, "steps": steps, "lr": 3e-3}]}
     for name, fields in sections.items():
         raw.setdefault(name, {}).update(fields)
@@ -76,7 +77,7 @@ def check_resume(recipe, tmp_path, stop=2):
 
 def test_sft_moves_parameters_and_resumes_exactly(tiny_bd_dir, post_data, tmp_path):
     recipe = recipe_for("sft", tiny_bd_dir, post_data)
-    assert recipe.objective.complementary, "complementary masking is on by default for SFT"
+    assert recipe.diffusion.complementary, "complementary masking is on by default for SFT"
     res, lines = check_resume(recipe, tmp_path, stop=3)
     assert moved(tiny_bd_dir, res.final_dir)
     assert res.evals and all(r["mask_frac"] == pytest.approx(0.5) for r in lines)  # complementary pairs: t + (1-t)
@@ -84,7 +85,7 @@ def test_sft_moves_parameters_and_resumes_exactly(tiny_bd_dir, post_data, tmp_pa
 
 def test_sft_with_cap_and_t2t_logs_their_metrics(tiny_bd_dir, post_data, tmp_path):
     recipe = recipe_for("sft", tiny_bd_dir, post_data, steps=2, data={"pack": True},
-                        objective={"cap": True, "t2t_ratio": 0.5, "t2t_max_rate": 0.5})
+                        cap={"lam": 2.0}, diffusion={"t2t_ratio": 0.5, "t2t_max_rate": 0.5})
     res = train(recipe, tmp_path / "run", progress=False)
     lines = [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if not r.get("eval")]
     assert all("cap_entropy" in r and "t2t_nll" in r and r["t2t_frac"] > 0 for r in lines)
@@ -93,7 +94,7 @@ def test_sft_with_cap_and_t2t_logs_their_metrics(tiny_bd_dir, post_data, tmp_pat
 
 def test_dpo_resumes_exactly_and_reference_stays_frozen(tiny_bd_dir, post_data, tmp_path, monkeypatch):
     refs = []
-    real = sources.dpo_loss
+    real = tasks.dpo_loss
 
     def spy(model, batch, cfg, *, ref_model, generator=None):
         refs.append(ref_model)
@@ -101,8 +102,8 @@ def test_dpo_resumes_exactly_and_reference_stays_frozen(tiny_bd_dir, post_data, 
         assert not any(p.requires_grad for p in ref_model.parameters())
         return real(model, batch, cfg, ref_model=ref_model, generator=generator)
 
-    monkeypatch.setattr(sources, "dpo_loss", spy)
-    recipe = recipe_for("dpo", tiny_bd_dir, post_data, objective={"t_lo": 0.001, "t_hi": 1.0})
+    monkeypatch.setattr(tasks, "dpo_loss", spy)
+    recipe = recipe_for("dpo", tiny_bd_dir, post_data, dpo={"t_lo": 0.001, "t_hi": 1.0})
     res, lines = check_resume(recipe, tmp_path, stop=3)
     assert moved(tiny_bd_dir, res.final_dir)
     start = weights(tiny_bd_dir)
@@ -138,7 +139,6 @@ threads = 1
 device = "cpu"
 [objective]
 kind = "sft"
-embed_noise = false
 [[phases]]
 block_size = 8
 steps = 2
@@ -150,13 +150,13 @@ lr = 1e-3
     assert main(["train", "dpo", "--recipe", str(recipe), "--out", str(tmp_path / "x")]) == 2
     assert "kind is 'sft'" in capsys.readouterr().err
     assert main(["train", "sft", "--recipe", str(recipe), "--out", str(tmp_path / "y"),
-                 "--set", "rl.group_size=1", "--set", "objective.kind=\"rl\""]) == 2
+                 "--set", "rollout.group_size=1", "--set", "objective.kind=\"rl\""]) == 2
 
 
 def test_recipe_rejects_bad_post_fields(tiny_bd_dir, post_data):
-    with pytest.raises(RecipeError, match="cap = true needs kind"):
-        recipe_for("dpo", tiny_bd_dir, post_data, objective={"cap": True})
+    with pytest.raises(RecipeError, match=r"\[cap\] is not read by kind 'dpo' \(only by sft\)"):
+        recipe_for("dpo", tiny_bd_dir, post_data, cap={"lam": 2.0})
     with pytest.raises(RecipeError, match="over_length"):
         recipe_for("sft", tiny_bd_dir, post_data, data={"over_length": "truncate"})
     with pytest.raises(RecipeError, match="temperature must be > 0"):
-        recipe_for("rl", tiny_bd_dir, post_data, rl={"temperature": 0.0})
+        recipe_for("rl", tiny_bd_dir, post_data, rollout={"decode": {"temperature": 0.0}})

@@ -29,6 +29,8 @@ min_lr_ratio = 0.1
 
 [objective]
 kind = "diffusion"
+
+[diffusion]
 weighting = "token_mean"
 
 [[phases]]
@@ -74,8 +76,8 @@ def test_valid_recipe_loads_and_resolves_paths(tmp_path):
     assert r.data.valid == [str((base / "data/valid.jsonl").resolve())]
     assert r.data.cache_dir == str((base / "cache").resolve())
     assert r.data.seq_len == 64 and r.train.batch_size == 8 and r.train.grad_accum == 2
-    assert r.objective.weighting == "token_mean"
-    assert r.objective.t_lo == 0.001 and r.train.dtype == "auto"  # defaults fill unset fields
+    assert r.diffusion.weighting == "token_mean"
+    assert r.diffusion.t_lo == 0.001 and r.train.dtype == "auto"  # defaults fill unset fields
     assert [p.block_size for p in r.phases] == [1, 16, 64]
     assert isinstance(r.phases[0].lr, float)
     d = r.to_dict()
@@ -99,9 +101,9 @@ def test_empty_cache_dir_stays_empty(tmp_path):
 
 def test_overrides_apply_before_validation(tmp_path):
     path = write(tmp_path)
-    r = load_recipe(path, {"train.batch_size": 4, "objective.weighting": "elbo", "model.path": "other"})
+    r = load_recipe(path, {"train.batch_size": 4, "diffusion.weighting": "elbo", "model.path": "other"})
     assert r.train.batch_size == 4
-    assert r.objective.weighting == "elbo"
+    assert r.diffusion.weighting == "elbo"
     assert r.model.path == str((path.parent / "other").resolve())
     # an override of a section the file does not have
     r = load_recipe(path, {"merge.top_k": 3})
@@ -223,18 +225,24 @@ BAD = [
     ("batch_size = 8", 'batch_size = "8"', r"\[train\]\.batch_size: expected int, got '8'"),
     ("batch_size = 8", "batch_size = 8.5", r"\[train\]\.batch_size: expected int"),
     ("batch_size = 8", "batch_size = true", r"\[train\]\.batch_size: expected int"),
-    ('weighting = "token_mean"', "weighting = 1", r"\[objective\]\.weighting: expected a string"),
+    ('weighting = "token_mean"', "weighting = 1", r"\[diffusion\]\.weighting: expected a string"),
     ("lr = 5e-4", 'lr = "5e-4"', r"\[\[phases\]\] #3\.lr: expected float"),
     ('train = ["data/train.jsonl", "/abs/train2.jsonl"]', 'train = "data/train.jsonl"',
      r"\[data\]\.train: expected a list of strings"),
     ('path = "../models/tiny"', 'path = ""', r"\[model\] path is required"),
     ('[model]\npath = "../models/tiny"\n', "", r"\[model\] path is required"),
     ('train = ["data/train.jsonl", "/abs/train2.jsonl"]', "train = []", r"\[data\] train needs at least one"),
-    ('kind = "diffusion"', 'kind = "ar"', r"#2: the ar objective needs block_size = 1, got 16"),
+    ('kind = "diffusion"\n\n[diffusion]\nweighting = "token_mean"', 'kind = "ar"',
+     r"#2: the ar objective needs block_size = 1, got 16"),
+    ('kind = "diffusion"', 'kind = "ar"', r"\[diffusion\] is not read by kind 'ar' \(only by diffusion, sft\)"),
+    ('kind = "diffusion"', 'kind = "diffusion"\nembed_noise = false',
+     r"\[objective\]: embed_noise is now \[noise\] enabled"),
+    ('weighting = "token_mean"', 'weighting = "token_mean"\nblock_size = 4',
+     r"\[diffusion\]: block_size is set by the run"),
     ('kind = "diffusion"', 'kind = "mdlm"', r"\[objective\] kind must be one of diffusion, ar, sft, dpo, rl, got 'mdlm'"),
-    ('weighting = "token_mean"', 'weighting = "mean"', r"\[objective\] weighting must be elbo or token_mean"),
-    ('weighting = "token_mean"', 'weighting = "elbo"\nt_per = "token"', r"\[objective\] t_per must be"),
-    ('weighting = "token_mean"', 'weighting = "elbo"\nt_lo = 0.9\nt_hi = 0.2', r"\[objective\] need 0 <= t_lo"),
+    ('weighting = "token_mean"', 'weighting = "mean"', r"\[diffusion\] weighting must be elbo or token_mean"),
+    ('weighting = "token_mean"', 'weighting = "elbo"\nt_per = "token"', r"\[diffusion\] t_per must be"),
+    ('weighting = "token_mean"', 'weighting = "elbo"\nt_lo = 0.9\nt_hi = 0.2', r"\[diffusion\] need 0 <= t_lo"),
     ("min_lr_ratio = 0.1", 'min_lr_ratio = 0.1\ndtype = "fp16"',
      r"\[train\] dtype must be auto, float32 or bfloat16, got 'fp16'"),
     ("batch_size = 8", "batch_size = 0", r"\[train\] batch_size must be >= 1"),
@@ -292,8 +300,52 @@ def test_missing_file(tmp_path):
         load_recipe(tmp_path)  # a folder is not a recipe
 
 
-def test_recipe_error_is_a_value_error():
-    assert issubclass(RecipeError, ValueError)
+def test_bad_recipe_is_one_line_and_exit_2_from_the_cli(tmp_path, capsys):
+    from blockdiff.cli import main
+
+    path = write(tmp_path, edit(VALID, "batch_size = 8", "batch_size = 0"))
+    assert main(["convert", "--recipe", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"blockdiff convert: error: {path}: [train] batch_size must be >= 1, got 0"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_sections_are_the_owners_config_classes(tmp_path):
+    from blockdiff.decode.engine import MODES, DecodeConfig
+    from blockdiff.objectives.diffusion import DiffusionLossConfig
+    from blockdiff.train.rollout import RolloutConfig
+
+    r = load_recipe(write(tmp_path))
+    assert type(r.diffusion) is DiffusionLossConfig and type(r.rollout) is RolloutConfig
+    assert type(r.rollout.decode) is DecodeConfig
+    # defaults stated once: the section's default is the class's default
+    assert r.diffusion.t_lo == DiffusionLossConfig().t_lo and r.rollout == RolloutConfig()
+    # the rollout threshold is the threshold mode's default from MODES, not a copy
+    assert r.rollout.decode.threshold is None and r.rollout.decode.tau_mask == MODES["threshold"][1]
+
+
+def test_nested_set_and_kind_defaults(tmp_path):
+    rl = edit(VALID, 'kind = "diffusion"\n\n[diffusion]\nweighting = "token_mean"', 'kind = "rl"')
+    r = load_recipe(write(tmp_path, rl), {"rollout.decode.temperature": 1.5, "rollout.group_size": 8,
+                                          "ebpo.eps_high": 0.3})
+    assert (r.rollout.decode.temperature, r.rollout.group_size, r.ebpo.eps_high) == (1.5, 8, 0.3)
+    assert r.rollout.decode.max_new_tokens == 32  # the other rollout decoding defaults stay
+    with pytest.raises(RecipeError, match=r"\[rollout.decode\] temperature must be > 0|decode.temperature must be > 0"):
+        load_recipe(write(tmp_path, rl), {"rollout.decode.temperature": 0.0})
+    with pytest.raises(RecipeError, match=r"\[rollout.decode\]: block_size is set by the run"):
+        load_recipe(write(tmp_path, rl), {"rollout.decode.block_size": 4})
+    sft = edit(VALID, 'kind = "diffusion"', 'kind = "sft"')
+    assert load_recipe(write(tmp_path, sft)).diffusion.complementary  # LLaDA2.0 SFT default
+    assert not load_recipe(write(tmp_path, sft), {"diffusion.complementary": False}).diffusion.complementary
+    assert not load_recipe(write(tmp_path)).diffusion.complementary
+
+
+def test_old_rl_section_says_where_each_field_went(tmp_path):
+    old = edit(VALID, 'kind = "diffusion"\n\n[diffusion]\nweighting = "token_mean"',
+               'kind = "rl"\n\n[rl]\ngroup_size = 4\nthreshold = 0.9\neps_low = 0.1')
+    with pytest.raises(RecipeError, match=r"\[rl\] was split.*group_size is now \[rollout\] group_size; "
+                                          r"threshold is now \[rollout.decode\] threshold; eps_low is now \[ebpo\] eps_low"):
+        load_recipe(write(tmp_path, old))
 
 
 def test_parse_recipe_names_its_source():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import blockdiff.train.loop as loop
-import blockdiff.train.sources as sources
+import blockdiff.train.tasks as tasks
 from blockdiff.data.documents import DataError
 from blockdiff.data.tokenizer import load_tokenizer
 from blockdiff.model.hf_io import load_pretrained
@@ -36,7 +36,7 @@ def make_recipe(model_dir: Path, paths: dict[str, Path], phases=THREE_PHASES, **
         "data": {"train": [str(paths["train"])], "valid": [str(paths["valid"])], "seq_len": L, "valid_rows": 8},
         "train": {"batch_size": 4, "eval_every": 3, "save_every": 3, "warmup_steps": 2, "decay_steps": 3,
                   "threads": 1, "device": "cpu"},  # exact equalities are a CPU property
-        "objective": {"embed_noise_frac": 0.8},
+        "noise": {"frac": 0.8},
         "phases": phases,
     }
     for name, fields in sections.items():
@@ -134,7 +134,7 @@ def test_resume_with_grad_accum(tiny_ar_dir, tiny_data, tmp_path):
 def test_grad_accum_2x1_equals_1x2(tiny_ar_dir, tiny_data, tmp_path):
     """Every token masked (t = 1): no randomness, so two micro-batches of 1 row give the gradient of one batch of
     2 rows (the ELBO loss is normalised per row-token, all rows have L tokens)."""
-    common = dict(objective={"t_lo": 1.0, "t_hi": 1.0, "embed_noise": False}, data={"valid": []})
+    common = dict(diffusion={"t_lo": 1.0, "t_hi": 1.0}, noise={"enabled": False}, data={"valid": []})
     phases = [{"block_size": 8, "steps": 1, "lr": 1e-3}]
     one = make_recipe(tiny_ar_dir, tiny_data, phases, train={"batch_size": 2, "grad_accum": 1}, **common)
     two = make_recipe(tiny_ar_dir, tiny_data, phases, train={"batch_size": 1, "grad_accum": 2}, **common)
@@ -257,7 +257,7 @@ def test_metrics_and_loss_curve(run_a):
 def test_divergence_stops_before_saving(what, tiny_ar_dir, tiny_data, tmp_path, monkeypatch):
     phases = [{"block_size": 1, "steps": 3, "lr": 1e-3}, {"block_size": 8, "steps": 3, "lr": 1e-3}]
     recipe = make_recipe(tiny_ar_dir, tiny_data, phases, train={"save_every": 2})
-    real, calls = sources.diffusion_loss, []
+    real, calls = tasks.diffusion_loss, []
 
     def poisoned(model, batch, cfg, **kw):
         loss, m = real(model, batch, cfg, **kw)
@@ -269,7 +269,7 @@ def test_divergence_stops_before_saving(what, tiny_ar_dir, tiny_data, tmp_path, 
                 loss = loss + torch.sqrt(0.0 * model.norm.weight.sum())
         return loss, m
 
-    monkeypatch.setattr(sources, "diffusion_loss", poisoned)  # the loop's objective comes from train/sources.py
+    monkeypatch.setattr(tasks, "diffusion_loss", poisoned)  # the loop's objective comes from train/tasks.py
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as e:
         train(recipe, run_dir, progress=False)
@@ -282,7 +282,7 @@ def test_divergence_stops_before_saving(what, tiny_ar_dir, tiny_data, tmp_path, 
     assert load_pretrained(last_good).cfg.diffusion.block_size == 8
     assert [r["step"] for r in train_lines(run_dir)] == [1, 2, 3, 4]
 
-    monkeypatch.setattr(sources, "diffusion_loss", real)  # "continue with --resume" works from there
+    monkeypatch.setattr(tasks, "diffusion_loss", real)  # "continue with --resume" works from there
     assert train(recipe, run_dir, progress=False, resume=True).steps == 6
     assert [r["step"] for r in train_lines(run_dir)] == list(range(1, 7))
 

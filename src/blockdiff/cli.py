@@ -92,14 +92,12 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _decode_config(args, info):
-    from .decode.engine import DecodeConfig
-
-    return DecodeConfig(mode=args.mode, block_size=args.block_size or info.block_size, steps=args.steps,
-                        threshold=args.threshold, edit_threshold=args.edit_threshold,
-                        max_post_steps=args.max_post_steps, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty, eos_fill=args.eos_fill)
+def _decode_config(args, loaded):
+    return loaded.decode_config(mode=args.mode, block_size=args.block_size, steps=args.steps,
+                                threshold=args.threshold, edit_threshold=args.edit_threshold,
+                                max_post_steps=args.max_post_steps, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty, eos_fill=args.eos_fill)
 
 
 class _StreamPrinter:
@@ -131,23 +129,16 @@ class _StreamPrinter:
             self.shown = text
 
 
-def _load_for_decoding(path: str):
-    from .data.tokenizer import load_tokenizer
-    from .model.hf_io import load_pretrained
-
-    model = load_pretrained(path).eval()  # first: its errors name the model folder and config.json
-    tok = load_tokenizer(path)
-    return model, tok
-
-
 def cmd_generate(args) -> int:
     import torch
 
-    from .decode.engine import ar_generate, find_stop, generate
+    from .decode.engine import find_stop
+    from .load import load_checkpoint
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model, tok = _load_for_decoding(args.model)
+    loaded = load_checkpoint(args.model)
+    tok = loaded.tokenizer
     texts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -160,15 +151,14 @@ def cmd_generate(args) -> int:
     for k, ids in enumerate(prompts):
         if not ids:
             raise ValueError(f"prompt {k + 1} is empty after tokenisation")
-    info = model.cfg.diffusion
+    info = loaded.info
+    cfg = _decode_config(args, loaded)
     if args.ar or info is None:
         if not args.ar:
             print(f"[blockdiff] {args.model} has no blockdiff diffusion section: decoding it as an AR model", file=sys.stderr)
-        gens = [ar_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids,
-                            temperature=args.temperature, generator=gen) for ids in prompts]
+        gens = loaded.generate(prompts, cfg, ar=True, generator=gen)
         seconds = sum(g.seconds for g in gens)
     else:
-        cfg = _decode_config(args, info)
         trace = None
         callbacks = []
         if args.trace:
@@ -185,8 +175,8 @@ def cmd_generate(args) -> int:
                 f(u)
 
         try:
-            gens = generate(model, prompts, cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen,
-                            stop=args.stop or (), decode=tok.decode, on_step=on_step if callbacks else None)
+            gens = loaded.generate(prompts, cfg, generator=gen, stop=args.stop or (),
+                                   on_step=on_step if callbacks else None)
         except BaseException:
             if trace is not None:
                 trace.close(None)
@@ -217,13 +207,13 @@ def cmd_chat(args) -> int:
     import torch
 
     from .data.chat_template import ChatTemplate, answer_text
-    from .decode.engine import ar_generate, generate
+    from .load import load_checkpoint
 
     gen = torch.Generator().manual_seed(args.seed)
-    model, tok = _load_for_decoding(args.model)
+    loaded = load_checkpoint(args.model)
+    tok = loaded.tokenizer
     template = ChatTemplate(tok)
-    info = model.cfg.diffusion
-    cfg = _decode_config(args, info) if info is not None and not args.ar else None
+    cfg = _decode_config(args, loaded)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     src = "the tokenizer's chat template" if tok.chat_template else "the default chat template (tokenizer has none)"
@@ -240,11 +230,7 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         ids = tok.encode(template.render(system + history, add_generation_prompt=True))
-        if cfg is None:
-            g = ar_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids,
-                            temperature=args.temperature, generator=gen)
-        else:
-            g = generate(model, [ids], cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)[0]
+        g = loaded.generate([ids], cfg, ar=args.ar, generator=gen)[0]
         reply = answer_text(tok, g.tokens)
         history.append({"role": "assistant", "content": reply})
         print(reply, flush=True)
@@ -278,10 +264,16 @@ def _add_run_args(p, recipe_example: str, out_help: str, model_help: str, set_ex
 def _add_decoding_args(g) -> None:
     from .decode.engine import MODES
 
+    about = {"threshold": "LLaDA2.0", "S": "LLaDA2.1 speed", "Q": "LLaDA2.1 quality", "joint": "LLaDA2.1, your thresholds",
+             "dinfer": "dInfer threshold", "factor": "Fast-dLLM factor rule", "credit": "dInfer credit"}
+
+    def defaults(mode: str) -> str:  # the thresholds come from MODES, the one place they are declared
+        _, m2t, t2t = MODES[mode]
+        return f"M2T {m2t}" + (f", T2T {t2t}" if t2t is not None else "")
+
     g.add_argument("--mode", default="threshold", choices=list(MODES),
-                   help="decoding rule: threshold = LLaDA2.0 (0.95); S = LLaDA2.1 speed (M2T 0.5, T2T 0.0); "
-                        "Q = LLaDA2.1 quality (M2T 0.7, T2T 0.5); joint = S/Q with your thresholds; dinfer; "
-                        "factor = Fast-dLLM; credit = dInfer credit")
+                   help="decoding rule (default thresholds): " + "; ".join(
+                       f"{m} = {about.get(m, m)} ({defaults(m)})" for m in MODES))
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per prompt (tokens)")
     g.add_argument("--block-size", type=int, default=0, help="block size B (tokens; 0 = the model's trained block size)")
     g.add_argument("--steps", type=int, default=32, help="denoising steps per block (capped at --max-new-tokens); fallback commits per step: "
@@ -323,12 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="post-train: sft, dpo or rl", formatter_class=fmt,
                         description="Run a post-training recipe (TOML) through the training loop: SFT on chat jsonl "
-                                    "(CAP with [objective] cap = true, the T2T editing stream with t2t_ratio > 0), DPO "
+                                    "(CAP with [cap] lam > 0, the T2T editing stream with [diffusion] t2t_ratio > 0), DPO "
                                     "on the ELBO from preference pairs, or EBPO RL with rollouts of the block decoder. "
                                     "Checkpoints, metrics.jsonl and final/ go to --out.")
     tr.add_argument("kind", choices=("sft", "dpo", "rl"), help="must match the recipe's [objective] kind")
     _add_run_args(tr, "recipes/tiny_sft.toml", "run folder: checkpoints/, final/, metrics.jsonl, loss.png",
-                  "starting HF folder (a block-diffusion model); overrides [model] path", "objective.cap=true")
+                  "starting HF folder (a block-diffusion model); overrides [model] path", "cap.lam=2.0")
     tr.set_defaults(func=cmd_train)
 
     c = sub.add_parser("convert", help="convert an AR checkpoint with a WSD recipe", formatter_class=fmt,

@@ -34,6 +34,7 @@ Streaming: `stream(...)` yields a `StepUpdate` per row per step (tokens written,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -42,6 +43,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..fields import runtime
+from ..model.config import effective_block_size
 from ..model.masks import dense_mask
 from .cache import KVCache
 from .rules import (
@@ -69,8 +72,10 @@ MODES: dict[str, tuple[str, float, float | None]] = {
 
 @dataclass
 class DecodeConfig:
+    """One decoding setting; also the recipe sections [rollout.decode] (RL rollouts). Thresholds are probabilities."""
+
     mode: str = "threshold"  # one of MODES
-    block_size: int = 32  # B, tokens per block
+    block_size: int | None = runtime()  # B, tokens per block; None = the checkpoint's (model.config.effective_block_size)
     steps: int = 32  # denoising steps per block, capped at max_new_tokens; fallback quota per step: see quota_at
     threshold: float | None = None  # M2T confidence threshold in [0, 1]; None = the mode's default
     edit_threshold: float | None = None  # T2T threshold in [0, 1] (joint modes); None = the mode's default
@@ -89,7 +94,7 @@ class DecodeConfig:
         if self.mode not in MODES:
             raise ValueError(f"decoding mode {self.mode!r} is not known; allowed: {', '.join(MODES)}")
         for name in ("block_size", "steps", "max_new_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("threshold", "edit_threshold"):
             v = getattr(self, name)
@@ -105,6 +110,12 @@ class DecodeConfig:
             raise ValueError(f"factor must be > 0, got {self.factor}")
         if self.repeat_penalty < 0:
             raise ValueError(f"repeat_penalty must be >= 0, got {self.repeat_penalty}")
+
+    def for_model(self, model) -> "DecodeConfig":
+        """This setting with its block size resolved against the checkpoint (the one rule: effective_block_size)."""
+        if self.block_size is not None:
+            return self
+        return dataclasses.replace(self, block_size=effective_block_size(info=model.cfg.diffusion))
 
     @property
     def rule(self) -> str:
@@ -264,6 +275,7 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
     """Decode `prompts` as one batch; yields a StepUpdate per row per step and, last, the list of Generation
     (one per prompt, in order). `stop` strings need `decode` (token ids -> text)."""
     _check_prompts(prompts, model.cfg.vocab_size, mask_id)
+    cfg = cfg.for_model(model)
     if stop and decode is None:
         raise ValueError("stop strings need a decode function (token ids -> text)")
     eos = set() if cfg.ignore_eos else set(eos_ids)

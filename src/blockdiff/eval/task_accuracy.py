@@ -77,26 +77,22 @@ def evaluate_checkpoint(folder: str | Path, examples: Sequence, *, modes: Sequen
     """Task accuracy of a checkpoint decoded with its own kind: {"AR": result} for an AR checkpoint (greedy, KV
     cache), {mode: result} for a block-diffusion one (each mode through the batched engine at batch 1, the block
     size from the checkpoint unless given). Each result carries a "decoding" description."""
-    from ..data.tokenizer import load_tokenizer
-    from ..decode.engine import DecodeConfig, ar_generate, block_generate
-    from ..model.hf_io import load_pretrained
+    from ..load import load_checkpoint
 
-    tok = load_tokenizer(folder)
-    model = load_pretrained(folder).eval()
-    info = model.cfg.diffusion
+    loaded = load_checkpoint(folder)
+    info = loaded.info
     if info is None:
-        res = evaluate_tasks(examples, tok, lambda ids: ar_generate(model, ids, max_new_tokens=max_new_tokens,
-                                                                    eos_ids=tok.eos_ids))
+        res = evaluate_tasks(examples, loaded.tokenizer,
+                             lambda ids: loaded.generate([ids], max_new_tokens=max_new_tokens)[0])
         return {"AR": res | {"decoding": "greedy AR, KV cache"}}
-    B = block_size or info.block_size
     out = {}
     for mode in modes:
-        cfg = DecodeConfig(mode=mode, block_size=B, steps=steps, max_new_tokens=max_new_tokens,
-                           threshold=threshold if mode == "threshold" else None, eos_fill=eos_fill)
-        res = evaluate_tasks(examples, tok, lambda ids: block_generate(model, ids, cfg, mask_id=info.mask_token_id,
-                                                                       eos_ids=tok.eos_ids))
+        cfg = loaded.decode_config(mode=mode, block_size=block_size, steps=steps, max_new_tokens=max_new_tokens,
+                                   threshold=threshold if mode == "threshold" else None, eos_fill=eos_fill)
+        res = evaluate_tasks(examples, loaded.tokenizer, lambda ids: loaded.generate([ids], cfg)[0])
         desc = (f"threshold {cfg.tau_mask}" if mode == "threshold" else
                 f"{mode} (M2T {cfg.tau_mask}, T2T {cfg.tau_edit})")
         fill = ", EOS fill" if eos_fill else ""
-        out[mode] = res | {"decoding": f"{desc}, B={B}, steps={steps}, labels {info.labels}{fill}, block KV cache"}
+        out[mode] = res | {"decoding": f"{desc}, B={cfg.block_size}, steps={steps}, labels {info.labels}{fill}, "
+                                       "block KV cache"}
     return out

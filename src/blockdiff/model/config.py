@@ -43,13 +43,31 @@ LABELS = ("same", "shift")
 CLEAN_STREAMS = ("block_causal", "causal")
 
 
+# Block size assumed for an official LLaDA2 checkpoint (its config.json has no block size): its training and
+# reference decoding block length, 32 tokens (LLaDA2.0 report; also the SGLang dLLM default for LLaDA2).
+DEFAULT_BLOCK_SIZE = 32
+
+
+def effective_block_size(requested: int | None = None, *, info: "DiffusionInfo | None" = None,
+                         seq_len: int | None = None) -> int:
+    """The block size B actually used, in tokens: the one owner of that rule for checkpoints, phases and decoding.
+
+    `requested` (a phase's B, or a user's --block-size; None or 0 = not given) else the checkpoint's trained B
+    (`info.block_size`) else DEFAULT_BLOCK_SIZE; capped at `seq_len` when given, because a block cannot be longer
+    than a training row (B >= L trains MDLM over the whole row, and that model decodes with B = L)."""
+    B = requested or (info.block_size if info is not None else DEFAULT_BLOCK_SIZE)
+    if B < 1:
+        raise ValueError(f"block size must be >= 1, got {B}")
+    return min(B, seq_len) if seq_len else B
+
+
 @dataclass
 class DiffusionInfo:
     """Block-diffusion facts stored under the `blockdiff` key of config.json (absent for AR checkpoints).
     Every consumer (objectives, decoders, evaluation) reads `labels` and `clean_stream` from here."""
 
     mask_token_id: int  # id of [MASK] in the vocabulary
-    block_size: int  # tokens per block the model was last trained with (decoding default)
+    block_size: int  # B the model was last trained with, already capped at its seq_len (decoding default)
     labels: str = "same"  # label alignment, one of LABELS
     clean_stream: str = "block_causal"  # encoding of finished blocks, one of CLEAN_STREAMS
 

@@ -18,13 +18,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..fields import runtime
 from .diffusion import DiffusionLossConfig, bdlm_loss_from_terms, diffusion_terms
 
 
 @dataclass
 class CAPConfig:
-    diffusion: DiffusionLossConfig  # the SFT loss it is added to
-    lam: float = 2.0  # lambda, weight of the entropy term (dimensionless; 2.0 per the open trainer's docs)
+    """CAP on top of the SFT loss; also the recipe section [cap] (kind "sft": a [cap] table with lam > 0 turns it on)."""
+
+    diffusion: DiffusionLossConfig | None = runtime()  # the SFT loss it is added to (the recipe's [diffusion])
+    lam: float = 0.0  # lambda, weight of the entropy term (dimensionless); 0 = off; 2.0 is the open trainer's value
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
 
 
 def cap_entropy(logits: Tensor, x0: Tensor, masked: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..fields import require_bound, runtime
 from ..model.masks import dense_mask, flex_block_mask, positions_from_doc_ids
 from .noise import T_PER, edit_corruption, mask_positions, sample_t
 
@@ -38,42 +39,48 @@ WEIGHTINGS = ("elbo", "token_mean")
 
 @dataclass
 class DiffusionLossConfig:
-    mask_token_id: int  # id of [MASK]
-    block_size: int  # B, tokens per block (B >= L means MDLM)
+    """The block-diffusion loss (CPT, SFT, CAP); also the recipe section [diffusion]. Ratios are fractions of
+    tokens in [0, 1]; weights are dimensionless multipliers of a loss in nats per token."""
+
     weighting: str = "elbo"  # "elbo" (1/t, the likelihood bound) or "token_mean" (open trainer)
-    t_lo: float = 0.001  # lower end of the mask-ratio bandwidth (fraction of tokens)
+    t_lo: float = 0.001  # lower end of the mask-ratio bandwidth (fraction of tokens masked)
     t_hi: float = 1.0  # upper end of the mask-ratio bandwidth
-    t_per: str = "sample"  # one t per "sample" or per "block"
-    complementary: bool = False  # also train the inverse mask of each sample in the same batch
+    t_per: str = "sample"  # one t per "sample" (LLaDA2) or per "block" (BD3-LM)
+    complementary: bool = False  # also train the inverse mask of each sample in the same batch (SFT default: on)
     # LLaDA2.1 editing stream (T2T), see noise.edit_corruption: off when t2t_ratio == 0.
     t2t_ratio: float = 0.0  # fraction of rows (Bernoulli per row) that also carry token corruption
     t2t_max_rate: float = 0.25  # per-row corruption rate r ~ U(0, t2t_max_rate) of the unmasked eligible tokens
     t2t_weight: float = 1.0  # weight of the T2T loss (token mean over corrupted positions) added to the M2T loss
     t2t_keep_weight: float = 1.0  # weight of the keep term (CE at intact visible tokens of edit rows; 0 = off)
-    t2t_vocab: int = 0  # replacement tokens are drawn from ids [0, t2t_vocab) (required when t2t_ratio > 0)
-    t2t_exclude: tuple[int, ...] = ()  # ids never drawn (special tokens: EOS, pad, [MASK], chat markers)
-    # Alignment and AR-preserving aids (docs/alignment.md); the defaults are LLaDA2's.
-    shift: bool = False  # labels "shift": logit i-1 predicts token i (else "same": logit i predicts token i)
-    clean_causal: bool = False  # clean half of [x_t ; x0] token-causal (else block-causal)
+    # AR-preserving aids (docs/alignment.md); 0 = off, LLaDA2's behaviour.
     ar_weight: float = 0.0  # weight of the AR next-token loss on the clean stream (nats per token; 0 = off)
     mask_slope: float = 0.0  # position-dependent masking: t scaled by 1 + slope * (2u - 1), u in [0, 1] the
     #                          position inside the block, so later slots are masked more often (0 = uniform)
     mask_suffix: float = 0.0  # fraction of blocks masked as a suffix: a cut drawn uniformly inside the block, slots
     #                           before it kept clean, slots from it on masked at rate t (the decoder's usual state:
     #                           a clean prompt or committed prefix, masks after it); 0 = off
+    # Filled at run time from the checkpoint and the phase (fields.runtime), never by a recipe.
+    mask_token_id: int | None = runtime()  # id of [MASK]
+    block_size: int | None = runtime()  # B, tokens per block of the phase (B >= L means MDLM)
+    shift: bool = runtime(False)  # labels "shift": logit i-1 predicts token i (else "same": logit i predicts token i)
+    clean_causal: bool = runtime(False)  # clean half of [x_t ; x0] token-causal (else block-causal)
+    t2t_vocab: int = runtime(0)  # replacement tokens are drawn from ids [0, t2t_vocab) (needed when t2t_ratio > 0)
+    t2t_exclude: tuple[int, ...] = runtime(())  # ids never drawn (special tokens: EOS, pad, [MASK], chat markers)
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+            raise ValueError(f"weighting must be {' or '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.t_per not in T_PER:
-            raise ValueError(f"t_per must be one of {T_PER}, got {self.t_per!r}")
+            raise ValueError(f"t_per must be {' or '.join(T_PER)}, got {self.t_per!r}")
         if not 0.0 <= self.t_lo <= self.t_hi <= 1.0:
             raise ValueError(f"need 0 <= t_lo <= t_hi <= 1, got t_lo={self.t_lo}, t_hi={self.t_hi}")
-        if self.block_size < 1:
+        if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not (0.0 <= self.t2t_ratio <= 1.0 and 0.0 <= self.t2t_max_rate <= 1.0):
             raise ValueError(f"t2t_ratio and t2t_max_rate must be in [0, 1], got {self.t2t_ratio}, {self.t2t_max_rate}")
-        if self.t2t_ratio > 0 and self.t2t_vocab <= len(set(self.t2t_exclude)):
+        if self.t2t_weight < 0 or self.t2t_keep_weight < 0:
+            raise ValueError(f"t2t_weight and t2t_keep_weight must be >= 0, got {self.t2t_weight}, {self.t2t_keep_weight}")
+        if self.mask_token_id is not None and self.t2t_ratio > 0 and self.t2t_vocab <= len(set(self.t2t_exclude)):
             raise ValueError(f"t2t_ratio > 0 needs t2t_vocab (replacement vocabulary size), got {self.t2t_vocab}")
         if self.ar_weight < 0:
             raise ValueError(f"ar_weight must be >= 0, got {self.ar_weight}")
@@ -97,6 +104,7 @@ def noised_inputs(batch: dict[str, Tensor], cfg: DiffusionLossConfig, generator:
     (block = block_positions // B): the positions themselves, or with a causal clean stream the positions plus a
     random offset in [0, B) per row, because the decoder of such a checkpoint starts its first block right after
     the prompt, wherever that falls (docs/alignment.md)."""
+    require_bound(cfg, "mask_token_id", "block_size")
     x0 = batch["input_ids"]
     b, L = x0.shape
     doc_ids, positions = batch.get("doc_ids"), batch.get("positions")

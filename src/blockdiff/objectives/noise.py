@@ -9,6 +9,8 @@ are documented at `embedding_noise_std`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -65,6 +67,30 @@ def embedding_noise_std(model) -> float:
     """
     w = model.tok_embeddings.weight.detach().float()
     return float(w.norm(dim=-1).mean() / w.shape[-1] ** 0.5)
+
+
+@dataclass
+class EmbedNoiseConfig:
+    """Gaussian noise on masked-position embeddings early in conversion; also the recipe section [noise]
+    (kind "diffusion"). The std is in embedding units; the anneal length is a fraction of all optimiser steps."""
+
+    enabled: bool = True  # add the noise (the stabiliser LLaDA2.0 describes for converting an AR model)
+    std: float = 0.0  # noise std at step 0; 0 = derive it from the embedding table (embedding_noise_std)
+    frac: float = 0.05  # anneal the std linearly to zero over this fraction of all steps
+
+    def __post_init__(self) -> None:
+        if self.std < 0:
+            raise ValueError(f"std must be >= 0, got {self.std}")
+        if not 0.0 <= self.frac <= 1.0:
+            raise ValueError(f"frac must be in [0, 1], got {self.frac}")
+
+    def std0(self, model) -> float:
+        """Noise std at step 0 for `model` (0 when off); derive it from the starting model, before any resumed
+        weights are loaded, so a resumed run anneals the same noise as an uninterrupted one."""
+        return (self.std or embedding_noise_std(model)) if self.enabled else 0.0
+
+    def at(self, std0: float, step: int, total_steps: int) -> float:
+        return annealed_std(std0, step, int(round(self.frac * total_steps)))
 
 
 def annealed_std(std0: float, step: int, anneal_steps: int) -> float:

@@ -33,20 +33,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..fields import require_bound, runtime
 from .diffusion import bdlm_forward, token_ce
 
 
 @dataclass
 class EBPOConfig:
-    mask_token_id: int
-    block_size: int  # B
+    """The EBPO policy loss; also the recipe section [ebpo] (kind "rl"). t is the fraction of response tokens masked."""
+
     n_timesteps: int = 2  # N noise levels per sequence
-    t_lo: float = 0.1  # stratified range of t_n (fraction of response tokens masked)
+    t_lo: float = 0.1  # stratified range of t_n
     t_hi: float = 1.0
     eps_low: float = 0.2  # rho clipped below at 1 - eps_low
     eps_high: float = 0.28  # rho clipped above at 1 + eps_high
-    shift: bool = False  # the checkpoint's label alignment is "shift" (DiffusionInfo.labels)
-    clean_causal: bool = False  # the checkpoint's clean stream is token-causal (DiffusionInfo.clean_stream)
+    # Filled at run time from the checkpoint and the phase (fields.runtime), never by a recipe.
+    mask_token_id: int | None = runtime()
+    block_size: int | None = runtime()  # B
+    shift: bool = runtime(False)  # the checkpoint's label alignment is "shift" (DiffusionInfo.labels)
+    clean_causal: bool = runtime(False)  # the checkpoint's clean stream is token-causal (DiffusionInfo.clean_stream)
 
     def __post_init__(self) -> None:
         if self.n_timesteps < 1:
@@ -101,6 +105,7 @@ def clipped_surrogate(log_ratio: Tensor, adv: Tensor, eps_low: float, eps_high: 
 def ebpo_loss(model, batch: dict[str, Tensor], cfg: EBPOConfig, **_) -> tuple[Tensor, dict[str, float]]:
     """batch (from the rollout source): input_ids / loss_mask / positions [b, L], t [N, b], masked [N, b, L],
     old_logp [b] (elbo_logp of the rollout policy on the same noise), advantages [b], reward_mean [1]."""
+    require_bound(cfg, "mask_token_id", "block_size")
     reward = float(batch["reward_mean"].mean()) if "reward_mean" in batch else float("nan")
     if batch["input_ids"].shape[0] == 0:  # every group had zero advantage: no update
         return torch.zeros((), requires_grad=True), {"loss": 0.0, "reward": reward, "clip_frac": 0.0,

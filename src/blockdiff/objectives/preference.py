@@ -20,22 +20,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..fields import require_bound, runtime
 from .diffusion import sequence_elbo
 
 
 @dataclass
 class DPOConfig:
-    mask_token_id: int
-    block_size: int  # B
-    beta: float = 0.1  # inverse temperature of the implicit reward (report value)
+    """DPO on the ELBO; also the recipe section [dpo]. t is the fraction of answer tokens masked."""
+
+    beta: float = 0.1  # inverse temperature of the implicit reward (dimensionless; report value)
     t_lo: float = 0.001  # mask-ratio range of the ELBO sample (the full range: a likelihood estimate)
     t_hi: float = 1.0
-    sft_weight: float = 0.0  # alpha of an added NLL term on the chosen answer (RPO-style; 0 = plain DPO)
+    sft_weight: float = 0.0  # alpha of an added NLL term on the chosen answer, nats per token (RPO-style; 0 = plain DPO)
     samples: int = 1  # Monte Carlo (t, x_t) draws per pair, averaged (each shared by policy / reference / both answers)
-    eos_id: int | None = None  # with `answer_only`: the EOS id that ends an answer
     answer_only: bool = False  # ELBO over the answer up to its first EOS only (not the EOS padding after it)
-    shift: bool = False  # the checkpoint's label alignment is "shift" (DiffusionInfo.labels)
-    clean_causal: bool = False  # the checkpoint's clean stream is token-causal (DiffusionInfo.clean_stream)
+    # Filled at run time from the checkpoint, the tokenizer and the phase (fields.runtime), never by a recipe.
+    mask_token_id: int | None = runtime()
+    block_size: int | None = runtime()  # B
+    eos_id: int | None = runtime()  # with `answer_only`: the EOS id that ends an answer
+    shift: bool = runtime(False)  # the checkpoint's label alignment is "shift" (DiffusionInfo.labels)
+    clean_causal: bool = runtime(False)  # the checkpoint's clean stream is token-causal (DiffusionInfo.clean_stream)
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.t_lo <= self.t_hi <= 1.0:
+            raise ValueError(f"need 0 <= t_lo <= t_hi <= 1, got t_lo={self.t_lo}, t_hi={self.t_hi}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
 
 
 def pair_noise(batch: dict[str, Tensor], cfg: DPOConfig, generator=None):
@@ -69,6 +83,7 @@ def pair_noise(batch: dict[str, Tensor], cfg: DPOConfig, generator=None):
 def dpo_loss(model, batch: dict[str, Tensor], cfg: DPOConfig, *, ref_model, generator=None):
     """batch: input_ids / loss_mask / positions [n, 2, L]. Returns (loss, metrics) with rewards
     beta * (B_theta - B_ref) of chosen and rejected, their margin and the preference accuracy (margin > 0)."""
+    require_bound(cfg, "mask_token_id", "block_size")
     elbo = elbo_ref = 0.0
     for _ in range(cfg.samples):
         # Ours, after LLaDA 1.5's VRPO: averaging K shared-noise ELBO draws cuts the variance of the margin, which

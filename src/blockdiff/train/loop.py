@@ -1,6 +1,7 @@
-"""The one visible training loop (docs/design.md, Code conventions 3). Conversion (CPT with the WSD block schedule), AR
-pretraining of the bundled base model and post-training (SFT/CAP, DPO, RL) differ only in the batch source,
-the objective function (chosen by the recipe's [objective] kind, train/sources.py) and the phases.
+"""The one visible training loop (docs/design.md, Code conventions 3). Conversion (CPT with the WSD block
+schedule), AR pretraining of the bundled base model and post-training (SFT/CAP, DPO, RL) differ only in the task
+object (train/tasks.py: batch source, objective, evaluation, reference model) and the phases; the loop never
+branches on the recipe's [objective] kind.
 
 Per optimiser step: look up the phase (block size, lr) -> `grad_accum` micro-batches through the objective ->
 NaN/inf guard -> clip -> AdamW step -> metrics. Evaluation (validation ELBO perplexity) and checkpoints happen
@@ -10,7 +11,6 @@ every N steps and at every phase end. A checkpoint holds everything for an exact
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import sys
 import time
@@ -20,20 +20,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data.documents import read_documents
-from ..data.packing import BatchStream, PackedDataset, pack, tokenize_documents
-from ..data.tokenizer import Tokenizer, load_tokenizer
+from ..data.tokenizer import Tokenizer
+from ..load import load_checkpoint
 from ..model.config import DiffusionInfo
 from ..model.moe_config import as_llada2_moe
 from ..model.hf_io import load_pretrained, save_pretrained
 from ..model.transformer import Transformer, resize_vocab
-from ..objectives.diffusion import ar_nll, elbo_nll
-from ..objectives.noise import annealed_std, embedding_noise_std
 from . import checkpoint as ckpt_io
 from .metrics import MetricsLog, plot_curves
 from .recipe import Recipe
 from .schedule import Schedule
-from .sources import make_objective, post_training_sources
+from .tasks import Task, make_task
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,27 +63,23 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def prepare_model(recipe: Recipe, device: torch.device) -> tuple[Transformer, Tokenizer]:
-    """Load the starting checkpoint; for diffusion, make sure a [MASK] token exists (adding it to the
-    tokenizer and growing embedding + head when absent, see `resize_vocab` for the initialisation).
+def prepare_model(recipe: Recipe, device: torch.device, task: Task | None = None) -> tuple[Transformer, Tokenizer]:
+    """Load the starting checkpoint (load.load_checkpoint: tokenizer and mask id checked); for a block-diffusion
+    task, make sure a [MASK] token exists (adding it to the tokenizer and growing embedding + head when absent,
+    see `resize_vocab` for the initialisation) and record the checkpoint's diffusion facts.
     A Ling 2.0 (bailing_moe_v2) parent becomes a llada2_moe model (`as_llada2_moe`); its router expert_bias
     is a buffer, so training leaves it frozen (README "Choices")."""
-    tok = load_tokenizer(recipe.model.path)
-    model = load_pretrained(recipe.model.path, device=device)
-    if recipe.objective.kind != "ar":
+    task = task or make_task(recipe)
+    loaded = load_checkpoint(recipe.model.path, device=device, train=True)
+    model, tok = loaded.model, loaded.tokenizer
+    if task.diffusion:
         tok = tok.with_mask_token(recipe.model.mask_token)
         if tok.mask_id >= model.cfg.vocab_size:
             resize_vocab(model, tok.mask_id + 1)
-        block = recipe.phases[-1].block_size
         if model.cfg.family == "bailing_moe_v2":
             as_llada2_moe(model.cfg)
-        model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id, block_size=block,
+        model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id, block_size=task.final_block_size,
                                             **checkpoint_alignment(recipe, model.cfg.diffusion))
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(
-            f"{recipe.model.path}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-            f"{model.cfg.vocab_size}"
-        )
     return model, tok
 
 
@@ -105,41 +98,12 @@ def checkpoint_alignment(recipe: Recipe, info: DiffusionInfo | None) -> dict[str
     return {"labels": info.labels, "clean_stream": info.clean_stream}
 
 
-def load_data(recipe: Recipe, tok: Tokenizer, run_dir: Path) -> tuple[PackedDataset, PackedDataset | None]:
-    cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else run_dir.parent / ".cache" / "tokens"
-    d = recipe.data
-
-    def build(paths: list[str]) -> PackedDataset:
-        docs = read_documents(paths, text_field=d.text_field)
-        corpus = tokenize_documents(docs, tok, cache)
-        return pack(corpus, d.seq_len, pad_id=tok.pad_id, eos_pad_multiple=d.eos_pad_multiple)
-
-    train = build(d.train)
-    valid = build(d.valid) if d.valid else None
-    return train, valid
-
-
-def _valid_batches(valid: PackedDataset, rows: int, batch_size: int, device) -> list[dict]:
-    n = min(rows, len(valid))
-    out = []
-    for i in range(0, n, batch_size):
-        j = min(i + batch_size, n)
-        out.append({"input_ids": valid.input_ids[i:j].to(device), "doc_ids": valid.doc_ids[i:j].to(device),
-                    "positions": valid.positions[i:j].to(device)})
-    return out
-
-
-def evaluate(model, recipe: Recipe, batches: list[dict], block_size: int, mask_id: int | None, amp) -> float:
-    """Held-out per-token NLL (nats): negative ELBO for diffusion, next-token NLL for AR."""
+def evaluate(model, task: Task, batches: list[dict], block_size: int, amp) -> float:
+    """Held-out per-token NLL (nats) through the task: negative ELBO for diffusion, next-token NLL for AR."""
     was_training = model.training
     model.eval()
     with amp():
-        if recipe.objective.kind == "ar":
-            nll = ar_nll(model, batches)
-        else:
-            info = model.cfg.diffusion
-            nll = elbo_nll(model, batches, mask_token_id=mask_id, block_size=block_size, shift=info.shift,
-                           clean_causal=info.causal_clean)
+        nll = task.evaluate(model, batches, block_size)
     model.train(was_training)
     return nll
 
@@ -181,24 +145,14 @@ def train(
     torch.manual_seed(t.seed)
     generator = torch.Generator().manual_seed(t.seed)
     schedule = Schedule(recipe)
-    model, tok = prepare_model(recipe, device)
-    o = recipe.objective
-    if o.kind in ("diffusion", "ar"):
-        train_data, valid_data = load_data(recipe, tok, run_dir)
-        stream = BatchStream(train_data, t.batch_size, seed=t.seed)
-        valid_batches = _valid_batches(valid_data, recipe.data.valid_rows, t.batch_size, device) if valid_data else []
-    else:
-        stream, valid_batches = post_training_sources(recipe, tok, model, device)
-    # DPO's frozen reference: the starting model, copied before any resumed weights are loaded.
-    ref_model = None
-    if o.kind == "dpo":
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    task = make_task(recipe)
+    model, tok = prepare_model(recipe, device, task)
+    # Before any resumed weights are loaded: DPO's frozen reference and the embedding-noise std are the
+    # starting model's, so a resumed run matches an uninterrupted one.
+    task.bind(model, tok)
+    stream, valid_batches = task.batches(device, run_dir)
     optimizer = build_optimizer(model, recipe)
-    # Derived from the starting model, before any resumed weights are loaded, so a resumed run anneals the
-    # same noise as an uninterrupted one.
-    noise_std0 = 0.0
-    if recipe.objective.kind == "diffusion" and recipe.objective.embed_noise:
-        noise_std0 = recipe.objective.embed_noise_std or embedding_noise_std(model)
+    noise_std0 = task.noise_std0(model)
     start = 0
     evals: list[dict] = []
     latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
@@ -214,8 +168,6 @@ def train(
     elif any((run_dir / "checkpoints").glob("step_*")):
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
     log = MetricsLog(run_dir / "metrics.jsonl", truncate_from_step=start)
-    noise_steps = int(round(recipe.objective.embed_noise_frac * schedule.total_steps))
-    mask_id = tok.mask_id if o.kind != "ar" else None
     end = schedule.total_steps if max_steps is None else min(schedule.total_steps, max_steps)
     last_good = latest
     model.train()
@@ -227,7 +179,7 @@ def train(
     def save(step: int, phase_end: bool) -> Path:
         ph = schedule.phase_at(step - 1)
         if model.cfg.diffusion is not None:
-            model.cfg.diffusion.block_size = min(ph.block_size, recipe.data.seq_len)
+            model.cfg.diffusion.block_size = ph.block_size
         state = {"step": step, "phase": ph.name, "block_size": ph.block_size, "phase_end": phase_end,
                  "data": stream.state_dict(), "evals": evals, "val_nll": evals[-1]["val_nll"] if evals and evals[-1]["step"] == step else None}
         path = ckpt_io.save_checkpoint(run_dir, step, model=model, tokenizer=tok, optimizer=optimizer,
@@ -240,8 +192,8 @@ def train(
         lr = schedule.lr_at(step)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        objective = make_objective(recipe, phase.block_size, mask_id, tok, ref_model, model.cfg.diffusion)
-        std = annealed_std(noise_std0, step, noise_steps)
+        objective = task.objective(phase.block_size)
+        std = recipe.noise.at(noise_std0, step, schedule.total_steps)
         micro: list[dict] = []
         for _ in range(t.grad_accum):
             batch = {k: v.to(device) for k, v in stream.next_batch().items()}
@@ -267,8 +219,8 @@ def train(
         done = step + 1
         phase_end = schedule.is_phase_end(step)
         if valid_batches and (done % t.eval_every == 0 or phase_end or done == end):
-            eval_b = min(phase.block_size, recipe.data.seq_len)
-            nll = evaluate(model, recipe, valid_batches, eval_b, mask_id, amp)
+            eval_b = phase.block_size
+            nll = evaluate(model, task, valid_batches, eval_b, amp)
             rec = {"step": done, "phase": phase.name, "block_size": eval_b, "val_nll": nll,
                    "val_ppl": math.exp(min(nll, 50.0)), "phase_end": phase_end}
             evals.append(rec)

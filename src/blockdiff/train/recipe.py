@@ -1,9 +1,22 @@
 """Recipes: a training run as data (a TOML file), parsed into typed dataclasses and validated up front.
 
-A recipe names the starting model, the data, the optimiser settings, the objective and the list of phases.
-The Warmup-Stable-Decay block schedule of LLaDA2.0 (docs/design.md 3) is simply a list of phases, each
-with its block size, budget and learning rate -- data, not code. Every error names the file, the field and
-the allowed range, before any model is loaded.
+A recipe names the starting model, the data, the optimiser settings, the task and its objective's settings, and
+the list of phases. Each TOML section *is* the config dataclass of the code that reads it (as torchtitan's job
+config is), so every field, its default, its unit and its check are stated once, on that class:
+
+    [model] [data] [train] [objective] [merge] [eval] [[phases]]   this file (the run and the task choice)
+    [diffusion]  objectives/diffusion.py DiffusionLossConfig       kinds diffusion, sft
+    [noise]      objectives/noise.py EmbedNoiseConfig              kind diffusion
+    [cap]        objectives/cap.py CAPConfig                       kind sft (lam > 0 turns CAP on)
+    [dpo]        objectives/preference.py DPOConfig                kind dpo
+    [rollout]    train/rollout.py RolloutConfig                    kind rl ([rollout.decode]: decode/engine.py DecodeConfig)
+    [ebpo]       objectives/policy.py EBPOConfig                   kind rl
+
+Fields the run fills from the checkpoint or the phase (the [MASK] id, the block size, the label alignment) are
+marked `fields.runtime` and refused here. A section the chosen kind does not read is refused too (it would be
+silently ignored). The Warmup-Stable-Decay block schedule of LLaDA2.0 (docs/design.md 3) is simply the list of
+phases, each with its block size, budget and learning rate -- data, not code. Every error names the file, the
+section and the field, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -15,7 +28,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fields import is_runtime
+from ..model.config import CLEAN_STREAMS, LABELS
+from ..objectives.cap import CAPConfig
+from ..objectives.diffusion import DiffusionLossConfig
+from ..objectives.noise import EmbedNoiseConfig
+from ..objectives.policy import EBPOConfig
+from ..objectives.preference import DPOConfig
+from .rollout import RolloutConfig
+
 OBJECTIVES = ("diffusion", "ar", "sft", "dpo", "rl")  # CPT, AR pretraining, post-training
+# The objective sections each kind reads (train/tasks.py builds its objective from exactly these).
+KIND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "diffusion": ("diffusion", "noise"),
+    "ar": (),
+    "sft": ("diffusion", "cap"),
+    "dpo": ("dpo",),
+    "rl": ("rollout", "ebpo"),
+}
+# Defaults a kind changes: LLaDA2.0 SFT trains complementary masks.
+KIND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"sft": {"diffusion": {"complementary": True}}}
 
 
 class RecipeError(ValueError):
@@ -25,7 +57,7 @@ class RecipeError(ValueError):
 @dataclass
 class ModelSection:
     path: str = ""  # HF-format folder of the starting checkpoint (config.json, *.safetensors, tokenizer files)
-    mask_token: str = "<|mask|>"  # token added when the tokenizer has no mask token
+    mask_token: str = "<|mask|>"  # token string added when the tokenizer has no mask token
 
 
 @dataclass
@@ -41,6 +73,16 @@ class DataSection:
     pack: bool = False  # sft: pack several conversations per row with document masks
     over_length: str = "drop"  # sft/dpo: conversations longer than seq_len are "drop"ped (counted warning) or an "error"
     system: str = ""  # dpo/rl: system message put before string prompts ("" = none)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.eos_pad_multiple < 0:
+            raise ValueError(f"eos_pad_multiple must be >= 0, got {self.eos_pad_multiple}")
+        if self.valid_rows < 1:
+            raise ValueError(f"valid_rows must be >= 1, got {self.valid_rows}")
+        if self.over_length not in ("drop", "error"):
+            raise ValueError(f"over_length must be drop or error, got {self.over_length!r}")
 
 
 @dataclass
@@ -62,78 +104,91 @@ class TrainSection:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     threads: int = 0  # torch CPU threads (0 = torch default)
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ValueError("warmup_steps and decay_steps must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.eval_every < 1 or self.save_every < 1:
+            raise ValueError("eval_every and save_every must be >= 1")
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {self.keep_last}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
 
 @dataclass
 class ObjectiveSection:
-    kind: str = "diffusion"  # "diffusion" (BDLM/MDLM on [x_t ; x0]) or "ar" (next-token, for base models)
-    weighting: str = "elbo"  # "elbo" (1/t) or "token_mean"
-    t_lo: float = 0.001  # mask-ratio bandwidth, lower end
-    t_hi: float = 1.0  # mask-ratio bandwidth, upper end
-    t_per: str = "sample"  # "sample" or "block"
-    complementary: bool = False
-    embed_noise: bool = True  # Gaussian noise on masked embeddings early in conversion
-    embed_noise_std: float = 0.0  # 0 = derive from the embedding table (see objectives/noise.py)
-    embed_noise_frac: float = 0.05  # anneal the noise to zero over this fraction of all steps
-    # LLaDA2.1 editing stream (T2T), diffusion and sft: see objectives/noise.py edit_corruption
-    t2t_ratio: float = 0.0  # fraction of rows that carry token corruption (0 = off)
-    t2t_max_rate: float = 0.25  # per-row corruption rate ~ U(0, this) of the unmasked response tokens
-    t2t_weight: float = 1.0  # weight of the T2T loss added to the masked loss
-    t2t_keep_weight: float = 1.0  # weight of the keep term (intact visible tokens of edit rows); 0 = corrupted only
-    cap: bool = False  # sft: add the CAP entropy term (objectives/cap.py)
-    cap_lambda: float = 2.0  # CAP weight lambda
-    beta: float = 0.1  # dpo: inverse temperature of the implicit reward
-    dpo_sft_weight: float = 0.0  # dpo: weight of an NLL term on the chosen answer (per token; 0 = plain DPO)
-    dpo_samples: int = 1  # dpo: Monte Carlo ELBO draws per pair, averaged (variance reduction; K x the compute)
-    dpo_answer_only: bool = False  # dpo: ELBO over the answer up to its first EOS, not the EOS padding after it
-    # Label alignment and AR-preserving aids (docs/alignment.md). `labels` / `clean_stream` become properties of
-    # the checkpoint (config.json `blockdiff`); "" = keep the starting checkpoint's (an AR parent: "same" /
-    # "block_causal", LLaDA2's convention). Post-training a converted checkpoint always uses its own.
+    """Which task the run is (train/tasks.py) and, for conversion, the label alignment the checkpoint gets."""
+
+    kind: str = "diffusion"  # one of OBJECTIVES: "diffusion" (CPT / conversion), "ar" (next-token), sft, dpo, rl
+    # Label alignment (docs/alignment.md). `labels` / `clean_stream` become properties of the checkpoint
+    # (config.json `blockdiff`); "" = keep the starting checkpoint's (an AR parent: "same" / "block_causal",
+    # LLaDA2's convention). Post-training a converted checkpoint always uses its own.
     labels: str = ""  # "same" (logit i predicts token i, LLaDA2) or "shift" (logit i predicts token i + 1, as AR)
     clean_stream: str = ""  # "block_causal" (LLaDA2) or "causal" (finished blocks encoded as the AR parent does)
-    ar_weight: float = 0.0  # weight of the AR next-token loss on the clean stream beside the diffusion loss (0 = off)
-    mask_slope: float = 0.0  # position-dependent masking in [0, 1]: later slots of a block masked more (0 = off)
-    mask_suffix: float = 0.0  # fraction of blocks masked as a suffix after a random cut, the prefix clean (0 = off)
 
-
-@dataclass
-class RLSection:
-    """EBPO (objectives/policy.py) and its rollouts (train/rollout.py); used when [objective] kind = "rl"."""
-    prompts_per_step: int = 4  # prompts per rollout
-    group_size: int = 4  # G samples per prompt (group-relative advantage)
-    temperature: float = 0.8  # rollout sampling temperature (> 0)
-    threshold: float = 0.95  # rollout decoder commit threshold
-    steps: int = 32  # rollout denoising steps per block
-    max_new_tokens: int = 32  # rollout length budget (tokens)
-    reward: str = "exact"  # "exact" or "contains" (answer vs the reference)
-    minibatches: int = 1  # optimiser steps per rollout
-    n_timesteps: int = 2  # N noise levels in the log-ratio
-    t_lo: float = 0.1  # stratified range of t_n
-    t_hi: float = 1.0
-    eps_low: float = 0.2  # clip rho below at 1 - eps_low
-    eps_high: float = 0.28  # clip rho above at 1 + eps_high
-    tasks: int = 2000  # prompts drawn from the synthetic tasks when data.train = ["tasks"]
+    def __post_init__(self) -> None:
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"kind must be one of {', '.join(OBJECTIVES)}, got {self.kind!r}")
+        if self.labels not in ("", *LABELS):
+            raise ValueError(f"labels must be {' or '.join(LABELS)}, got {self.labels!r}")
+        if self.clean_stream not in ("", *CLEAN_STREAMS):
+            raise ValueError(f"clean_stream must be {' or '.join(CLEAN_STREAMS)}, got {self.clean_stream!r}")
 
 
 @dataclass
 class Phase:
-    block_size: int  # B for this phase (>= seq_len means MDLM, clean half dropped)
+    block_size: int  # B for this phase (>= seq_len means MDLM over the row; model.config.effective_block_size)
     lr: float  # peak learning rate during this phase
     steps: int = 0  # optimiser steps (give steps or tokens)
     tokens: int = 0  # token budget (rows * seq_len); converted to steps
     name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if (self.steps > 0) == (self.tokens > 0) or self.steps < 0 or self.tokens < 0:
+            raise ValueError(f"give exactly one of steps or tokens, and it must be > 0 "
+                             f"(got steps={self.steps}, tokens={self.tokens})")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
 
 @dataclass
 class MergeSection:
     top_k: int = 0  # average the k best checkpoints of the last phase by validation ELBO (0 = off)
 
+    def __post_init__(self) -> None:
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
 
 @dataclass
 class EvalSection:
+    """The conversion report's task accuracy (parent vs converted, threshold / S / Q decoding)."""
+
     tasks: int = 0  # held-out synthetic-task prompts for the report (0 = skip; bundled model only)
-    max_new_tokens: int = 32
-    threshold: float = 0.95  # LLaDA2.0 threshold for the converted model
-    steps: int = 32  # denoising steps per block (quota = B / steps)
+    max_new_tokens: int = 32  # generation budget per prompt (tokens)
+    steps: int = 32  # denoising steps per block (DecodeConfig.steps)
+    threshold: float | None = None  # threshold mode's M2T threshold; None = the mode's default (decode.engine.MODES)
+
+    def __post_init__(self) -> None:
+        if self.tasks < 0:
+            raise ValueError(f"tasks must be >= 0, got {self.tasks}")
+        from ..decode.engine import DecodeConfig  # its checks are the ones that apply
+
+        DecodeConfig(max_new_tokens=self.max_new_tokens, steps=self.steps, threshold=self.threshold)
 
 
 @dataclass
@@ -142,10 +197,15 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
+    noise: EmbedNoiseConfig = field(default_factory=EmbedNoiseConfig)
+    cap: CAPConfig = field(default_factory=CAPConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ebpo: EBPOConfig = field(default_factory=EBPOConfig)
     phases: list[Phase] = field(default_factory=list)
     merge: MergeSection = field(default_factory=MergeSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    rl: RLSection = field(default_factory=RLSection)
     source: str = "<recipe>"  # file the recipe came from (for messages)
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,52 +223,134 @@ class Recipe:
         return sum(self.phase_steps())
 
 
-_SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "objective": ObjectiveSection,
-             "merge": MergeSection, "eval": EvalSection, "rl": RLSection}
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Recipe) if f.name not in ("phases", "source")}
+# Fields of recipes written before the sections above were split out: where each one lives now.
+MOVED = {
+    **{("objective", n): f"[diffusion] {n}" for n in (
+        "weighting", "t_per", "complementary", "t2t_ratio", "t2t_max_rate", "t2t_weight", "t2t_keep_weight",
+        "ar_weight", "mask_slope", "mask_suffix")},
+    ("objective", "t_lo"): "[diffusion] t_lo (kind diffusion / sft) or [dpo] t_lo (kind dpo)",
+    ("objective", "t_hi"): "[diffusion] t_hi (kind diffusion / sft) or [dpo] t_hi (kind dpo)",
+    ("objective", "embed_noise"): "[noise] enabled", ("objective", "embed_noise_std"): "[noise] std",
+    ("objective", "embed_noise_frac"): "[noise] frac", ("objective", "cap"): "[cap] lam (> 0 turns CAP on; 2.0 is usual)",
+    ("objective", "cap_lambda"): "[cap] lam", ("objective", "beta"): "[dpo] beta",
+    ("objective", "dpo_sft_weight"): "[dpo] sft_weight", ("objective", "dpo_samples"): "[dpo] samples",
+    ("objective", "dpo_answer_only"): "[dpo] answer_only",
+    **{("rl", n): f"[rollout] {n}" for n in ("prompts_per_step", "group_size", "reward", "minibatches", "tasks")},
+    **{("rl", n): f"[rollout.decode] {n}" for n in ("temperature", "threshold", "steps", "max_new_tokens")},
+    **{("rl", n): f"[ebpo] {n}" for n in ("n_timesteps", "t_lo", "t_hi", "eps_low", "eps_high")},
+}
 
 
-def _build(cls, raw: Any, where: str):
+def _nested(f: dataclasses.Field) -> bool:
+    return f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())
+
+
+def _coerce(kind: str, value: Any, where: str) -> Any:
+    """Check a TOML value against a field's annotation (a string under `from __future__ import annotations`)."""
+    optional = kind.endswith(" | None")
+    kind = kind.removesuffix(" | None")
+    if optional and value is None:
+        return None
+    if kind in ("int", "float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or (kind == "int" and not float(value).is_integer()):
+            raise RecipeError(f"{where}: expected {kind}, got {value!r}")
+        return int(value) if kind == "int" else float(value)
+    if kind == "bool" and not isinstance(value, bool):
+        raise RecipeError(f"{where}: expected true/false, got {value!r}")
+    if kind == "str" and not isinstance(value, str):
+        raise RecipeError(f"{where}: expected a string, got {value!r}")
+    if kind == "list[str]" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise RecipeError(f"{where}: expected a list of strings, got {value!r}")
+    return value
+
+
+def _build(cls, raw: Any, where: str, section: str = "", base: Any = None, label: str | None = None):
+    """`cls` from a TOML table: unknown and run-time fields refused, types checked, nested tables (a field whose
+    default is a dataclass, e.g. [rollout.decode]) built the same way over their default; the class's own
+    checks (`__post_init__`) run here and their message is prefixed with the section (or `label`: ...)."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a table, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not is_runtime(f)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
+        moved = [f"{n} is now {MOVED[section, n]}" for n in unknown if (section, n) in MOVED]
+        if moved:
+            raise RecipeError(f"{where}: {'; '.join(moved)} (the recipe format gave each objective its own section, "
+                              "see README \"Recipes\")")
+        runtime = [n for n in unknown if n in {f.name for f in dataclasses.fields(cls)}]
+        if runtime:
+            raise RecipeError(f"{where}: {', '.join(runtime)} is set by the run (from the checkpoint or the phase), "
+                              "not by a recipe")
         raise RecipeError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
     kwargs = {}
+    if base is not None:
+        kwargs = {n: getattr(base, n) for n in fields}
     for name, value in raw.items():
-        kind = fields[name].type  # a string under `from __future__ import annotations`
-        if kind in ("int", "float"):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or (kind == "int" and not float(value).is_integer()):
-                raise RecipeError(f"{where}.{name}: expected {kind}, got {value!r}")
-            value = int(value) if kind == "int" else float(value)
-        elif kind == "bool" and not isinstance(value, bool):
-            raise RecipeError(f"{where}.{name}: expected true/false, got {value!r}")
-        elif kind == "str" and not isinstance(value, str):
-            raise RecipeError(f"{where}.{name}: expected a string, got {value!r}")
-        elif kind == "list[str]" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise RecipeError(f"{where}.{name}: expected a list of strings, got {value!r}")
-        kwargs[name] = value
+        f = fields[name]
+        if _nested(f):
+            sub_base = kwargs.get(name) or f.default_factory()
+            kwargs[name] = _build(type(sub_base), value, f"{where.removesuffix(']')}.{name}]", f"{section}.{name}",
+                                  sub_base)
+        else:
+            kwargs[name] = _coerce(f.type, value, f"{where}.{name}")
     try:
         return cls(**kwargs)
     except TypeError as e:  # missing required field
         raise RecipeError(f"{where}: {e}") from None
+    except ValueError as e:  # the class's own checks
+        raise RecipeError(f"{label}: {e}" if label else f"{where} {e}") from None
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"phases"})
+    unknown = sorted(set(raw) - set(SECTIONS) - {"phases"})
     if unknown:
-        raise RecipeError(f"{source}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join([*_SECTIONS, 'phases'])}")
-    kw = {name: _build(cls, raw.get(name, {}), f"{source}: [{name}]") for name, cls in _SECTIONS.items()}
+        if "rl" in unknown:
+            raise RecipeError(f"{source}: [rl] was split into [rollout], [rollout.decode] and [ebpo]: "
+                              + "; ".join(f"{n} is now {MOVED['rl', n]}" for n in raw["rl"] if ("rl", n) in MOVED))
+        raise RecipeError(f"{source}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join([*SECTIONS, 'phases'])}")
+    objective = _build(ObjectiveSection, raw.get("objective", {}), f"{source}: [objective]", "objective")
+    kind = objective.kind
+    unused = [name for name in set(raw) & {s for ss in KIND_SECTIONS.values() for s in ss}
+              if name not in KIND_SECTIONS[kind]]
+    if unused:
+        users = {n: [k for k, ss in KIND_SECTIONS.items() if n in ss] for n in unused}
+        raise RecipeError(f"{source}: " + "; ".join(f"[{n}] is not read by kind {kind!r} (only by "
+                                                     f"{', '.join(users[n])})" for n in sorted(unused)))
+    kw = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        defaults = KIND_DEFAULTS.get(kind, {}).get(name)
+        if defaults and isinstance(table, dict):
+            table = {**defaults, **table}
+        kw[name] = objective if name == "objective" else _build(cls, table, f"{source}: [{name}]", name)
     phases_raw = raw.get("phases", [])
     if not isinstance(phases_raw, list):
         raise RecipeError(f"{source}: 'phases' must be an array of tables ([[phases]])")
-    phases = [_build(Phase, p, f"{source}: [[phases]] #{i + 1}") for i, p in enumerate(phases_raw)]
+    phases = []
+    for i, p in enumerate(phases_raw):
+        name = p.get("name") if isinstance(p, dict) and isinstance(p.get("name"), str) else ""
+        where = f"{source}: [[phases]] #{i + 1}"
+        phases.append(_build(Phase, p, where, label=f"{where}{' (' + name + ')' if name else ''}"))
     recipe = Recipe(**kw, phases=phases, source=source)
-    if recipe.objective.kind == "sft" and "complementary" not in raw.get("objective", {}):
-        recipe.objective.complementary = True  # LLaDA2.0 SFT default
     validate(recipe)
     return recipe
+
+
+def _set(raw: dict, key: str, value: Any, source: Path) -> None:
+    """--set section.field=value (also section.sub.field for nested tables such as rollout.decode.temperature)."""
+    parts = key.split(".")
+    if len(parts) < 2 or parts[0] not in SECTIONS:
+        raise RecipeError(f"--set {key}: expected section.field with section in {', '.join(SECTIONS)}")
+    table = raw.setdefault(parts[0], {})
+    for part in parts[1:-1]:
+        if not isinstance(table, dict):
+            break
+        table = table.setdefault(part, {})
+    if not isinstance(table, dict):
+        raise RecipeError(f"{source}: --set {key}: {'.'.join(parts[:-1])} is not a table")
+    table[parts[-1]] = value
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -221,14 +363,11 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: invalid TOML: {e}") from None
-    for name in _SECTIONS:  # checked here: overrides and path resolution below index into these tables
+    for name in SECTIONS:  # checked here: overrides and path resolution below index into these tables
         if name in raw and not isinstance(raw[name], dict):
             raise RecipeError(f"{path}: [{name}]: expected a table, got {type(raw[name]).__name__}")
     for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        if not name or section not in _SECTIONS:
-            raise RecipeError(f"--set {key}: expected section.field with section in {', '.join(_SECTIONS)}")
-        raw.setdefault(section, {})[name] = value
+        _set(raw, key, value, path)
     base = path.parent
 
     def resolve(p: str) -> str:
@@ -245,6 +384,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
 
 
 def validate(r: Recipe) -> None:
+    """The checks that involve more than one section (each section checks itself when it is built)."""
     s = r.source
 
     def need(cond: bool, msg: str) -> None:
@@ -253,69 +393,15 @@ def validate(r: Recipe) -> None:
 
     need(bool(r.model.path), "[model] path is required (an HF-format folder)")
     need(bool(r.data.train), "[data] train needs at least one file or folder")
-    need(r.data.seq_len >= 2, f"[data] seq_len must be >= 2, got {r.data.seq_len}")
-    need(r.data.eos_pad_multiple >= 0, f"[data] eos_pad_multiple must be >= 0, got {r.data.eos_pad_multiple}")
-    need(r.data.valid_rows >= 1, f"[data] valid_rows must be >= 1, got {r.data.valid_rows}")
-    t = r.train
-    need(t.batch_size >= 1, f"[train] batch_size must be >= 1, got {t.batch_size}")
-    need(t.grad_accum >= 1, f"[train] grad_accum must be >= 1, got {t.grad_accum}")
-    need(t.warmup_steps >= 0 and t.decay_steps >= 0, "[train] warmup_steps and decay_steps must be >= 0")
-    need(0.0 <= t.min_lr_ratio <= 1.0, f"[train] min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    need(t.weight_decay >= 0, f"[train] weight_decay must be >= 0, got {t.weight_decay}")
-    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "[train] beta1 and beta2 must be in [0, 1)")
-    need(t.grad_clip >= 0, f"[train] grad_clip must be >= 0, got {t.grad_clip}")
-    need(t.eval_every >= 1 and t.save_every >= 1, "[train] eval_every and save_every must be >= 1")
-    need(t.keep_last >= 0, f"[train] keep_last must be >= 0, got {t.keep_last}")
-    need(t.dtype in ("auto", "float32", "bfloat16"), f"[train] dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
-    o = r.objective
-    need(o.kind in OBJECTIVES, f"[objective] kind must be one of {', '.join(OBJECTIVES)}, got {o.kind!r}")
-    need(o.weighting in ("elbo", "token_mean"), f"[objective] weighting must be elbo or token_mean, got {o.weighting!r}")
-    need(0.0 <= o.t_lo <= o.t_hi <= 1.0, f"[objective] need 0 <= t_lo <= t_hi <= 1, got [{o.t_lo}, {o.t_hi}]")
-    need(o.t_per in ("sample", "block"), f"[objective] t_per must be sample or block, got {o.t_per!r}")
-    need(o.embed_noise_std >= 0, f"[objective] embed_noise_std must be >= 0, got {o.embed_noise_std}")
-    need(0.0 <= o.embed_noise_frac <= 1.0, f"[objective] embed_noise_frac must be in [0, 1], got {o.embed_noise_frac}")
-    need(0.0 <= o.t2t_ratio <= 1.0 and 0.0 <= o.t2t_max_rate <= 1.0,
-         f"[objective] t2t_ratio and t2t_max_rate must be in [0, 1], got {o.t2t_ratio}, {o.t2t_max_rate}")
-    need(o.labels in ("", "same", "shift"), f"[objective] labels must be same or shift, got {o.labels!r}")
-    need(o.clean_stream in ("", "block_causal", "causal"),
-         f"[objective] clean_stream must be block_causal or causal, got {o.clean_stream!r}")
-    need(o.ar_weight >= 0, f"[objective] ar_weight must be >= 0, got {o.ar_weight}")
-    need(0.0 <= o.mask_slope <= 1.0, f"[objective] mask_slope must be in [0, 1], got {o.mask_slope}")
-    need(0.0 <= o.mask_suffix <= 1.0, f"[objective] mask_suffix must be in [0, 1], got {o.mask_suffix}")
-    need(o.ar_weight == 0 and o.mask_slope == 0 and o.mask_suffix == 0 or o.kind in ("diffusion", "sft"),
-         "[objective] ar_weight, mask_slope and mask_suffix apply to kind diffusion or sft")
-    need(o.dpo_sft_weight >= 0, f"[objective] dpo_sft_weight must be >= 0, got {o.dpo_sft_weight}")
-    need(o.dpo_samples >= 1, f"[objective] dpo_samples must be >= 1, got {o.dpo_samples}")
-    need(o.t2t_weight >= 0 and o.t2t_keep_weight >= 0 and o.cap_lambda >= 0 and o.beta > 0,
-         "[objective] t2t_weight, t2t_keep_weight and cap_lambda must be >= 0 and beta > 0")
-    need(o.t2t_ratio == 0 or o.kind in ("diffusion", "sft"), "[objective] t2t_ratio applies to kind diffusion or sft")
-    need(not o.cap or o.kind == "sft", "[objective] cap = true needs kind = \"sft\"")
-    need(r.data.over_length in ("drop", "error"), f"[data] over_length must be drop or error, got {r.data.over_length!r}")
-    q = r.rl
-    need(min(q.prompts_per_step, q.group_size, q.steps, q.max_new_tokens, q.minibatches, q.n_timesteps, q.tasks) >= 1,
-         "[rl] prompts_per_step, group_size, steps, max_new_tokens, minibatches, n_timesteps, tasks must be >= 1")
-    need(q.group_size >= 2 or o.kind != "rl", "[rl] group_size must be >= 2 (group-relative advantages)")
-    need(q.temperature > 0 or o.kind != "rl", "[rl] temperature must be > 0 (a group of greedy samples is identical)")
-    need(q.reward in ("exact", "contains"), f"[rl] reward must be exact or contains, got {q.reward!r}")
-    need(0 < q.t_lo <= q.t_hi <= 1, f"[rl] need 0 < t_lo <= t_hi <= 1, got [{q.t_lo}, {q.t_hi}]")
-    need(0 <= q.eps_low < 1 and q.eps_high >= 0, "[rl] need 0 <= eps_low < 1 and eps_high >= 0")
     need(len(r.phases) >= 1, "at least one [[phases]] table is required")
     L = r.data.seq_len
     for i, p in enumerate(r.phases):
         where = f"[[phases]] #{i + 1}{' (' + p.name + ')' if p.name else ''}"
-        need(p.lr > 0, f"{where}: lr must be > 0, got {p.lr}")
-        need((p.steps > 0) != (p.tokens > 0), f"{where}: give exactly one of steps or tokens, and it must be > 0 "
-                                             f"(got steps={p.steps}, tokens={p.tokens})")
-        need(p.block_size >= 1, f"{where}: block_size must be >= 1, got {p.block_size}")
         need(p.block_size >= L or L % p.block_size == 0,
              f"{where}: block_size {p.block_size} does not divide seq_len {L}; use a divisor of {L} "
              f"(e.g. {', '.join(str(d) for d in _divisors(L)[:8])}) or >= {L} for MDLM")
-        if o.kind == "ar":
+        if r.objective.kind == "ar":
             need(p.block_size == 1, f"{where}: the ar objective needs block_size = 1, got {p.block_size}")
-    need(r.merge.top_k >= 0, f"[merge] top_k must be >= 0, got {r.merge.top_k}")
-    need(r.eval.tasks >= 0 and r.eval.max_new_tokens >= 1, "[eval] tasks must be >= 0 and max_new_tokens >= 1")
-    need(0.0 <= r.eval.threshold <= 1.0, f"[eval] threshold must be in [0, 1], got {r.eval.threshold}")
-    need(r.eval.steps >= 1, f"[eval] steps must be >= 1, got {r.eval.steps}")
 
 
 def _divisors(n: int) -> list[int]:

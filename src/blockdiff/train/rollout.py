@@ -11,7 +11,8 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,24 +34,40 @@ def _contains(output: str, answer: str) -> float:
 REWARDS = {"exact": _exact, "contains": _contains}  # reward(output text, reference answer) -> [0, 1]
 
 
+def _rollout_decoding() -> DecodeConfig:
+    # LLaDA2.0 threshold decoding, sampled (temperature > 0, so a group's answers differ), short answers.
+    return DecodeConfig(mode="threshold", temperature=0.8, max_new_tokens=32)
+
+
 @dataclass
 class RolloutConfig:
+    """RL rollouts; also the recipe sections [rollout] and [rollout.decode] (kind "rl")."""
+
     prompts_per_step: int = 4  # prompts per rollout
-    group_size: int = 4  # G samples per prompt
-    temperature: float = 0.8  # sampling temperature of the rollouts (> 0 so a group differs)
-    threshold: float = 0.95  # decoder commit threshold
-    steps: int = 32  # denoising steps per block
-    max_new_tokens: int = 32
+    group_size: int = 4  # G samples per prompt (group-relative advantages need G >= 2)
     reward: str = "exact"  # key of REWARDS
     minibatches: int = 1  # optimiser steps per rollout (p_old differs from p_theta from the 2nd on)
     max_resample: int = 4  # rollouts tried per step before giving up on finding a group with nonzero advantage
+    tasks: int = 2000  # prompts drawn from the synthetic tasks when [data] train = ["tasks"]
+    decode: DecodeConfig = field(default_factory=_rollout_decoding)  # how answers are sampled; B = the phase's
+
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_step", "minibatches", "max_resample", "tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (group-relative advantages), got {self.group_size}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        if self.decode.temperature <= 0:
+            raise ValueError(f"decode.temperature must be > 0 (a group of greedy samples is identical), "
+                             f"got {self.decode.temperature}")
 
 
 def generate_responses(model, prompts: list[list[int]], cfg: RolloutConfig, *, block_size: int, mask_id: int,
                        eos_ids, generator: torch.Generator) -> list[list[int]]:
     """Adapter to the decoding engine: one sampled response (ids, trimmed at EOS) per prompt."""
-    dcfg = DecodeConfig(mode="threshold", block_size=block_size, steps=cfg.steps, threshold=cfg.threshold,
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    dcfg = dataclasses.replace(cfg.decode, block_size=block_size)
     return [g.tokens for g in generate(model, prompts, dcfg, mask_id=mask_id, eos_ids=eos_ids, generator=generator)]
 
 
@@ -68,8 +85,6 @@ class RolloutSource:
     def __init__(self, prompts: list[RLPrompt], tok, model, cfg: RolloutConfig, ebpo: EBPOConfig, *, seed: int):
         if not prompts:
             raise ValueError("RL needs at least one prompt")
-        if cfg.reward not in REWARDS:
-            raise ValueError(f"unknown reward {cfg.reward!r}; expected one of {', '.join(REWARDS)}")
         self.prompts, self.tok, self.model, self.cfg, self.ebpo = prompts, tok, model, cfg, ebpo
         self.template = ChatTemplate(tok)
         self.generator = torch.Generator().manual_seed(seed + 7919)  # rollout RNG, independent of the noise RNG

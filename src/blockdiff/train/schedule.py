@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from ..model.config import effective_block_size
 from .recipe import Recipe
 
 
@@ -18,7 +19,7 @@ from .recipe import Recipe
 class PhaseInfo:
     index: int  # 0-based phase number
     name: str
-    block_size: int
+    block_size: int  # effective B (model.config.effective_block_size: the recipe's B capped at seq_len)
     lr: float
     start: int  # first global step of the phase
     end: int  # one past its last step
@@ -30,7 +31,8 @@ class Schedule:
         start = 0
         for i, (p, n) in enumerate(zip(recipe.phases, recipe.phase_steps())):
             name = p.name or f"phase{i + 1}-B{p.block_size}"
-            self.phases.append(PhaseInfo(i, name, p.block_size, p.lr, start, start + n))
+            B = effective_block_size(p.block_size, seq_len=recipe.data.seq_len)
+            self.phases.append(PhaseInfo(i, name, B, p.lr, start, start + n))
             start += n
         self.total_steps = start
         self.warmup_steps = recipe.train.warmup_steps
