@@ -6,10 +6,11 @@ lazily from safetensors straight into its parameter (no second full copy of the 
 Saving is atomic: everything is written to a temporary sibling folder that is renamed into place at the end,
 so an interrupted save never leaves a half-written checkpoint where a good one was.
 
-MoE families (llada2_moe, bailing_moe_v2; `moe_adapter.py`): each official per-expert tensor is read lazily
-into its slice of our stacked expert tensor, and saving writes per-expert views of the stacked tensors (no
-copy unless a dtype cast is asked for, and then shard by shard). `expert_bias` stays fp32 in memory and on
-disk whatever `dtype` is: selection compares biased scores that differ by ~1e-3, which bf16 would blur.
+One load path and one save path serve every family; what differs (key names, stacked experts, fp32 buffers,
+tensors that may be absent or skipped) is asked of the family's state-dict adapter (`adapters.DENSE`,
+`moe_adapter.MOE`). A stacked expert tensor is loaded expert by expert from the official per-expert tensors,
+straight into its slice, and saved as per-expert views. Saving copies nothing unless a dtype cast is asked
+for, and then shard by shard.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import folder_for_replace, write_json
-from . import moe_adapter
-from .adapters import IGNORED_HF_KEYS, hf_to_ours, ours_to_hf
+from .adapters import DENSE, StateDictAdapter
 from .attention import rope_inv_freq
 from .build import build_model
 from .config import DiffusionInfo, ModelConfig
+from .moe_adapter import MOE
 from .transformer import Transformer
 
 # Block size assumed for an official LLaDA2 checkpoint (config.json has no block size): its training and
@@ -79,110 +80,70 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     )
 
 
+def _adapter(cfg: ModelConfig) -> StateDictAdapter:
+    return MOE if cfg.moe is not None else DENSE
+
+
+def _empty_model(cfg: ModelConfig, adapter: StateDictAdapter, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The model with uninitialised weights in `dtype` (built on meta, no init cost); fp32 buffers zeroed."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_inv_freq(cfg, cfg.rotary_dim).to(device)  # non-persistent buffer: meta init left it empty
+    for name, buf in model.named_buffers():
+        if adapter.fp32_buffer(name):
+            buf.data = torch.zeros(buf.shape, dtype=torch.float32, device=device)
+    return model
+
+
 def load_pretrained(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
     """Build our model from an HF folder: Llama / Qwen2 / Qwen3 dense (AR or blockdiff-converted), or
     LLaDA2-MoE / Ling 2.0 (BailingMoeV2) with per-expert tensors."""
     folder = Path(folder)
     cfg = load_config(folder)
     files = _weight_files(folder)
-    if cfg.moe is not None:
-        return _load_moe(folder, cfg, files, dtype, device)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    if cfg.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # non-persistent buffer: meta init left it empty
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    by_file: dict[Path, list[str]] = {}
-    for key, f in files.items():
-        by_file.setdefault(f, []).append(key)
-    unexpected = []
-    for f, keys in sorted(by_file.items()):
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            for key in keys:
-                ours = hf_to_ours(key)
-                if ours is None:
-                    if not IGNORED_HF_KEYS.search(key):
-                        unexpected.append(key)
-                    continue
-                if ours == "output.weight" and cfg.tie_word_embeddings:
-                    continue  # tied head: the embedding is the weight
-                p = params.get(ours)
-                if p is None:
-                    unexpected.append(key)
-                    continue
-                t = handle.get_tensor(key)
-                if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"{f}: tensor {key} has shape {tuple(t.shape)}, config.json implies {tuple(p.shape)}")
-                with torch.no_grad():
-                    p.copy_(t.to(dtype))
-                loaded.add(ours)
-    if unexpected:
-        raise ValueError(f"{folder}: checkpoint has tensors this {cfg.family} config does not use: {', '.join(unexpected[:8])}")
-    expected = {n for n in params if not (n == "output.weight" and cfg.tie_word_embeddings)}
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"{folder}: checkpoint lacks tensors: {', '.join(ours_to_hf(m) for m in missing[:8])}")
-    return model
-
-
-def _load_moe(folder: Path, cfg: ModelConfig, files: dict[str, Path], dtype: torch.dtype, device) -> torch.nn.Module:
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    if cfg.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.inv_freq = rope_inv_freq(cfg, cfg.rotary_dim).to(device)
+    adapter = _adapter(cfg)
+    model = _empty_model(cfg, adapter, dtype, device)
     tensors = dict(model.named_parameters())
-    for name, buf in model.named_buffers():
-        if name.endswith("expert_bias"):
-            buf.data = torch.zeros(buf.shape, dtype=torch.float32, device=device)  # fp32: see module docstring
-            tensors[name] = buf
-    expected = set(_moe_hf_tensors(model))
+    tensors.update((n, b) for n, b in model.named_buffers() if adapter.fp32_buffer(n))
+    expected = {key for key, _, _ in _hf_views(model, adapter)}
     loaded: set[str] = set()
-    unexpected, mtp = [], []
+    unexpected, extra = [], []
     by_file: dict[Path, list[str]] = {}
     for key, f in files.items():
         by_file.setdefault(f, []).append(key)
     for f, keys in sorted(by_file.items()):
         with safe_open(str(f), framework="pt", device="cpu") as handle:
             for key in keys:
-                if moe_adapter.is_mtp_key(key, cfg.num_layers):
-                    mtp.append(key)
+                if adapter.is_extra_layer(key, cfg.num_layers):
+                    extra.append(key)
                     continue
-                mapped = moe_adapter.hf_to_ours(key)
+                mapped = adapter.hf_to_ours(key)
                 if mapped is not None and mapped[0] == "output.weight" and cfg.tie_word_embeddings:
                     continue  # tied head: the embedding is the weight
-                if (mapped is not None and ".shared." in mapped[0] and not cfg.moe.num_shared_experts
-                        and 0 in handle.get_slice(key).get_shape()):
-                    continue  # num_shared_experts=0: Ling's code saves a zero-width shared expert; nothing to load
+                shape = tuple(handle.get_slice(key).get_shape())  # header only, no data read
+                if mapped is not None and adapter.absent_on_load(mapped[0], shape, cfg):
+                    continue
                 if mapped is None or mapped[0] not in tensors or key not in expected:
-                    if not (mapped is None and moe_adapter.IGNORED_MOE_HF_KEYS.search(key)):
+                    if not (mapped is None and adapter.ignored.search(key)):
                         unexpected.append(key)
                     continue
                 name, expert = mapped
                 target = tensors[name] if expert is None else tensors[name][expert]
-                t = handle.get_slice(key)
-                if tuple(t.get_shape()) != tuple(target.shape):
-                    raise ValueError(f"{f}: tensor {key} has shape {tuple(t.get_shape())}, config.json implies {tuple(target.shape)}")
+                if shape != tuple(target.shape):
+                    raise ValueError(f"{f}: tensor {key} has shape {shape}, config.json implies {tuple(target.shape)}")
                 with torch.no_grad():
                     target.copy_(handle.get_tensor(key))  # copy_ casts to the target dtype
                 loaded.add(key)
-    if mtp:
-        n = len({moe_adapter.layer_of(k) for k in mtp})
-        print(f"[blockdiff] {folder}: skipped {n} multi-token-prediction layer(s) ({len(mtp)} tensors) after layer "
-              f"{cfg.num_layers - 1}: they are not part of the decoder", file=sys.stderr)
-        cfg.hf_extra["num_nextn_predict_layers"] = 0  # a folder we save holds no MTP layers
+    if extra:
+        adapter.skipped_extra_layers(extra, cfg, folder)
     if unexpected:
         raise ValueError(f"{folder}: checkpoint has tensors this {cfg.family} config does not use: {', '.join(unexpected[:8])}")
     missing = sorted(expected - loaded)
-    if missing:
-        if missing == [k for k in missing if k.endswith("mlp.gate.expert_bias")] and not cfg.moe.expert_bias:
-            pass  # moe_router_enable_expert_bias=false: an absent bias is zero (the official buffer's init)
-        else:
-            raise ValueError(f"{folder}: checkpoint lacks tensors: {', '.join(missing[:8])}")
+    if missing and not all(adapter.may_be_missing(k, cfg) for k in missing):
+        raise ValueError(f"{folder}: checkpoint lacks tensors: {', '.join(missing[:8])}")
     if cfg.family == "llada2_moe" and cfg.diffusion is None:
         cfg.diffusion = _llada2_diffusion_info(folder)
     return model
@@ -204,20 +165,19 @@ def _llada2_diffusion_info(folder: Path) -> DiffusionInfo | None:
     return DiffusionInfo(mask_token_id=mask_id, block_size=LLADA2_DEFAULT_BLOCK_SIZE)
 
 
-def _moe_hf_tensors(model) -> dict[str, torch.Tensor]:
-    """Official key -> tensor (views of our parameters and buffers; stacked experts split per expert)."""
-    out: dict[str, torch.Tensor] = {}
+def _hf_views(model, adapter: StateDictAdapter):
+    """(HF key, our name, tensor) for every tensor a folder holds: views of our parameters and persistent buffers,
+    stacked experts split per expert, the tied head left out."""
     tied = model.output.weight is model.tok_embeddings.weight
     for name, t in model.state_dict(keep_vars=True).items():
         if tied and name == "output.weight":
             continue
         t = t.detach()
-        if moe_adapter.is_stacked(name):
+        if adapter.is_stacked(name):
             for e in range(t.shape[0]):
-                out[moe_adapter.ours_to_hf(name, e)] = t[e]
+                yield adapter.ours_to_hf(name, e), name, t[e]
         else:
-            out[moe_adapter.ours_to_hf(name)] = t
-    return out
+            yield adapter.ours_to_hf(name), name, t
 
 
 class _Cast:
@@ -233,22 +193,15 @@ class _Cast:
         return self.t.to(dtype=self.dtype, device="cpu").contiguous()
 
 
-def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    if getattr(model.cfg, "moe", None) is not None:
-        out = {}
-        for k, t in _moe_hf_tensors(model).items():
-            want = torch.float32 if k.endswith("expert_bias") else (dtype or t.dtype)
-            out[k] = t if want == t.dtype and t.device.type == "cpu" else _Cast(t, want)
-        return out
-    out = {}
-    tied = model.output.weight is model.tok_embeddings.weight
-    for name, p in model.named_parameters():
-        if tied and name == "output.weight":
-            continue
-        t = p.detach()
-        out[ours_to_hf(name)] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
-    if tied and "lm_head.weight" in out:
-        del out["lm_head.weight"]
+def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | _Cast]:
+    """HF key -> tensor to write: a view of ours when it is on the CPU in the wanted dtype, else a `_Cast`
+    materialised when its shard is written. Wanted dtype: `dtype` (None = as in memory), fp32 for the
+    adapter's fp32 buffers."""
+    adapter = _adapter(model.cfg)
+    out: dict[str, torch.Tensor | _Cast] = {}
+    for key, name, t in _hf_views(model, adapter):
+        want = torch.float32 if adapter.fp32_buffer(name) else (dtype or t.dtype)
+        out[key] = t if want == t.dtype and t.device.type == "cpu" else _Cast(t, want)
     return out
 
 

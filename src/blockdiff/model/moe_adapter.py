@@ -9,12 +9,20 @@ Official names (docs/design.md 5): `model.word_embeddings`, per layer `input_lay
 
 Ling 2.0 checkpoints may append multi-token-prediction (MTP) layers after the last decoder layer
 (`model.layers.{num_hidden_layers + i}.*`, `num_nextn_predict_layers` of them). They only serve MTP training
-and speculative decoding; `is_mtp_key` lets the loader skip them.
+and speculative decoding; the loader skips them (`is_extra_layer`).
+
+Loading rules of the family (`MoEAdapter`, asked by `hf_io`): `expert_bias` stays fp32 in memory and on disk
+whatever the dtype (selection compares biased scores that differ by ~1e-3, which bf16 would blur) and may be
+absent when `moe_router_enable_expert_bias` is false (an absent bias is zero, the official buffer's init); with
+`num_shared_experts = 0` Ling's code still saves a zero-width shared expert, which stands for nothing.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+
+from .adapters import StateDictAdapter
 
 _LAYER_MAP = [
     ("attention_norm.weight", "input_layernorm.weight"),
@@ -52,22 +60,49 @@ _HF_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)
 _OURS_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _OURS_EXPERT_RE = re.compile(r"^feed_forward\.experts\.(w1|w2|w3)$")
 
-# Derived buffers that some exports carry; never weights.
-IGNORED_MOE_HF_KEYS = re.compile(r"rotary_emb\.inv_freq$")
 
-
-def layer_of(hf_key: str) -> int | None:
+def _layer_of(hf_key: str) -> int | None:
     m = _HF_LAYER_RE.match(hf_key)
     return int(m.group(1)) if m else None
 
 
-def is_mtp_key(hf_key: str, num_layers: int) -> bool:
-    """True for tensors of Ling's MTP layers (indices >= num_hidden_layers)."""
-    layer = layer_of(hf_key)
-    return layer is not None and layer >= num_layers
+class MoEAdapter(StateDictAdapter):
+    """LLaDA2-MoE / Ling 2.0 (BailingMoeV2)."""
+
+    ignored = re.compile(r"rotary_emb\.inv_freq$")  # derived buffers that some exports carry
+
+    def hf_to_ours(self, hf_key: str) -> tuple[str, int | None] | None:
+        return _hf_to_ours(hf_key)
+
+    def ours_to_hf(self, name: str, expert: int | None = None) -> str:
+        return _ours_to_hf(name, expert)
+
+    def is_stacked(self, name: str) -> bool:
+        m = _OURS_LAYER_RE.match(name)
+        return bool(m and _OURS_EXPERT_RE.match(m.group(2)))
+
+    def is_extra_layer(self, key: str, num_layers: int) -> bool:
+        """Ling's MTP layers: indices >= num_hidden_layers."""
+        layer = _layer_of(key)
+        return layer is not None and layer >= num_layers
+
+    def skipped_extra_layers(self, keys: list[str], cfg, folder) -> None:
+        n = len({_layer_of(k) for k in keys})
+        print(f"[blockdiff] {folder}: skipped {n} multi-token-prediction layer(s) ({len(keys)} tensors) after layer "
+              f"{cfg.num_layers - 1}: they are not part of the decoder", file=sys.stderr)
+        cfg.hf_extra["num_nextn_predict_layers"] = 0  # a folder we save holds no MTP layers
+
+    def fp32_buffer(self, name: str) -> bool:
+        return name.endswith("expert_bias")
+
+    def absent_on_load(self, name: str, shape: tuple[int, ...], cfg) -> bool:
+        return ".shared." in name and not cfg.moe.num_shared_experts and 0 in shape
+
+    def may_be_missing(self, key: str, cfg) -> bool:
+        return key.endswith("mlp.gate.expert_bias") and not cfg.moe.expert_bias
 
 
-def hf_to_ours(hf_key: str) -> tuple[str, int | None] | None:
+def _hf_to_ours(hf_key: str) -> tuple[str, int | None] | None:
     """(our name, expert index or None) for an official key, or None if we do not model it."""
     if hf_key in _HF_GLOBAL:
         return _HF_GLOBAL[hf_key], None
@@ -82,7 +117,7 @@ def hf_to_ours(hf_key: str) -> tuple[str, int | None] | None:
     return (f"layers.{layer}.{ours}", None) if ours is not None else None
 
 
-def ours_to_hf(name: str, expert: int | None = None) -> str:
+def _ours_to_hf(name: str, expert: int | None = None) -> str:
     """Official key for our tensor `name` (for stacked experts: for its slice `expert`)."""
     if name in _OURS_GLOBAL:
         return _OURS_GLOBAL[name]
@@ -99,6 +134,4 @@ def ours_to_hf(name: str, expert: int | None = None) -> str:
     raise KeyError(f"no HF name for parameter {name!r}")
 
 
-def is_stacked(name: str) -> bool:
-    m = _OURS_LAYER_RE.match(name)
-    return bool(m and _OURS_EXPERT_RE.match(m.group(2)))
+MOE = MoEAdapter()
