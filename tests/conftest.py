@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_helpers import SHARPEN
 
 from blockdiff.data.corpus import stdlib_documents
 from blockdiff.data.tasks import generate_examples
 from blockdiff.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 from blockdiff.model.config import DiffusionInfo, ModelConfig
-from blockdiff.model.hf_io import save_pretrained
+from blockdiff.model.hf_io import load_pretrained, save_pretrained
 from blockdiff.model.transformer import Transformer, resize_vocab
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per test process is faster and deterministic
@@ -44,6 +45,13 @@ def make_tiny_model_dir(folder: Path, *, seed: int = 0, vocab: int = 320, hidden
     return folder
 
 
+@pytest.fixture
+def no_grad():
+    """Autograd off for a test; modules of forward-only tests use it with `pytestmark = pytest.mark.usefixtures`."""
+    with torch.no_grad():
+        yield
+
+
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
@@ -65,3 +73,22 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     train = write_jsonl(d / "train.jsonl", tiny_texts(300, 15_000))
     valid = write_jsonl(d / "valid.jsonl", [e.text for e in generate_examples("heldout", 40, seed=3)])
     return {"train": train, "valid": valid}
+
+
+@pytest.fixture(scope="module")
+def bd(tiny_bd_dir):
+    """(model, mask_id, eos_id): the tiny diffusion model in eval mode with logits x SHARPEN (decode_helpers)."""
+    model = load_pretrained(tiny_bd_dir).eval()
+    with torch.no_grad():
+        model.norm.weight.mul_(SHARPEN)
+    assert model.cfg.diffusion is not None
+    return model, model.cfg.diffusion.mask_token_id, load_tokenizer(tiny_bd_dir).eos_id
+
+
+@pytest.fixture(scope="module")
+def ar(tiny_ar_dir):
+    """(model, eos_id): the tiny AR model in eval mode with logits x SHARPEN."""
+    model = load_pretrained(tiny_ar_dir).eval()
+    with torch.no_grad():
+        model.norm.weight.mul_(SHARPEN)
+    return model, load_tokenizer(tiny_ar_dir).eos_id

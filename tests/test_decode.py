@@ -1,13 +1,9 @@
-"""Decoding: the threshold rule against a brute-force reference, exact-KV-cache block decoding against a no-cache
-reference decoder written from docs/design.md 6.1-6.2 (the official HF `generate()` recomputes the whole prefix every
-step), AR decoding against greedy full recomputation, sampling reproducibility, decoding invariants and bad input.
+"""Decoding: the threshold rule against a brute-force reference, exact-KV-cache block decoding against the no-cache
+reference decoder `decode/reference.py` (like the official HF `generate()`, it recomputes the whole prefix every
+step; with `early_exit` it stops a block where the engine does, so steps and forwards compare too), AR decoding against greedy full recomputation, sampling reproducibility, decoding invariants and bad input.
 
-The tiny random models are near uniform (every confidence ~1/V), which would make every threshold behave like
-1.0; the `bd` fixture scales the final norm by 20 (logits x20) so confidences spread over (0, 1). Masked slots
-of one block then still differ only by their RoPE position and their confidences can tie to ~1e-6, the size of
-the cached-vs-uncached rounding; `tiebroken` adds a fixed random logit bias per absolute position (the same in
-both decoders) so every argmax, ranking and threshold decision of the equivalence test has a margin of at
-least 3e-4 in probability (measured when the test was written).
+Models: the `bd` / `ar` fixtures (conftest.py: tiny random models with logits x20, so confidences spread over
+(0, 1)), wrapped by `tiebroken` (decode_helpers.py: why) wherever two decoders must make the same decisions.
 """
 
 from __future__ import annotations
@@ -16,70 +12,14 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from decode_helpers import Spy, disagree, force, make_prompt, tiebroken
 
-from blockdiff.data.tokenizer import load_tokenizer
 from blockdiff.decode.cache import KVCache
 from blockdiff.decode.engine import BlockDecodeConfig, ar_generate, block_generate
+from blockdiff.decode.reference import reference_generate
 from blockdiff.decode.rules import choose_tokens, threshold_rule
 from blockdiff.model.hf_io import load_pretrained
 from blockdiff.model.masks import dense_mask
-
-SHARPEN = 20.0  # logit scale that turns the near-uniform random model into a confident one
-
-
-@pytest.fixture(scope="module")
-def bd(tiny_bd_dir):
-    """(model, mask_id, eos_id): the tiny diffusion model with sharpened logits."""
-    model = load_pretrained(tiny_bd_dir).eval()
-    with torch.no_grad():
-        model.norm.weight.mul_(SHARPEN)
-    tok = load_tokenizer(tiny_bd_dir)
-    assert model.cfg.diffusion is not None
-    return model, model.cfg.diffusion.mask_token_id, tok.eos_id
-
-
-@pytest.fixture(scope="module")
-def ar(tiny_ar_dir):
-    model = load_pretrained(tiny_ar_dir).eval()
-    with torch.no_grad():
-        model.norm.weight.mul_(SHARPEN)
-    return model, load_tokenizer(tiny_ar_dir).eos_id
-
-
-def tiebroken(model: nn.Module) -> "Spy":
-    bias = torch.randn(128, model.cfg.vocab_size, generator=torch.Generator().manual_seed(0)) * 2.0
-    return Spy(model, lambda logits, positions, ids: logits + bias[positions])
-
-
-def make_prompt(n: int, seed: int, high: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, high, (n,), generator=g).tolist()  # id 0 is EOS in the fixtures' tokenizer
-
-
-class Spy(nn.Module):
-    """Wraps the model the engine calls: records every forward's ids and positions, and optionally edits the
-    logits by absolute position and input (force EOS at one position, forbid it elsewhere, push toward [MASK]).
-    More than `max_calls` forwards raise: a decoder that never fills its block fails instead of hanging."""
-
-    def __init__(self, inner: nn.Module, edit=None, max_calls: int = 1000):
-        super().__init__()
-        self.inner = inner
-        self.cfg = inner.cfg
-        self.edit = edit
-        self.max_calls = max_calls
-        self.calls: list[tuple[list[int], list[int]]] = []
-
-    def forward(self, input_ids, positions=None, mask=None, *, cache=None):
-        for row_ids, row_pos in zip(input_ids.tolist(), positions.tolist()):
-            self.calls.append((row_ids, row_pos))
-        if len(self.calls) > self.max_calls:
-            raise RuntimeError(f"more than {self.max_calls} forwards: the decoder is not making progress")
-        logits = self.inner(input_ids, positions=positions, mask=mask, cache=cache)
-        if self.edit is not None:
-            logits = self.edit(logits, positions, input_ids)
-        return logits
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # threshold rule vs brute force
@@ -133,50 +73,6 @@ def test_choose_tokens_argmax_and_confidence():
 # exact KV cache vs no-cache reference
 
 
-def ref_output_final(canvas, *, lo, end, mask_id, eos) -> bool:
-    """Every slot before the first committed EOS (or the token budget) in canvas[lo:end] is committed."""
-    for t in canvas[lo:end]:
-        if t == mask_id:
-            return False
-        if t in eos:
-            return True
-    return True
-
-
-@torch.no_grad()
-def reference_block_decode(model, prompt, cfg: BlockDecodeConfig, mask_id: int, eos_ids):
-    """No-cache block decoder from docs/design.md 6.1-6.2, like the official HF generate(): each step recomputes the
-    whole canvas prefix up to the current block with the block-causal mask and reads the current block's
-    logits. Temperature 0 only. Returns (tokens, n_generated, denoising forwards, steps per block)."""
-    eos = set(eos_ids)
-    B, P = cfg.block_size, len(prompt)
-    n_blocks = math.ceil((P + cfg.max_new_tokens) / B)
-    canvas = [mask_id] * (n_blocks * B)
-    canvas[:P] = prompt
-    forwards, steps_per_block = 0, []
-    for b in range(P // B, n_blocks):
-        lo, hi = b * B, (b + 1) * B
-        mask = dense_mask("block_causal", seq_len=hi, block_size=B)
-        steps = 0
-        while not ref_output_final(canvas, lo=max(lo, P), end=min(hi, P + cfg.max_new_tokens), mask_id=mask_id, eos=eos):
-            logits = model(torch.tensor([canvas[:hi]]), positions=torch.arange(hi)[None], mask=mask)[0, lo:hi]
-            forwards += 1
-            steps += 1
-            logits[:, mask_id] = float("-inf")
-            conf, tok = torch.softmax(logits.float(), -1).max(-1)
-            masked = [t == mask_id for t in canvas[lo:hi]]
-            for i in ref_threshold_row(conf.tolist(), masked, cfg.threshold, cfg.quota_at(steps - 1)):
-                canvas[lo + i] = int(tok[i])
-        steps_per_block.append(steps)
-        if any(t in eos for t in canvas[P:hi]) or hi - P >= cfg.max_new_tokens:
-            break
-    gen = canvas[P:P + cfg.max_new_tokens]
-    for i, t in enumerate(gen):
-        if t in eos:
-            return gen[:i], i + 1, forwards, steps_per_block
-    return gen, len(gen), forwards, steps_per_block
-
-
 @pytest.mark.parametrize("block_size", [4, 8])
 def test_cached_block_logits_equal_uncached(bd, block_size):
     model, mask_id, _ = bd
@@ -211,15 +107,15 @@ def test_block_generate_equals_no_cache_reference(bd, block_size, threshold):
     for n in PROMPT_LENGTHS:
         for eos_ids in ([], [eos_id]):  # without EOS: full length; with: whatever the model emits
             prompt = make_prompt(n, seed=n, high=mask_id)
-            ref_tokens, ref_n, ref_fwd, ref_steps = reference_block_decode(model, prompt, cfg, mask_id, eos_ids)
+            ref = reference_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=eos_ids, early_exit=True)
             gen = block_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=eos_ids)
-            assert gen.tokens == ref_tokens, (n, eos_ids)
-            assert gen.n_generated == ref_n
-            assert gen.steps_per_block == ref_steps
+            assert gen.tokens == ref.tokens, (n, eos_ids)
+            assert gen.n_generated == ref.n_generated
+            assert gen.steps_per_block == ref.steps_per_block
             # Same denoising forwards; the cached engine adds one cache-writing forward per finished block
             # except the last (docs/design.md 6.1), and counts it.
-            assert gen.forwards == ref_fwd + len(ref_steps) - 1
-            spread.add(tuple(ref_steps))
+            assert gen.forwards == ref.forwards + len(ref.steps_per_block) - 1
+            spread.add(tuple(ref.steps_per_block))
     if threshold == 1.0:  # only the fallback commits: exactly one token per step
         # (the last block may stop early once the output before EOS / the budget is final)
         assert all(s == block_size for steps in spread for s in steps[1:-1])
@@ -307,11 +203,6 @@ def test_temperature_zero_deterministic_and_seeded_sampling_reproducible(bd, tin
 def test_commits_are_final_and_prompt_is_fixed(bd, n_prompt, threshold):
     model, mask_id, _ = bd
     B = 8
-    def disagree(logits, positions, ids):  # the model "wants" to change every token it sees, prompt included
-        logits = logits.clone()
-        logits.scatter_add_(-1, ((ids + 1) % mask_id)[..., None], torch.where(ids == mask_id, 0.0, 50.0)[..., None])
-        return logits
-
     spy = Spy(Spy(tiebroken(model), disagree))
     prompt = make_prompt(n_prompt, seed=n_prompt + 1, high=mask_id)
     gen = block_generate(spy, prompt, BlockDecodeConfig(block_size=B, steps=B, threshold=threshold, max_new_tokens=21),
@@ -350,28 +241,12 @@ def test_max_new_tokens_respected(bd, ar, max_new):
     assert len(g.tokens) == g.n_generated == g.forwards == max_new
 
 
-def _force(eos_id: int, at: int | None, boost_id: int | None = None):
-    """Logit edit: EOS nowhere except (overwhelmingly) at absolute position `at`; optionally push every
-    position toward `boost_id`."""
-
-    def edit(logits, positions, ids):
-        logits = logits.clone()
-        logits[..., eos_id] = -1e4
-        if at is not None:
-            logits[..., eos_id] = torch.where(positions == at, 1e4, -1e4)
-        if boost_id is not None:
-            logits[..., boost_id] += 1e3
-        return logits
-
-    return edit
-
-
 @pytest.mark.parametrize("n_prompt,k", [(3, 0), (3, 6), (8, 9), (13, 2)])
 def test_eos_trims_and_stops_after_its_block(bd, n_prompt, k):
     model, mask_id, eos_id = bd
     B = 4
     at = n_prompt + k  # absolute position of the forced EOS (k-th generated token)
-    spy = Spy(tiebroken(model), _force(eos_id, at))
+    spy = Spy(tiebroken(model), force(eos_id, at))
     prompt = make_prompt(n_prompt, seed=k, high=mask_id)
     cfg = BlockDecodeConfig(block_size=B, steps=B, threshold=0.9, max_new_tokens=40)
     gen = block_generate(spy, prompt, cfg, mask_id=mask_id, eos_ids=[eos_id])
@@ -381,14 +256,15 @@ def test_eos_trims_and_stops_after_its_block(bd, n_prompt, k):
     assert max(max(pos) for _, pos in spy.calls) < eos_block_end  # no forward after the block holding EOS
     assert gen.forwards == sum(gen.steps_per_block) + len(gen.steps_per_block) - 1
     # the no-cache reference on the same (EOS-forced) model agrees
-    ref = reference_block_decode(Spy(tiebroken(model), _force(eos_id, at)), prompt, cfg, mask_id, [eos_id])
-    assert gen.tokens == ref[0] and gen.n_generated == ref[1]
+    ref = reference_generate(Spy(tiebroken(model), force(eos_id, at)), prompt, cfg, mask_id=mask_id,
+                             eos_ids=[eos_id], early_exit=True)
+    assert gen.tokens == ref.tokens and gen.n_generated == ref.n_generated
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_mask_token_never_emitted(bd, temperature):
     model, mask_id, eos_id = bd
-    spy = Spy(model, _force(eos_id, None, boost_id=mask_id))  # the model "wants" to emit [MASK] everywhere
+    spy = Spy(model, force(eos_id, None, boost_id=mask_id))  # the model "wants" to emit [MASK] everywhere
     prompt = make_prompt(5, seed=5, high=mask_id)
     gen = block_generate(spy, prompt, BlockDecodeConfig(block_size=8, steps=8, threshold=0.5, max_new_tokens=20,
                                                         temperature=temperature),
@@ -419,3 +295,9 @@ def test_bad_input(bd, ar):
         cache.update(0, k, k)
     with pytest.raises(ValueError, match="cannot commit"):
         cache.commit(3)
+
+
+# test_alignment.py still imports `bd` and `_force` from this module; these two lines go when it takes `bd` from
+# conftest.py and `force` from decode_helpers.py (the lead's file, outside this change).
+from conftest import bd  # noqa: E402,F401
+_force = force

@@ -2,26 +2,23 @@
 alone (every mode), finished rows leave the batch, LLaDA2.1 editing invariants (prompt never edited, committed
 slots never re-masked, post-edit budget), the new rules against brute force, stop strings, streaming and trace.
 
-Models: the `bd` fixture of test_decode (tiny random diffusion model with logits x20) wrapped by `tiebroken` so
-every decision has a margin far above the cached-vs-uncached rounding.
+Models: the `bd` fixture (conftest.py: tiny random diffusion model with logits x20) wrapped by `tiebroken`
+(decode_helpers.py) so every decision has a margin far above the cached-vs-uncached rounding.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
-import math
 
 import pytest
 import torch
+from decode_helpers import ALIGNMENTS, Spy, disagree, force, make_prompt, tiebroken, with_alignment
 from torch import nn
 
 from blockdiff.decode.engine import DecodeConfig, MODES, generate, stream
 from blockdiff.decode.reference import reference_generate
 from blockdiff.decode.rules import choose_tokens, dinfer_threshold_rule, factor_rule, joint_rule
 from blockdiff.decode.trace import TraceWriter, read_trace
-from test_decode import Spy, _force, bd, make_prompt, tiebroken  # noqa: F401  (bd is a fixture)
 
 LENGTHS = [3, 8, 13, 20]
 
@@ -37,14 +34,6 @@ class BatchSpy(nn.Module):
     def forward(self, input_ids, positions=None, mask=None, *, cache=None):
         self.shapes.append(tuple(input_ids.shape))
         return self.inner(input_ids, positions=positions, mask=mask, cache=cache)
-
-
-def disagree(logits, positions, ids):
-    """The model 'wants' to change every unmasked token it sees (prompt included) to id+1."""
-    mask_id = logits.shape[-1] - 1
-    logits = logits.clone()
-    logits.scatter_add_(-1, ((ids + 1) % mask_id)[..., None], torch.where(ids == mask_id, 0.0, 50.0)[..., None])
-    return logits
 
 
 def neighbour_bias(block_size: int, strength: float = 30.0, base: int = 0):
@@ -66,17 +55,6 @@ def neighbour_bias(block_size: int, strength: float = 30.0, base: int = 0):
 
 # ---------------------------------------------------------------------------------------------------------------
 # engine == reference
-
-
-ALIGNMENTS = [("same", "block_causal"), ("shift", "block_causal"), ("shift", "causal"), ("same", "causal")]
-
-
-def with_alignment(model, labels: str, clean: str):
-    """The same weights seen as a checkpoint with another label alignment / clean stream (its own config copy)."""
-    m = copy.copy(model)
-    m.cfg = copy.deepcopy(model.cfg)
-    m.cfg.diffusion = dataclasses.replace(m.cfg.diffusion, labels=labels, clean_stream=clean)
-    return m
 
 
 @pytest.mark.parametrize("mode,penalty", [("threshold", 0.0), ("S", 0.0), ("Q", 0.0), ("S", 3.0)])
@@ -146,7 +124,7 @@ def test_finished_rows_leave_the_batch(bd):
     B = 4
     # EOS forced at absolute position 5: row 0 (prompt 3) emits it in its second block; for row 1 (prompt 17)
     # position 5 is prompt, and EOS is forbidden everywhere else, so it runs to its budget
-    spy = BatchSpy(Spy(tiebroken(model), _force(eos_id, 5)))
+    spy = BatchSpy(Spy(tiebroken(model), force(eos_id, 5)))
     prompts = [make_prompt(3, seed=3, high=mask_id), make_prompt(17, seed=4, high=mask_id)]
     cfg = DecodeConfig(block_size=B, steps=B, threshold=0.9, max_new_tokens=24)
     a, b = generate(spy, prompts, cfg, mask_id=mask_id, eos_ids=[eos_id])
@@ -213,7 +191,7 @@ def test_committed_slots_never_remasked_and_stream_replays(bd, mode):
 
 def test_budget_and_ignore_eos(bd):
     model, mask_id, eos_id = bd
-    spy = Spy(tiebroken(model), _force(eos_id, 5))
+    spy = Spy(tiebroken(model), force(eos_id, 5))
     for mode in MODES:
         cfg = DecodeConfig(mode=mode, block_size=4, steps=4, max_new_tokens=9)
         g = generate(spy, [[1, 2, 3]], cfg, mask_id=mask_id, eos_ids=[eos_id])[0]

@@ -14,21 +14,14 @@ from safetensors.torch import load_file, save_file
 import blockdiff.model.hf_io as hf_io
 from blockdiff.model.config import DiffusionInfo, ModelConfig
 from blockdiff.model.hf_io import INDEX_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained
+from blockdiff.model.masks import dense_mask
 from blockdiff.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 B, T, V = 2, 13, 97
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def causal(n: int) -> torch.Tensor:
-    return torch.ones(n, n, dtype=torch.bool).tril()[None, None]  # [1, 1, n, n]
 
 
 CASES = {
@@ -78,7 +71,7 @@ def hf_logits(folder: Path) -> torch.Tensor:
 
 
 def our_logits(model: Transformer) -> torch.Tensor:
-    return model(ids(), torch.arange(T).expand(B, T) + 3, causal(T))
+    return model(ids(), torch.arange(T).expand(B, T) + 3, dense_mask("causal", seq_len=T))
 
 
 # ------------------------------------------------------------------------------ round trips

@@ -14,16 +14,12 @@ from blockdiff.model.transformer import Transformer, resize_vocab
 
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 B, T, V = 2, 17, 97
 # RoPE is relative, so a uniform shift barely tests positions; a row that restarts at 0 mid-sequence (packed
 # documents) does, and differs from row 0 (catches a [T] vs [b, T] broadcasting slip).
 PACKED = torch.stack([torch.arange(T) + 5, torch.cat([torch.arange(9), torch.arange(T - 9)])])
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def causal(n: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from moe_helpers import official_config, official_tensors, write_official_folder
 
 from blockdiff.decode.cache import KVCache
 from blockdiff.decode.engine import BlockDecodeConfig, block_generate
+from blockdiff.decode.reference import reference_generate
 from blockdiff.model.build import build_model
 from blockdiff.model.config import ModelConfig
 from blockdiff.model.hf_io import load_config, load_pretrained
@@ -136,7 +137,7 @@ def rms(x, w, eps):
 
 def ref_forward(hf: dict, t: dict[str, torch.Tensor], ids: list[int], mask: torch.Tensor | None) -> torch.Tensor:
     """Slow, literal forward of one sequence from the official tensors: logits [T, V]."""
-    d, H, Hkv, hd = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    H, Hkv, hd = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
     eps, rd = hf["rms_norm_eps"], int(hf["head_dim"] * hf["partial_rotary_factor"])
     m = MoEConfig(num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"], n_group=hf["n_group"],
                   topk_group=hf["topk_group"], routed_scaling_factor=hf["routed_scaling_factor"])
@@ -224,25 +225,6 @@ def test_cached_block_forward_equals_block_causal_full(official):
             torch.testing.assert_close(out, full[:, lo:hi], atol=1e-5, rtol=0)
 
 
-def ref_decode_fallback_only(model, prompt: list[int], B: int, max_new: int, mask_id: int) -> list[int]:
-    """No-cache decoder committing the single most confident masked slot per step (threshold 1.0, quota 1):
-    every step recomputes the canvas up to the current block with the block-causal mask."""
-    P = len(prompt)
-    n_blocks = math.ceil((P + max_new) / B)
-    canvas = prompt + [mask_id] * (n_blocks * B - P)
-    for b in range(P // B, n_blocks):
-        lo, hi = b * B, (b + 1) * B
-        while any(canvas[i] == mask_id for i in range(max(lo, P), min(hi, P + max_new))):
-            logits = model(torch.tensor([canvas[:hi]]), positions=torch.arange(hi)[None],
-                           mask=dense_mask("block_causal", seq_len=hi, block_size=B))[0, lo:hi]
-            logits[:, mask_id] = float("-inf")
-            conf, tok = torch.softmax(logits, -1).max(-1)
-            masked = torch.tensor([t == mask_id for t in canvas[lo:hi]])
-            i = int(torch.where(masked, conf, torch.full_like(conf, -1.0)).argmax())
-            canvas[lo + i] = int(tok[i])
-    return canvas[P:P + max_new]
-
-
 @pytest.mark.parametrize("n_prompt", [3, 8])
 def test_block_generate_equals_no_cache_reference(official, n_prompt):
     folder, hf, _ = official
@@ -254,9 +236,8 @@ def test_block_generate_equals_no_cache_reference(official, n_prompt):
     prompt = torch.randint(2, hf["vocab_size"], (n_prompt,), generator=torch.Generator().manual_seed(n_prompt)).tolist()
     cfg = BlockDecodeConfig(block_size=4, steps=4, threshold=1.0, max_new_tokens=9)
     gen = block_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=[])
-    with torch.no_grad():
-        ref = ref_decode_fallback_only(model, prompt, 4, 9, mask_id)
-    assert gen.tokens == ref
+    ref = reference_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=[], early_exit=True)
+    assert gen.tokens == ref.tokens and gen.steps_per_block == ref.steps_per_block
     assert mask_id not in gen.tokens
 
 
@@ -354,6 +335,17 @@ def test_parameter_counts_of_official_shapes():
     assert cfg.num_parameters() == sum(p.numel() for p in model.parameters())
 
 
+def expert_inputs(*, N: int, d: int, I: int, E: int, k: int, std: float, seed: int = 0):
+    """Random grouped-expert inputs: x [N, d], idx [N, k] (k distinct experts per token), weights [N, k] and the
+    stacked (w1, w3, w2) of shapes [E, I, d], [E, I, d], [E, d, I]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    weights = torch.rand(N, k, generator=g)
+    w = [torch.randn(shape, generator=g) * std for shape in ((E, I, d), (E, I, d), (E, d, I))]
+    return x, idx, weights, w
+
+
 @pytest.mark.parametrize("impl", ["sorted", "grouped_mm"])
 def test_grouped_expert_gradients_match_masked_loop(impl):
     from blockdiff.model.moe import grouped_expert_forward, grouped_mm_expert_forward
@@ -362,14 +354,11 @@ def test_grouped_expert_gradients_match_masked_loop(impl):
         pytest.skip("this torch has no grouped_mm")
     fn = grouped_expert_forward if impl == "sorted" else grouped_mm_expert_forward
 
-    g = torch.Generator().manual_seed(0)
-    N, d, I, E, k = 24, 16, 8, 8, 2
-    w = [(torch.randn(E, I, d, generator=g) * 0.2).requires_grad_() for _ in range(2)]
-    w.append((torch.randn(E, d, I, generator=g) * 0.2).requires_grad_())
-    x = torch.randn(N, d, generator=g, requires_grad=True)
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    E, d = 8, 16
+    x, idx, weights, w = expert_inputs(N=24, d=d, I=8, E=E, k=2, std=0.2)
     idx[:, 0] = torch.where(idx[:, 1] == 3, 4, 3)  # one expert gets many tokens; some experts may get none
-    weights = torch.rand(N, k, generator=g).requires_grad_()
+    for t in (x, weights, *w):
+        t.requires_grad_()
 
     def loop(x, weights, w1, w3, w2):
         out = torch.zeros_like(x)
@@ -430,13 +419,8 @@ def test_grouped_mm_path_on_cuda_bf16_matches_sorted_loop():
     """On CUDA bf16 (sm90+) the experts run through torch's grouped GEMM; it must agree with the sorted loop."""
     from blockdiff.model.moe import grouped_expert_forward, grouped_mm_expert_forward, use_grouped_mm
 
-    g = torch.Generator().manual_seed(0)
-    N, d, I, E, k = 256, 64, 32, 16, 4
-    x = torch.randn(N, d, generator=g).cuda().bfloat16()
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)]).cuda()
-    weights = torch.rand(N, k, generator=g).cuda()
-    w = [(torch.randn(E, I, d, generator=g) * 0.1).cuda().bfloat16() for _ in range(2)]
-    w.append((torch.randn(E, d, I, generator=g) * 0.1).cuda().bfloat16())
+    x, idx, weights, w = expert_inputs(N=256, d=64, I=32, E=16, k=4, std=0.1)
+    x, idx, weights, w = x.cuda().bfloat16(), idx.cuda(), weights.cuda(), [t.cuda().bfloat16() for t in w]
     if not use_grouped_mm(x):
         pytest.skip("grouped_mm path needs CUDA bf16 on sm90+")
     a = grouped_mm_expert_forward(x, idx, weights, *w).float()

@@ -2,8 +2,11 @@
 (docs/design.md 6.1-6.3), kept for the equivalence tests and as the benchmark baseline.
 
 Like the official HF `generate()` of LLaDA2.0/2.1, every step recomputes the whole canvas prefix up to the end of
-the current block with the block-causal mask and reads the current block's logits; there is no KV cache and no
-early exit. Decisions are made per position in Python, independently of the vectorised rules in `rules.py`.
+the current block with the block-causal mask and reads the current block's logits; there is no KV cache and, by
+default, no early exit (the whole block is decoded). `early_exit=True` stops a threshold-rule block as soon as
+every slot before the first EOS (within the budget) is committed, the engine's rule, so the tests can also compare
+steps and forwards one for one. Decisions are made per position in Python, independently of the vectorised rules
+in `rules.py`.
 One prompt at a time (rows of a batch are decoded one after the other).
 
   LLaDA2.0 threshold: while the block holds [MASK]: commit masked positions with confidence > tau; if fewer than
@@ -37,6 +40,16 @@ def _pick(conf: list[float], cand: list[int], tau: float, quota: int) -> list[in
     return sorted(cand, key=lambda i: (-conf[i], i))[:quota]
 
 
+def _output_final(canvas: list[int], lo: int, end: int, mask_id: int, eos: set[int]) -> bool:
+    """Every slot of canvas[lo:end] before the first EOS is committed: the visible output can no longer change."""
+    for t in canvas[lo:end]:
+        if t == mask_id:
+            return False
+        if t in eos:
+            return True
+    return True
+
+
 def _fill_after_eos(canvas: list[int], lo: int, hi: int, P: int, mask_id: int, eos: set[int], on: bool) -> None:
     """eos_fill: the [MASK] slots after the block's first generated EOS become that EOS."""
     if not on:
@@ -49,15 +62,19 @@ def _fill_after_eos(canvas: list[int], lo: int, hi: int, P: int, mask_id: int, e
 
 
 @torch.no_grad()
-def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: int, eos_ids) -> Generation:
+def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: int, eos_ids,
+                       early_exit: bool = False) -> Generation:
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     if cfg.rule not in ("threshold", "joint"):
         raise ValueError(f"the reference decoder implements the threshold and joint (S/Q) rules, not {cfg.mode!r}")
+    if early_exit and cfg.rule != "threshold":
+        raise ValueError("early_exit applies to the threshold rule only (joint rules may still edit a final output)")
     if cfg.temperature != 0:
         raise ValueError("the reference decoder is temperature 0 (argmax) only")
     device = next(model.parameters()).device
     eos = set() if cfg.ignore_eos else set(eos_ids)
+    cfg = cfg.for_model(model)
     B, P, budget = cfg.block_size, len(prompt), cfg.max_new_tokens
     shift, causal_clean = alignment(model)
     base = P % B if causal_clean else 0  # causal clean stream: the first block starts right after the prompt
@@ -77,6 +94,8 @@ def reference_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: 
         while True:
             cand = [i for i in range(B) if canvas[lo + i] == mask_id]
             if cfg.rule == "threshold" and not cand:
+                break
+            if early_exit and _output_final(canvas, max(lo, P), min(hi, P + budget), mask_id, eos):
                 break
             ids = torch.tensor([canvas[:hi]], device=device)
             full = model(ids, positions=torch.arange(hi, device=device)[None], mask=mask)[0]
