@@ -6,16 +6,29 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from cli_helpers import assert_usage_error, run_cli
 
-from test_cli import assert_usage_error, run_cli
+from blockdiff.data.tokenizer import load_tokenizer
+from blockdiff.decode.engine import DecodeConfig, generate
+from blockdiff.model.hf_io import load_pretrained
 
 
 @pytest.mark.parametrize("mode", ["threshold", "S", "Q", "dinfer", "factor", "credit"])
-def test_generate_modes(tiny_bd_dir, mode):
+def test_generate_modes_print_what_the_engine_generates(tiny_bd_dir, mode):
+    """The CLI's text and its counts are those of `decode.engine.generate` on the same checkpoint, prompt and
+    setting (the CLI defaults for everything not given: steps 32, temperature 0, ...)."""
     code, stdout, stderr = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "add 1+2=", "--mode", mode,
                                     "--max-new-tokens", 8, "--block-size", 4])
     assert code == 0, stderr
-    assert "TPF" in stderr and "tokens/s" in stderr and "1 prompt(s)" in stderr
+    model, tok = load_pretrained(tiny_bd_dir).eval(), load_tokenizer(tiny_bd_dir)
+    [g] = generate(model, [tok.encode("add 1+2=")], DecodeConfig(mode=mode, block_size=4, max_new_tokens=8),
+                   mask_id=model.cfg.diffusion.mask_token_id, eos_ids=tok.eos_ids,
+                   generator=torch.Generator().manual_seed(0))
+    assert stdout == tok.decode(g.tokens) + "\n"
+    assert (f"[1 prompt(s), {g.n_generated} tokens, {g.forwards} forwards, TPF {g.n_generated / g.forwards:.2f}, "
+            in stderr), stderr
+    assert "tokens/s]" in stderr
 
 
 def test_generate_batch_equals_single(tiny_bd_dir, tmp_path):

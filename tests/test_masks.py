@@ -302,4 +302,23 @@ def test_bd_train_causal_clean_half_is_causal_and_noisy_half_unchanged():
         assert torch.equal(bd[..., :L, :], bdc[..., :L, :])  # noisy queries: identical
         assert torch.equal(bdc[..., L:, L:], dense_mask("causal", seq_len=L, doc_ids=DOC_IDS))
         assert not bdc[..., L:, :L].any()  # clean queries never see the noisy half
-    assert set(MASK_MODES) >= {"causal", "full", "block_causal", "bd_train", "bd_train_causal"}
+
+
+def test_mask_modes_are_the_modes_the_builders_build():
+    """MASK_MODES means: the names dense_mask / flex_block_mask accept. Every listed mode is checked against the
+    loop reference (CASES), block modes refuse to build without a block size, no two listed modes build the same
+    mask, and a name outside the list is refused naming the list."""
+    assert {m for m, _ in CASES} == set(MASK_MODES)
+    built = {}
+    for mode, B in CASES:
+        if B is not None:
+            with pytest.raises(ValueError, match=f"mask mode '{mode}' needs block_size"):
+                dense_mask(mode, seq_len=L, doc_ids=DOC_IDS)
+        if B in (None, 4):
+            built[mode] = dense_mask(mode, seq_len=L, block_size=B, doc_ids=DOC_IDS)
+    modes = list(built)
+    for i, a in enumerate(modes):
+        for b in modes[i + 1:]:
+            assert built[a].shape != built[b].shape or not torch.equal(built[a], built[b]), (a, b)
+    with pytest.raises(ValueError, match=r"unknown mask mode 'bd_train_full'; expected one of"):
+        dense_mask("bd_train_full", seq_len=L, block_size=4)
