@@ -315,21 +315,27 @@ def test_config_round_trip(family, overrides):
     assert type(build_model(cfg)).__name__ == "MoETransformer"
 
 
-def test_parameter_counts_of_official_shapes():
-    """docs/design.md 5: LLaDA2.0-mini is 16B total / ~1.4B active; flash 100B / ~6B active."""
-    mini = ModelConfig.from_hf(official_config(
-        vocab_size=157184, hidden_size=2048, intermediate_size=5120, num_hidden_layers=20, num_attention_heads=16,
-        num_key_value_heads=4, head_dim=128, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
-        n_group=8, topk_group=4))
-    assert 15.5e9 < mini.num_parameters() < 16.5e9
-    assert 1.3e9 < mini.num_parameters(active=True) < 1.5e9
-    flash = ModelConfig.from_hf(official_config(
-        vocab_size=157184, hidden_size=4096, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=4, head_dim=128, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1024,
-        n_group=8, topk_group=4))
-    assert 95e9 < flash.num_parameters() < 105e9
-    assert 5e9 < flash.num_parameters(active=True) < 7.5e9
-    # the count matches the tensors a model of that config holds (tiny config)
+# docs/design.md 5: LLaDA2.0-mini is 16B total / ~1.4B active; flash 100B / ~6B active.
+# name -> (config.json fields that differ between the two, total range, active range)
+OFFICIAL_SHAPES = {
+    "mini": (dict(hidden_size=2048, intermediate_size=5120, num_hidden_layers=20, num_attention_heads=16,
+                  moe_intermediate_size=512), (15.5e9, 16.5e9), (1.3e9, 1.5e9)),
+    "flash": (dict(hidden_size=4096, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=32,
+                   moe_intermediate_size=1024), (95e9, 105e9), (5e9, 7.5e9)),
+}
+OFFICIAL_COMMON = dict(vocab_size=157184, num_key_value_heads=4, head_dim=128, num_experts=256, num_experts_per_tok=8,
+                       n_group=8, topk_group=4)
+
+
+@pytest.mark.parametrize("name", OFFICIAL_SHAPES)
+def test_parameter_counts_of_official_shapes(name):
+    fields, (total_lo, total_hi), (active_lo, active_hi) = OFFICIAL_SHAPES[name]
+    cfg = ModelConfig.from_hf(official_config(**OFFICIAL_COMMON, **fields))
+    assert total_lo < cfg.num_parameters() < total_hi
+    assert active_lo < cfg.num_parameters(active=True) < active_hi
+
+
+def test_parameter_count_equals_the_tensors_of_the_model():
     cfg = ModelConfig.from_hf(official_config())
     model = build_model(cfg)
     assert cfg.num_parameters() == sum(p.numel() for p in model.parameters())
