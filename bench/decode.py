@@ -76,17 +76,17 @@ def child(args) -> dict:
 
     from blockdiff.data.corpus import stdlib_documents
     from blockdiff.data.tasks import generate_examples, is_correct
-    from blockdiff.data.tokenizer import load_tokenizer
     from blockdiff.decode.engine import DecodeConfig, generate
     from blockdiff.decode.reference import reference_generate
-    from blockdiff.model.hf_io import load_pretrained
+    from blockdiff.load import load_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name, b = args.child, args.batch
     path = args.parent if name == "ar" else args.model
-    tok = load_tokenizer(path)
+    loaded = load_checkpoint(path, device=device)
+    tok = loaded.tokenizer
     examples = generate_examples("heldout", args.tasks, seed=1)
     task_prompts = [tok.encode(ex.prompt) for ex in examples]
     code = [d for d in stdlib_documents("heldout", 400_000) if len(tok.encode(d)) >= 64]
@@ -100,8 +100,7 @@ def child(args) -> dict:
         def run(prompts, max_new, ignore_eos):
             return hf_run(prompts, max_new, ignore_eos)
     else:
-        model = load_pretrained(path, device=device).eval()
-        info = model.cfg.diffusion
+        model, info = loaded.model, loaded.info
         if info is None:
             raise SystemExit(f"{path} is not a block-diffusion model (no blockdiff section in config.json)")
         mode = "S" if name == "reference" else name

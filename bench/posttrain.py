@@ -34,20 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from blockdiff.data.chat_template import ChatTemplate, answer_text, encode_prompt  # noqa: E402
 from blockdiff.data.post_data import read_pairs, task_prompt  # noqa: E402
 from blockdiff.data.tasks import SYSTEM_PROMPT, generate_examples, is_correct  # noqa: E402
-from blockdiff.data.tokenizer import load_tokenizer  # noqa: E402
 from blockdiff.decode.engine import DecodeConfig, generate  # noqa: E402
-from blockdiff.model.hf_io import load_pretrained  # noqa: E402
+from blockdiff.load import load_checkpoint  # noqa: E402
 from blockdiff.objectives.preference import DPOConfig, elbo_preference_accuracy  # noqa: E402
 
 MACHINE = "2-core CPU, torch 2.13 fp32, 1 thread"
 
 
 def load(folder: str):
-    model = load_pretrained(folder).eval()
-    tok = load_tokenizer(folder)
-    if model.cfg.diffusion is None:
+    loaded = load_checkpoint(folder)
+    if not loaded.is_diffusion:
         raise ValueError(f"{folder} is not a block-diffusion model (no blockdiff section in config.json)")
-    return model, tok
+    return loaded.model, loaded.tokenizer
 
 
 def instruct(folder: str, n: int, threshold: float, temperature: float = 0.0, samples: int = 1, seed: int = 0,

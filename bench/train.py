@@ -42,7 +42,8 @@ from blockdiff.data.documents import read_documents
 from blockdiff.data.packing import BatchStream, pack, tokenize_documents
 from blockdiff.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 from blockdiff.model.config import ModelConfig
-from blockdiff.model.hf_io import load_pretrained, save_pretrained
+from blockdiff.load import load_checkpoint
+from blockdiff.model.hf_io import save_pretrained
 from blockdiff.model.transformer import Transformer, resize_vocab
 from blockdiff.objectives.diffusion import DiffusionLossConfig, ar_loss, diffusion_loss
 
@@ -90,7 +91,7 @@ def run_mode(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = load_pretrained(args.model, device=device)
+    model = load_checkpoint(args.model, device=device, train=True).model
     if model.cfg.diffusion is not None:
         mask_id = model.cfg.diffusion.mask_token_id
     else:  # an AR checkpoint: add [MASK] as the conversion does (train.loop.prepare_model), for every mode alike

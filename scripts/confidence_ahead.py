@@ -16,8 +16,7 @@ import argparse
 import torch
 
 from blockdiff.data.tasks import generate_examples
-from blockdiff.data.tokenizer import load_tokenizer
-from blockdiff.model.hf_io import load_pretrained
+from blockdiff.load import load_checkpoint
 from blockdiff.model.masks import dense_mask
 
 
@@ -29,9 +28,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = load_pretrained(a.model).eval()
-    tok = load_tokenizer(a.model)
-    info = model.cfg.diffusion
+    loaded = load_checkpoint(a.model)
+    model, tok, info = loaded.model, loaded.tokenizer, loaded.info
     if info is None or not (info.shift and info.causal_clean):
         raise SystemExit(f"{a.model}: needs a shifted, causal-clean block-diffusion checkpoint (docs/alignment.md)")
     M, B, j = info.mask_token_id, info.block_size, a.slot

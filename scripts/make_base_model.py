@@ -23,7 +23,8 @@ from blockdiff.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_t
 from blockdiff.decode.engine import ar_generate
 from blockdiff.eval.task_accuracy import evaluate_tasks
 from blockdiff.model.config import ModelConfig
-from blockdiff.model.hf_io import load_pretrained, save_pretrained
+from blockdiff.load import load_checkpoint
+from blockdiff.model.hf_io import save_pretrained
 from blockdiff.model.transformer import Transformer
 from blockdiff.train.loop import train
 from blockdiff.train.recipe import parse_recipe
@@ -90,8 +91,7 @@ def main() -> None:
         "phases": [{"name": "ar-pretrain", "block_size": 1, "lr": args.lr, "steps": args.steps}],
     }, source="make_base_model")
     result = train(recipe, work / "run", resume=args.resume)
-    final = load_pretrained(result.final_dir)
-    final.eval()
+    final = load_checkpoint(result.final_dir).model
     examples = generate_examples("heldout", args.eval_prompts, seed=123)
     acc = evaluate_tasks(examples, tk, lambda ids: ar_generate(final, ids, max_new_tokens=24, eos_ids=tk.eos_ids))
     out = Path(args.out)

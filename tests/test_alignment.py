@@ -17,8 +17,8 @@ from blockdiff.model.hf_io import load_pretrained
 from blockdiff.model.transformer import resize_vocab
 from blockdiff.objectives.diffusion import (DiffusionLossConfig, ar_loss, bdlm_forward, diffusion_loss, diffusion_terms,
                                             noised_inputs, sequence_elbo)
-from test_decode import Spy, bd, make_prompt, tiebroken  # noqa: F401  (bd is a fixture)
-from test_engine import ALIGNMENTS, with_alignment
+from decode_helpers import ALIGNMENTS, Spy, force, make_prompt, tiebroken, with_alignment
+from train_helpers import assert_same_weights, make_recipe
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,6 @@ def test_conversion_writes_alignment_and_continuation_keeps_it(tiny_ar_dir, tiny
 
     from blockdiff.train.loop import train
     from blockdiff.train.metrics import read_metrics
-    from test_train import make_recipe
 
     phases = [{"block_size": 1, "steps": 1, "lr": 1e-3}, {"block_size": 8, "steps": 2, "lr": 1e-3}]
     r = make_recipe(tiny_ar_dir, tiny_data, phases=phases,
@@ -248,7 +247,6 @@ def test_conversion_writes_alignment_and_continuation_keeps_it(tiny_ar_dir, tiny
 ])
 def test_recipe_rejects_bad_alignment_fields(tiny_ar_dir, tiny_data, section, field, value, msg):
     from blockdiff.train.recipe import RecipeError
-    from test_train import make_recipe
 
     with pytest.raises(RecipeError, match=msg):
         make_recipe(tiny_ar_dir, tiny_data, **{section: {field: value}})
@@ -287,11 +285,10 @@ def test_stream_in_shifted_alignments(bd, labels, clean, mode):
 def test_eos_fill_engine_equals_reference_and_keeps_outputs_ending_at_eos(bd, labels, clean, mode):
     """eos_fill (off by default): masked slots after a committed EOS become EOS at once. The engine equals the
     reference decoder with it, and it never spends more forwards than without it on a model that ends early."""
-    from test_decode import _force
     inner, mask_id, eos_id = bd
     cfg = DecodeConfig(mode=mode, block_size=8, steps=8, max_new_tokens=19, eos_fill=True)
     for n in (3, 8, 13):
-        model = with_alignment(Spy(tiebroken(inner), _force(eos_id, n + 2)), labels, clean)
+        model = with_alignment(Spy(tiebroken(inner), force(eos_id, n + 2)), labels, clean)
         prompt = make_prompt(n, seed=n, high=mask_id)
         ref = reference_generate(model, prompt, cfg, mask_id=mask_id, eos_ids=[eos_id])
         gen = generate(model, [prompt], cfg, mask_id=mask_id, eos_ids=[eos_id])[0]
@@ -305,7 +302,6 @@ def test_shifted_conversion_resumes_exactly(tiny_ar_dir, tiny_data, tmp_path):
     """The new randomness (block offsets, position-dependent and suffix masks) comes from the run's generator, which
     checkpoints save: an interrupted shifted, causal-clean run resumed equals the uninterrupted one bit for bit."""
     from blockdiff.train.loop import train
-    from test_train import assert_same_weights, make_recipe
 
     phases = [{"block_size": 1, "steps": 2, "lr": 1e-3}, {"block_size": 8, "steps": 4, "lr": 1e-3}]
     r = make_recipe(tiny_ar_dir, tiny_data, phases=phases, objective={"labels": "shift", "clean_stream": "causal"},

@@ -10,19 +10,18 @@ import pytest
 import torch
 
 from blockdiff.data.tasks import generate_examples
-from blockdiff.data.tokenizer import load_tokenizer
 from blockdiff.decode.engine import DecodeConfig, generate
 from blockdiff.decode.reference import reference_generate
-from blockdiff.model.hf_io import load_pretrained
+from blockdiff.load import load_checkpoint
 
 BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "tiny-bd"
 
 
 @pytest.fixture(scope="module")
 def bundled():
-    model = load_pretrained(BUNDLED).eval()
-    tok = load_tokenizer(BUNDLED)
-    assert model.cfg.diffusion is not None
+    loaded = load_checkpoint(BUNDLED)
+    model, tok = loaded.model, loaded.tokenizer
+    assert loaded.is_diffusion
     prompts = [tok.encode(ex.prompt) for ex in generate_examples("heldout", 8, seed=7)]
     prompts.append(tok.encode("def read_config(path):\n    with open(path) as f:\n"))
     return model, tok, prompts

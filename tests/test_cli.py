@@ -4,8 +4,6 @@ in blockdiff, `generate`s, and `merge`s), and bad input -> exit code 2 with a on
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
@@ -16,7 +14,9 @@ import pytest
 import torch
 
 from blockdiff.cli import main
+from cli_helpers import assert_usage_error, run_cli
 from blockdiff.data.tokenizer import load_tokenizer
+from blockdiff.load import load_checkpoint
 from blockdiff.model.hf_io import load_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -77,13 +77,6 @@ def write_recipe(folder: Path, tiny_data, model: Path, last_block: int = 8) -> P
     path = folder / "recipe.toml"
     path.write_text(RECIPE.format(model=model, last_block=last_block))
     return path
-
-
-def run_cli(argv: list) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +176,10 @@ def test_converted_folder_loads_in_hf_and_blockdiff(converted, hf_dir):
     out, _ = converted
     result = out / "merged"
     parent_vocab = load_tokenizer(hf_dir).vocab_size
-    ours = load_pretrained(result).eval()
+    loaded = load_checkpoint(result)
+    ours = loaded.model
     assert ours.cfg.diffusion is not None and ours.cfg.diffusion.block_size == 8
-    assert ours.cfg.diffusion.mask_token_id == parent_vocab == load_tokenizer(result).mask_id
+    assert ours.cfg.diffusion.mask_token_id == parent_vocab == loaded.tokenizer.mask_id
     assert ours.cfg.vocab_size == parent_vocab + 1 and not ours.cfg.tie_word_embeddings
     hf = transformers.AutoModelForCausalLM.from_pretrained(result, attn_implementation="eager").eval()
     ids = torch.randint(0, parent_vocab, (1, 10), generator=torch.Generator().manual_seed(0))
@@ -220,13 +214,6 @@ def test_merge_command_matches_convert_merge(converted, tmp_path):
 
 
 # ------------------------------------------------------------------------------ bad input -> exit 2, one line
-def assert_usage_error(code: int, stderr: str, cmd: str, *needles: str) -> None:
-    assert code == 2
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"blockdiff {cmd}: error: "), stderr
-    assert "Traceback" not in stderr
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
 
 
 def test_missing_recipe(tmp_path):

@@ -295,9 +295,3 @@ def test_bad_input(bd, ar):
         cache.update(0, k, k)
     with pytest.raises(ValueError, match="cannot commit"):
         cache.commit(3)
-
-
-# test_alignment.py still imports `bd` and `_force` from this module; these two lines go when it takes `bd` from
-# conftest.py and `force` from decode_helpers.py (the lead's file, outside this change).
-from conftest import bd  # noqa: E402,F401
-_force = force

@@ -14,10 +14,10 @@ import torch
 import blockdiff.train.tasks as tasks
 from blockdiff.cli import main
 from blockdiff.data.bundled import write_post_data
-from blockdiff.model.hf_io import load_pretrained
 from blockdiff.train.loop import train
 from blockdiff.train.metrics import read_metrics
 from blockdiff.train.recipe import RecipeError, parse_recipe
+from train_helpers import weights
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,6 @@ def recipe_for(kind, model_dir, d: Path, steps=4, **sections):
     for name, fields in sections.items():
         raw.setdefault(name, {}).update(fields)
     return parse_recipe(raw, source=f"test-{kind}")
-
-
-def weights(folder):
-    return load_pretrained(folder).state_dict()
 
 
 def same(a, b) -> bool:

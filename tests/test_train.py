@@ -16,44 +16,14 @@ import blockdiff.train.loop as loop
 import blockdiff.train.tasks as tasks
 from blockdiff.data.documents import DataError
 from blockdiff.data.tokenizer import load_tokenizer
+from blockdiff.load import load_checkpoint
 from blockdiff.model.hf_io import load_pretrained
 from blockdiff.train.checkpoint import list_checkpoints, load_trainer_state
 from blockdiff.train.loop import TrainingDiverged, train
 from blockdiff.train.metrics import read_metrics
 from blockdiff.train.recipe import parse_recipe
 from blockdiff.train.schedule import Schedule
-
-L = 32  # seq_len of every recipe here
-
-# B=1 (AR-like) -> B=L (MDLM) -> B=4; saves at 3, 6, 9, 10; the embedding noise anneals over the first 8 steps.
-THREE_PHASES = [{"block_size": 1, "steps": 3, "lr": 1e-3}, {"block_size": L, "steps": 3, "lr": 2e-3},
-                {"block_size": 4, "steps": 4, "lr": 1e-3}]
-
-
-def make_recipe(model_dir: Path, paths: dict[str, Path], phases=THREE_PHASES, **sections):
-    raw = {
-        "model": {"path": str(model_dir)},
-        "data": {"train": [str(paths["train"])], "valid": [str(paths["valid"])], "seq_len": L, "valid_rows": 8},
-        "train": {"batch_size": 4, "eval_every": 3, "save_every": 3, "warmup_steps": 2, "decay_steps": 3,
-                  "threads": 1, "device": "cpu"},  # exact equalities are a CPU property
-        "noise": {"frac": 0.8},
-        "phases": phases,
-    }
-    for name, fields in sections.items():
-        raw.setdefault(name, {}).update(fields)
-    return parse_recipe(raw, source="test-recipe")
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_pretrained(folder).state_dict()
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs between {a} and {b}"
-
+from train_helpers import L, THREE_PHASES, assert_same_weights, make_recipe, weights  # noqa: F401
 
 def train_lines(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if not r.get("eval")]
@@ -210,8 +180,8 @@ def test_mask_token_added_when_absent(run_a, tiny_ar_dir):
     assert parent_tok.mask_id is None
     parent = load_pretrained(tiny_ar_dir)
     v = parent.cfg.vocab_size
-    final = load_pretrained(run_dir / "final")
-    tok = load_tokenizer(run_dir / "final")
+    loaded = load_checkpoint(run_dir / "final")
+    final, tok = loaded.model, loaded.tokenizer
     assert tok.vocab_size == parent_tok.vocab_size + 1 and tok.mask_id == parent_tok.vocab_size
     assert final.cfg.vocab_size == v + 1 and final.tok_embeddings.weight.shape[0] == v + 1
     assert final.cfg.diffusion.mask_token_id == tok.mask_id and final.cfg.diffusion.block_size == 4
@@ -227,8 +197,8 @@ def test_mask_token_reused_when_present(tiny_bd_dir, tiny_data, tmp_path):
     assert tok0.mask_id is not None
     recipe = make_recipe(tiny_bd_dir, tiny_data, [{"block_size": 8, "steps": 1, "lr": 1e-3}])
     train(recipe, tmp_path / "run", progress=False)
-    tok = load_tokenizer(tmp_path / "run/final")
-    model = load_pretrained(tmp_path / "run/final")
+    loaded = load_checkpoint(tmp_path / "run/final")
+    tok, model = loaded.tokenizer, loaded.model
     assert tok.vocab_size == tok0.vocab_size and tok.mask_id == tok0.mask_id
     assert model.cfg.vocab_size == v0 and model.cfg.diffusion.mask_token_id == tok0.mask_id
 

@@ -48,14 +48,20 @@ def cmd_make_data(args) -> int:
     return 0
 
 
-def cmd_convert(args) -> int:
-    from .convert import print_report, run_conversion
+def _run_recipe(args):
+    """The recipe of a recipe-running command (convert, train): --recipe with --set and --model applied."""
     from .train.recipe import load_recipe
 
     overrides = _parse_set(args.set)
     if args.model:
         overrides["model.path"] = str(Path(args.model).resolve())
-    recipe = load_recipe(args.recipe, overrides)
+    return load_recipe(args.recipe, overrides)
+
+
+def cmd_convert(args) -> int:
+    from .convert import print_report, run_conversion
+
+    recipe = _run_recipe(args)
     res = run_conversion(recipe, args.out, resume=args.resume, progress=not args.no_progress)
     print_report(res.report)
     print(f"model: {res.model_dir}\nreport: {res.report_path}")
@@ -64,12 +70,9 @@ def cmd_convert(args) -> int:
 
 def cmd_train(args) -> int:
     from .train.loop import train
-    from .train.recipe import RecipeError, load_recipe
+    from .train.recipe import RecipeError
 
-    overrides = _parse_set(args.set)
-    if args.model:
-        overrides["model.path"] = str(Path(args.model).resolve())
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = _run_recipe(args)
     if recipe.objective.kind != args.kind:
         raise RecipeError(f"{args.recipe}: [objective] kind is {recipe.objective.kind!r} but the command is "
                           f"`blockdiff train {args.kind}`; use a {args.kind} recipe")
@@ -202,7 +205,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     """Interactive chat: each user line is appended to the conversation, the conversation is rendered with the
-    tokenizer's chat template (the documented default when it has none, data/chat.py) and decoded with the engine;
+    tokenizer's chat template (the documented default when it has none, data/chat_template.py) and decoded with the engine;
     the reply is cut at the template's end-of-turn marker. /reset clears the history, /exit (or EOF) quits."""
     import torch
 

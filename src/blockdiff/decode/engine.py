@@ -419,16 +419,21 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
         commit_n = [0] * a
         leaving: set[int] = set()
         still_masked = (new_x == mask_id).any(-1).tolist()
+
+        def next_block(i: int, r: int) -> None:
+            """This forward wrote row r's finished block's clean K/V: commit them and move to the next block."""
+            commit_n[i] = B
+            if carry is not None:
+                carry[r] = last[i]
+            block[r] += 1
+            lo_t[r] = base[r] + block[r] * B
+            steps[r] = post[r] = 0
+
         for i, r in enumerate(active):
             lo = base[r] + block[r] * B
             if writing[r]:  # this forward wrote the final block's clean K/V
-                commit_n[i] = B
                 writing[r] = False
-                if carry is not None:
-                    carry[r] = last[i]
-                block[r] += 1
-                lo_t[r] = base[r] + block[r] * B
-                steps[r] = post[r] = 0
+                next_block(i, r)
                 if credit is not None:
                     credit[r].zero_()
                 continue
@@ -456,12 +461,7 @@ def stream(model, prompts: list[list[int]], cfg: DecodeConfig, *, mask_id: int, 
                 if block_done(r):
                     leaving.add(r)
                 elif cfg.edits and not causal_clean:  # clean K/V already written by this forward
-                    commit_n[i] = B
-                    if carry is not None:
-                        carry[r] = last[i]
-                    block[r] += 1
-                    lo_t[r] = base[r] + block[r] * B
-                    steps[r] = post[r] = 0
+                    next_block(i, r)
                 else:
                     writing[r] = True  # next forward writes the clean K/V
         if want_events:

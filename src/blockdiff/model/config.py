@@ -86,6 +86,15 @@ class DiffusionInfo:
         return self.clean_stream == "causal"
 
 
+def decoder_fields_to_hf(cfg: "ModelConfig") -> dict[str, Any]:
+    """The config.json keys every family spells the same way (the inverse of `decoder_fields_from_hf`), in the
+    order they are written; family writers add their own after them."""
+    return dict(model_type=cfg.family, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta)
+
+
 def decoder_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """The ModelConfig fields every family spells the same way in config.json (sizes, heads, RoPE, norm eps, the
     blockdiff section); family readers add their own. Required keys are checked by the caller."""
@@ -216,17 +225,8 @@ class ModelConfig:
         rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope_parameters.update(self.rope_scaling)
+        out.update(decoder_fields_to_hf(self))
         out.update(
-            model_type=self.family,
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
             rope_parameters=rope_parameters,
             max_position_embeddings=self.max_position_embeddings,
             hidden_act="silu",

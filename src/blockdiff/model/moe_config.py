@@ -136,20 +136,13 @@ def moe_config_from_hf(cls, hf: dict[str, Any], source: str, decoder_fields):
 
 def moe_config_to_hf(cfg) -> dict[str, Any]:
     """config.json dict for a MoE-family ModelConfig (spelling of the official configs)."""
+    from .config import decoder_fields_to_hf  # config.py imports this module
+
     m: MoEConfig = cfg.moe
     out: dict[str, Any] = copy.deepcopy(cfg.hf_extra)
     out.setdefault("architectures", [MOE_ARCHITECTURES[cfg.family]])
+    out.update(decoder_fields_to_hf(cfg))
     out.update(
-        model_type=cfg.family,
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
         rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
         max_position_embeddings=cfg.max_position_embeddings,
         hidden_act="silu",

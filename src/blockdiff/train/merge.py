@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.tokenizer import load_tokenizer
+from ..load import load_checkpoint
 from ..model.hf_io import load_pretrained, save_pretrained
 from .checkpoint import list_checkpoints, load_trainer_state
 
@@ -47,7 +47,8 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
     """Parameter-wise mean of HF-layout checkpoints with identical shapes; tokenizer taken from the first."""
     if not paths:
         raise ValueError("nothing to average")
-    base = load_pretrained(paths[0])
+    first = load_checkpoint(paths[0])
+    base = first.model
     acc = {n: p.detach().to(torch.float64).clone() for n, p in base.named_parameters()}
     for path in paths[1:]:
         other = dict(load_pretrained(path).named_parameters())
@@ -61,7 +62,7 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
             a += other[n].to(torch.float64)
     for n, p in base.named_parameters():
         p.copy_((acc[n] / len(paths)).to(p.dtype))
-    return save_pretrained(base, out, tokenizer=load_tokenizer(paths[0]))
+    return save_pretrained(base, out, tokenizer=first.tokenizer)
 
 
 def merge_top_k(run_dir: str | Path, k: int, out: str | Path, block_size: int | None = None) -> MergeResult:

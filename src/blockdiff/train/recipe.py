@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fields import is_runtime
+from ..data.post_data import OVER_LENGTH
 from ..model.config import CLEAN_STREAMS, LABELS
 from ..objectives.cap import CAPConfig
 from ..objectives.diffusion import DiffusionLossConfig
@@ -81,8 +82,8 @@ class DataSection:
             raise ValueError(f"eos_pad_multiple must be >= 0, got {self.eos_pad_multiple}")
         if self.valid_rows < 1:
             raise ValueError(f"valid_rows must be >= 1, got {self.valid_rows}")
-        if self.over_length not in ("drop", "error"):
-            raise ValueError(f"over_length must be drop or error, got {self.over_length!r}")
+        if self.over_length not in OVER_LENGTH:
+            raise ValueError(f"over_length must be {' or '.join(OVER_LENGTH)}, got {self.over_length!r}")
 
 
 @dataclass
