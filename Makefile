@@ -17,8 +17,7 @@ setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/blockdiff make-data --out runs/data
-	rm -rf $(RUN)
-	$(BIN)/blockdiff convert --recipe recipes/tiny_wsd.toml --out $(RUN)
+	$(BIN)/blockdiff convert --recipe recipes/tiny_wsd.toml --out $(RUN) --overwrite
 
 test: setup
 	$(BIN)/python -m pytest

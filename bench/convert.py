@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_name
+from machine import cpu_name, describe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -215,7 +215,8 @@ def main() -> None:
     md = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(md)
     plot(variants, parent["accuracy"], out / f"{stem}.png")
-    summary = {"date": date, "machine": cpu_name(), "threads": args.threads, "steps": args.steps,
+    summary = {"date": date, "machine": cpu_name(), "threads": args.threads, "load1": describe(args.threads)["load1"],
+               "steps": args.steps,
                "prompts": args.prompts, "parent_accuracy": parent["accuracy"], "parent_ci95": parent["ci95"],
                "plot": str((out / f"{stem}.png").relative_to(REPO)), "variants": variants}
     (out / f"{stem}.json").write_text(json.dumps(summary) + "\n")

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_name, peak_rss_mb, rss_mb
+from machine import cpu_name, describe, peak_rss_mb, rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 DECODERS = ("ar", "reference", "S", "Q", "threshold")
@@ -233,6 +233,7 @@ def main() -> None:
                     s[d]["vs_reference"] = round(r["tps"] / ref_tps, 2)
         summary[f"batch{b}"] = s
     summary["meta"] = {"date": str(dt.date.today()), "cpu": cpu_name(), "device": args.device, "threads": args.threads,
+                       "load1": describe()["load1"],
                        "model": Path(args.model).name, "tasks": args.tasks, "speed_prompts": args.speed_prompts,
                        "speed_tokens": args.speed_tokens}
     print(json.dumps(summary))

@@ -1,11 +1,12 @@
-"""What the bench scripts report about the machine and the process: CPU name, current and peak RSS."""
+"""What the bench scripts report about the process (current and peak RSS); the machine itself (CPU name, cores,
+threads, load) comes from `blockdiff.machine`, re-exported here."""
 
 from __future__ import annotations
 
-import platform
 import resource
 import sys
-from pathlib import Path
+
+from blockdiff.machine import cpu_name, describe  # noqa: F401  (re-exported for the bench scripts)
 
 
 def rss_mb() -> float:
@@ -18,13 +19,3 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process so far."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return kb / 1024**2 if sys.platform == "darwin" else kb / 1024
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

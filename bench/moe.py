@@ -130,7 +130,8 @@ def main() -> None:
         parts = [int(v) for v in size.lower().split("x")]
         hidden, tokens, experts = (parts + [args.experts])[:3]
         rows.append(run(hidden, tokens, experts, args, device, dtype))
-    hw = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    hw = (torch.cuda.get_device_name() if device.type == "cuda" else
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.2f}")
     mode = "fwd+bwd" if args.backward else "fwd"
     print(f"MoE layer ({mode}, {args.dtype}, {hw}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     print("| hidden | tokens | experts | top-k | expert width | grouped ms | loop ms | speedup | outputs equal |")

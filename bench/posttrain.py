@@ -36,9 +36,9 @@ from blockdiff.data.post_data import read_pairs, task_prompt  # noqa: E402
 from blockdiff.data.tasks import SYSTEM_PROMPT, generate_examples, is_correct  # noqa: E402
 from blockdiff.decode.engine import DecodeConfig, generate  # noqa: E402
 from blockdiff.load import load_checkpoint  # noqa: E402
+from blockdiff.machine import describe  # noqa: E402
 from blockdiff.objectives.preference import DPOConfig, elbo_preference_accuracy  # noqa: E402
 
-MACHINE = "2-core CPU, torch 2.13 fp32, 1 thread"
 
 
 def load(folder: str):
@@ -123,7 +123,9 @@ def main() -> None:
             rows[name] = {"greedy_reward": greedy["accuracy"], "sampled_reward": sampled["accuracy"],
                           "per_task_greedy": greedy["per_task"], "tpf": greedy["tpf"]}
     date = dt.date.today().isoformat()
-    lines = [f"# Post-training: {a.name or a.metric} ({date}, {MACHINE})", ""]
+    m = describe()
+    machine = f"{m['cpu']}, torch {torch.__version__} fp32, {m['threads']} thread(s), load {m['load1']}"
+    lines = [f"# Post-training: {a.name or a.metric} ({date}, {machine})", ""]
     if a.note:
         lines += [a.note, ""]
     argv = sys.argv[1:]
@@ -162,7 +164,7 @@ def main() -> None:
     print(md)
     out = Path(__file__).parent / "results" / f"posttrain-{a.name or a.metric}-{date}"
     out.parent.mkdir(exist_ok=True)
-    record = {"bench": "posttrain", "metric": a.metric, "name": a.name or a.metric, "date": date, "machine": MACHINE,
+    record = {"bench": "posttrain", "metric": a.metric, "name": a.name or a.metric, "date": date, "machine": machine,
               "threshold": a.threshold, "mode": a.mode, "n": a.n, "models": models, "results": rows}
     out.with_suffix(".md").write_text(md)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name, peak_rss_mb
+from machine import cpu_name, describe, peak_rss_mb
 
 from blockdiff.data.bundled import write_bundled_corpus
 from blockdiff.data.documents import read_documents
@@ -197,7 +197,8 @@ def main() -> None:
     result = {
         "bench": "train_step", "model": label, "device": device, "torch": torch.__version__,
         "date": dt.date.today().isoformat(), "batch": args.batch_size, "seq_len": args.seq_len,
-        "block_size": args.block_size, "threads": ar["threads"], "steps": args.steps, "warmup": args.warmup,
+        "block_size": args.block_size, "threads": ar["threads"], "load1": describe()["load1"], "steps": args.steps,
+        "warmup": args.warmup,
         "memory_metric": mem_kind,
         "ar_tokens_per_s": round(ar["tokens_per_s"], 1), "ar_step_ms": round(ar["step_ms"], 2),
         "ar_peak_mb": round(ar["peak_mb"], 1), "ar_loss": round(ar["loss"], 4),

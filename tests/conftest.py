@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ from blockdiff.model.hf_io import load_pretrained, save_pretrained
 from blockdiff.model.transformer import Transformer, resize_vocab
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per test process is faster and deterministic
+# Tokenised-corpus cache of the test session: a fresh folder, never the user's ~/.cache/blockdiff.
+os.environ.setdefault("BLOCKDIFF_CACHE", tempfile.mkdtemp(prefix="blockdiff-test-cache-"))
 
 
 def tiny_texts(n_examples: int = 400, code_chars: int = 20_000) -> list[str]:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json
+from .atomic import write_json, write_text
 from .data.tasks import generate_examples
 from .eval.task_accuracy import evaluate_checkpoint
+from .machine import describe
 from .train.loop import train
 from .train.merge import merge_top_k
 from .train.recipe import Recipe
@@ -46,10 +47,11 @@ def evaluate_parent_and_converted(recipe: Recipe, parent: Path, converted: Path,
             "converted": conv_res.get("threshold") or next(iter(conv_res.values()))}
 
 
-def run_conversion(recipe: Recipe, out: str | Path, *, resume: bool = False, progress: bool = True) -> ConvertResult:
-    t0 = time.perf_counter()
+def run_conversion(recipe: Recipe, out: str | Path, *, resume: bool = False, progress: bool = True,
+                   overwrite: bool = False) -> ConvertResult:
     out = Path(out)
-    result = train(recipe, out, resume=resume, progress=progress)
+    result = train(recipe, out, resume=resume, progress=progress, overwrite=overwrite)
+    t0 = time.perf_counter()  # after training: the report's wall time is the whole run's training + this evaluation
     model_dir = result.final_dir
     merged = None
     if recipe.merge.top_k > 0 and result.evals:
@@ -68,12 +70,19 @@ def run_conversion(recipe: Recipe, out: str | Path, *, resume: bool = False, pro
                            "chosen": [{"checkpoint": c.name, "val_ppl": _ppl(v)} for c, v in merged.chosen]}
     if recipe.eval.tasks > 0:
         report["tasks"] = evaluate_parent_and_converted(recipe, Path(recipe.model.path), model_dir)
-    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    report["train_wall_s"] = round(result.wall_s, 1)
+    report["wall_s"] = round(result.wall_s + time.perf_counter() - t0, 1)
     report["device"] = "cuda" if torch.cuda.is_available() and recipe.train.device != "cpu" else "cpu"
+    report["machine"] = describe()  # CPU, cores, torch threads, 1-minute load: they move the speed numbers
     path = out / "report.json"
     write_json(path, report)
-    (out / "report.md").write_text(format_report(report))
+    write_text(out / "report.md", format_report(report))
     return ConvertResult(model_dir, report, path)
+
+
+def _machine_line(r: dict) -> str:
+    m = r.get("machine")
+    return f" ({m['cpu']}, {m['cores']} cores, {m['threads']} threads, load {m['load1']})" if m else ""
 
 
 def _ppl(nll: float) -> float:
@@ -89,7 +98,7 @@ def _phase_table(evals: list[dict]) -> list[dict]:
 def format_report(r: dict) -> str:
     lines = ["# blockdiff conversion report", "", f"- parent: `{r['parent']}`", f"- result: `{r['model']}`",
              f"- steps: {r['steps']}, training throughput {r['train_tokens_per_s']} tokens/s (of L per row)",
-             f"- wall time: {r['wall_s']} s on {r['device']}", "", "## Validation ELBO perplexity per WSD phase", "",
+             f"- wall time: {r['wall_s']} s on {r['device']}{_machine_line(r)}", "", "## Validation ELBO perplexity per WSD phase", "",
              "| phase | block size | step | val ELBO ppl |", "|---|---|---|---|"]
     lines += [f"| {p['phase']} | {p['block_size']} | {p['step']} | {p['val_elbo_ppl']} |" for p in r["phases"]]
     if "merge" in r:

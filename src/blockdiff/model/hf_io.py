@@ -15,13 +15,14 @@ for, and then shard by shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os  # noqa: F401  (tests/test_hf_io.py patches hf_io.os.replace; the folder swap is atomic.py)
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import folder_for_replace, write_json
@@ -71,13 +72,23 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return files
     single = folder / WEIGHTS_NAME
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with _open(single) as f:
             return {k: single for k in f.keys()}
     found = sorted(p.name for p in folder.iterdir())
     raise FileNotFoundError(
         f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} (found: {', '.join(found) or 'nothing'}); "
         "only safetensors checkpoints are supported"
     )
+
+
+@contextlib.contextmanager
+def _open(path: Path):
+    """safe_open with its errors (bad header, truncated or random bytes) turned into one line naming the file."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield handle
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); re-save or re-download it") from None
 
 
 def _adapter(cfg: ModelConfig) -> StateDictAdapter:
@@ -115,7 +126,7 @@ def load_pretrained(folder: str | Path, *, dtype: torch.dtype = torch.float32, d
     for key, f in files.items():
         by_file.setdefault(f, []).append(key)
     for f, keys in sorted(by_file.items()):
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
+        with _open(f) as handle:
             for key in keys:
                 if adapter.is_extra_layer(key, cfg.num_layers):
                     extra.append(key)
@@ -136,6 +147,10 @@ def load_pretrained(folder: str | Path, *, dtype: torch.dtype = torch.float32, d
                     raise ValueError(f"{f}: tensor {key} has shape {shape}, config.json implies {tuple(target.shape)}")
                 with torch.no_grad():
                     target.copy_(handle.get_tensor(key))  # copy_ casts to the target dtype
+                if target.is_floating_point() and not torch.isfinite(target).all():
+                    bad = int((~torch.isfinite(target)).sum())
+                    raise ValueError(f"{f}: tensor {key} holds {bad} NaN/inf value(s) of {target.numel()}; the "
+                                     "checkpoint is corrupt (a diverged run saves none: use an earlier checkpoint)")
                 loaded.add(key)
     if extra:
         adapter.skipped_extra_layers(extra, cfg, folder)

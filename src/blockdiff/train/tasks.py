@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -232,9 +233,18 @@ def make_task(recipe: Recipe) -> Task:
     return TASKS[recipe.objective.kind](recipe)
 
 
+def default_cache_dir() -> Path:
+    """Where tokenised corpora are cached between runs (keyed by the data files and the tokenizer, so any run may
+    reuse them): $BLOCKDIFF_CACHE, else $XDG_CACHE_HOME/blockdiff, else ~/.cache/blockdiff (the usual user cache,
+    as Hugging Face's is). `[data] cache_dir` overrides it per recipe."""
+    if os.environ.get("BLOCKDIFF_CACHE"):
+        return Path(os.environ["BLOCKDIFF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blockdiff"
+
+
 def load_corpus(recipe: Recipe, tok, run_dir: Path) -> tuple[PackedDataset, PackedDataset | None]:
     """Documents -> tokens (cached) -> packed rows, for conversion and AR pretraining."""
-    cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else run_dir.parent / ".cache" / "tokens"
+    cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_dir() / "tokens"
     d = recipe.data
 
     def build(paths: list[str]) -> PackedDataset:
