@@ -357,6 +357,12 @@ def test_bad_prompt_ids(bd):
         generate(model, [[-1]], DecodeConfig(block_size=4), mask_id=mask_id, eos_ids=[eos_id])
     with pytest.raises(ValueError, match=rf"prompt 0: holds the \[MASK\] id {mask_id} at position 1"):
         generate(model, [[5, mask_id, 6]], DecodeConfig(block_size=4), mask_id=mask_id, eos_ids=[eos_id])
-    with pytest.warns(UserWarning, match="max_position_embeddings"):
-        generate(model, [[1, 2]], DecodeConfig(block_size=4, max_new_tokens=model.cfg.max_position_embeddings,
-                                               threshold=0.0), mask_id=mask_id, eos_ids=[eos_id])
+    # the one context check: prompt + max_new_tokens rounded up to whole blocks must fit max_position_embeddings
+    limit = model.cfg.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"prompt of 2 tokens \+ max_new_tokens {limit}, rounded up to whole blocks "
+                                         rf"of 4, needs {limit + 4} positions, more than the model's context of {limit}"):
+        generate(model, [[1, 2]], DecodeConfig(block_size=4, max_new_tokens=limit, threshold=0.0), mask_id=mask_id,
+                 eos_ids=[eos_id])
+    ok = generate(model, [[1, 2]], DecodeConfig(block_size=4, max_new_tokens=limit - 4, threshold=0.0, ignore_eos=True),
+                  mask_id=mask_id, eos_ids=[eos_id])[0]
+    assert len(ok.tokens) == limit - 4  # exactly at the limit: accepted

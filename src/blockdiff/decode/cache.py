@@ -14,7 +14,9 @@ past its own len_r + T (stale values from earlier steps, always finite). When al
 mask is None and the update is a plain slice.
 
 Rows that finish leave the batch with `keep(rows)`: their slots are compacted away in place (a copy when a row
-finishes, never per step), so a finished row stops costing compute.
+finishes, never per step), so a finished row stops costing compute. Rows join a running batch with
+`append(other)`: the prefilled rows of a second cache are copied in after the current rows (a copy when a row
+joins), up to the row capacity the cache was built with.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ class KVCache:
         self.batch = batch  # rows in use (a prefix of the allocated rows)
         self.lengths = [0] * batch  # committed tokens per row
         self._len_t = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def capacity(self) -> int:
+        """Rows this cache can hold."""
+        return self.k[0].shape[0]
 
     @property
     def length(self) -> int:
@@ -94,6 +101,20 @@ class KVCache:
             if self.lengths[r] + m > self.max_len:
                 raise ValueError(f"cannot commit {m} tokens: {self.lengths[r]} + {m} > capacity {self.max_len}")
         self.lengths = [a + m for a, m in zip(self.lengths, ns)]
+        self._len_t[:self.batch] = torch.tensor(self.lengths, dtype=torch.long, device=self._len_t.device)
+
+    def append(self, other: "KVCache") -> None:
+        """Add the rows of `other` (their committed K/V and lengths) after this cache's rows."""
+        b0, n = self.batch, other.batch
+        if b0 + n > self.capacity:
+            raise ValueError(f"KV cache holds at most {self.capacity} rows: cannot add {n} to {b0}")
+        T = max(other.lengths, default=0)
+        if T > self.max_len:
+            raise ValueError(f"KV cache overflow: {T} tokens > capacity {self.max_len}")
+        for dst, src in zip((*self.k, *self.v), (*other.k, *other.v)):
+            dst[b0:b0 + n, :, :T] = src[:n, :, :T]
+        self.lengths = self.lengths + list(other.lengths)
+        self.batch = b0 + n
         self._len_t[:self.batch] = torch.tensor(self.lengths, dtype=torch.long, device=self._len_t.device)
 
     def keep(self, rows: list[int]) -> None:

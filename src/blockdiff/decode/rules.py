@@ -13,9 +13,11 @@ parameters, and returns bool [b, B] masks of the positions to write:
 - `editable` [b, B]: a generated position (never a prompt token): the only place T2T may write (joint only);
 - `quota`: fallback commits at this step, an int or a per-row [b, 1] tensor (`DecodeConfig.quota_at`);
 - m2t: the positions to unmask (Mask-to-Token); t2t: the positions to re-write (Token-to-Token edit).
-Only the joint rule edits; the others unmask only. The engine (`engine.stream`) picks the rule from
-`DecodeConfig.rule`, and itself withholds writes from rows whose forward writes clean K/V and applies the
-edit-only pass budget (`max_post_steps`).
+Only the joint rule edits; the others unmask only. Each mode of `DecodeConfig` (config.MODES) names one `Rule`
+class below; `DecodeConfig.decode_rule` builds the rule object with its parameters, and the scheduler calls every
+rule through the same interface (`select`, plus `new_state` / `adjust` for rules that keep per-row state, dInfer
+credit). The scheduler itself withholds writes from rows whose forward writes clean K/V and applies the edit-only
+pass budget (`max_post_steps`).
 
 Token choice (`choose_tokens`) is separate from the rule: argmax at temperature 0, else a sample after
 temperature / top-k / top-p. Logit transforms applied before the choice: dInfer's credit (`credit_update`,
@@ -26,6 +28,10 @@ dInfer (threshold >= min(tau, c_max - 1e-5), credit), Fast-dLLM (factor rule). d
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -137,3 +143,99 @@ def factor_rule(conf: Tensor, masked: Tensor, factor: float) -> Tensor:
     commit = torch.zeros_like(masked)
     commit.scatter_(-1, order, prefix)
     return commit & masked
+
+
+# ----------------------------------------------------------------------------------------------- rule objects
+@dataclass(frozen=True)
+class Rule(ABC):
+    """A decoding rule with its parameters. Frozen: rows whose rules are equal share one vectorised call.
+    `select(conf, masked, changed, editable, quota)` returns (m2t, t2t) bool [b, B] (t2t None for unmask-only
+    rules); `adjust(logits, state)` transforms the logits before the token choice with per-row state [b, B, V]
+    from `new_state` (None for rules without state)."""
+
+    name: ClassVar[str]
+    edits: ClassVar[bool] = False  # writes T2T edits (and then finishes a block at a pass that writes nothing)
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg) -> "Rule":
+        """The rule with the parameters of a DecodeConfig."""
+
+    @abstractmethod
+    def select(self, conf: Tensor, masked: Tensor, changed: Tensor, editable: Tensor,
+               quota) -> tuple[Tensor, Tensor | None]:
+        """Positions to write at this step: (m2t, t2t)."""
+
+    def new_state(self, block_size: int, vocab_size: int, device) -> Tensor | None:
+        return None
+
+    def adjust(self, logits: Tensor, state: Tensor | None) -> Tensor:
+        return logits
+
+
+@dataclass(frozen=True)
+class ThresholdRule(Rule):
+    tau: float
+    name: ClassVar[str] = "threshold"
+
+    @classmethod
+    def from_config(cls, cfg) -> "ThresholdRule":
+        return cls(cfg.tau_mask)
+
+    def select(self, conf, masked, changed, editable, quota):
+        return threshold_rule(conf, masked, self.tau, quota), None
+
+
+@dataclass(frozen=True)
+class JointRule(Rule):
+    tau: float
+    tau_edit: float
+    name: ClassVar[str] = "joint"
+    edits: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "JointRule":
+        return cls(cfg.tau_mask, cfg.tau_edit)
+
+    def select(self, conf, masked, changed, editable, quota):
+        return joint_rule(conf, masked, changed, editable, self.tau, self.tau_edit, quota)
+
+
+@dataclass(frozen=True)
+class DInferRule(Rule):
+    tau: float
+    name: ClassVar[str] = "dinfer"
+
+    @classmethod
+    def from_config(cls, cfg) -> "DInferRule":
+        return cls(cfg.tau_mask)
+
+    def select(self, conf, masked, changed, editable, quota):
+        return dinfer_threshold_rule(conf, masked, self.tau), None
+
+
+@dataclass(frozen=True)
+class CreditRule(DInferRule):
+    """dInfer credit decoding: the dInfer threshold on logits + 0.7 log(1 + C), C accumulated per block."""
+
+    name: ClassVar[str] = "credit"
+
+    def new_state(self, block_size, vocab_size, device):
+        return torch.zeros(block_size, vocab_size, device=device)
+
+    def adjust(self, logits, state):
+        credit_update(state, logits)
+        return credit_adjust(logits, state)
+
+
+@dataclass(frozen=True)
+class FactorRule(Rule):
+    factor: float
+    name: ClassVar[str] = "factor"
+
+    @classmethod
+    def from_config(cls, cfg) -> "FactorRule":
+        return cls(cfg.factor)
+
+    def select(self, conf, masked, changed, editable, quota):
+        return factor_rule(conf, masked, self.factor), None
