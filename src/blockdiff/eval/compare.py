@@ -1,0 +1,193 @@
+"""Checkpoints x decoding settings on the same prompts: the one evaluation code path.
+
+`blockdiff eval`, the conversion report (`convert.py`), `bench/convert.py` and `bench/posttrain.py` all decode
+through `evaluate_model` and score through `task_accuracy.score`, so a number means the same thing wherever it is
+printed. Each checkpoint is decoded with its own kind: greedy AR (KV cache) for an AR checkpoint, the chosen block
+modes through the batched engine for a block-diffusion one (`load.Loaded.generate` chooses).
+
+A result row: `task_accuracy.score`'s record (accuracy, Wilson 95% interval, per task, TPF, tokens/s, forwards)
+plus the decoding: `label` (its key), `mode`, `tau_mask` / `tau_edit` and a one-line `decoding` description.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.tasks import TaskExample
+from .task_accuracy import BLOCK_MODES, score
+
+AR = "AR"  # the label and mode of greedy AR decoding
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """One decoding setting: mode "AR" (greedy AR) or a key of decode.engine.MODES, with optional thresholds
+    (probabilities in [0, 1]; None = the mode's default)."""
+
+    mode: str
+    threshold: float | None = None  # M2T threshold
+    edit_threshold: float | None = None  # T2T threshold (joint modes)
+
+    @property
+    def label(self) -> str:
+        """Table key: the mode for default thresholds ("threshold", "S", "Q", "AR"), else e.g. "threshold@0.9",
+        "joint@0.7/0.5"."""
+        if self.threshold is None and self.edit_threshold is None:
+            return self.mode
+        return f"{self.mode}@{self.threshold}" + ("" if self.edit_threshold is None else f"/{self.edit_threshold}")
+
+
+@dataclass
+class DecodeSettings:
+    """What every decoding of one evaluation shares."""
+
+    modes: tuple[str, ...] = BLOCK_MODES  # block modes for block-diffusion checkpoints (AR ones: greedy AR)
+    max_new_tokens: int = 32  # generation budget per prompt (tokens)
+    steps: int = 32  # denoising steps per block
+    threshold: float | None = None  # M2T threshold of "threshold" mode (None = the mode's default)
+    block_size: int | None = None  # B (tokens); None = each checkpoint's own
+    eos_fill: bool = False
+    batch_size: int = 1  # prompts per engine call (temperature 0: a row's output does not depend on it)
+    temperature: float = 0.0
+    seed: int = 0  # sampling seed (temperature > 0)
+
+    def __post_init__(self) -> None:
+        from ..decode.engine import MODES
+
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ValueError(f"--modes: unknown {', '.join(bad)}; allowed: {', '.join(MODES)}")
+        for name in ("max_new_tokens", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    def decodings(self, is_diffusion: bool) -> list[Decoding]:
+        if not is_diffusion:
+            return [Decoding(AR)]
+        return [Decoding(m, self.threshold if m == "threshold" else None) for m in self.modes]
+
+
+def describe(dec: Decoding, cfg, info, settings: DecodeSettings) -> str:
+    """One line naming the decoding (the conversion report's wording)."""
+    if dec.mode == AR:
+        return "greedy AR, KV cache"
+    desc = f"threshold {cfg.tau_mask}" if cfg.rule == "threshold" and dec.mode == "threshold" else (
+        f"{dec.mode} (M2T {cfg.tau_mask}, T2T {cfg.tau_edit})" if cfg.edits else f"{dec.mode} {cfg.tau_mask}")
+    fill = ", EOS fill" if settings.eos_fill else ""
+    return f"{desc}, B={cfg.block_size}, steps={settings.steps}, labels {info.labels}{fill}, block KV cache"
+
+
+def run_decoding(loaded, examples: Sequence[TaskExample], dec: Decoding, settings: DecodeSettings, *,
+                 encode: Callable[[TaskExample], list[int]] | None = None,
+                 output_text: Callable[[list[int]], str] | None = None) -> dict:
+    """Decode every example with one setting (batches of settings.batch_size) and score it."""
+    tok = loaded.tokenizer
+    encode = encode or (lambda ex: tok.encode(ex.prompt))
+    output_text = output_text or tok.decode
+    if dec.mode == AR:
+        cfg = loaded.decode_config(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
+    elif not loaded.is_diffusion:
+        raise ValueError(f"{loaded.path}: an AR checkpoint cannot decode with block mode {dec.mode!r}")
+    else:
+        cfg = loaded.decode_config(mode=dec.mode, block_size=settings.block_size, steps=settings.steps,
+                                   max_new_tokens=settings.max_new_tokens, threshold=dec.threshold,
+                                   edit_threshold=dec.edit_threshold, eos_fill=settings.eos_fill,
+                                   temperature=settings.temperature)
+    gen = torch.Generator().manual_seed(settings.seed) if settings.temperature > 0 else None
+    prompts = [encode(ex) for ex in examples]
+    gens: list = []
+    seconds = 0.0
+    bs = settings.batch_size
+    for i in range(0, len(prompts), bs):
+        t0 = time.perf_counter()
+        gens += loaded.generate(prompts[i:i + bs], cfg, ar=dec.mode == AR, generator=gen)
+        seconds += time.perf_counter() - t0
+    res = score(examples, [output_text(g.tokens) for g in gens], gens, seconds)
+    return res | {"label": dec.label, "mode": dec.mode, "tau_mask": None if dec.mode == AR else cfg.tau_mask,
+                  "tau_edit": None if dec.mode == AR else cfg.tau_edit,
+                  "decoding": describe(dec, cfg, loaded.info, settings)}
+
+
+def evaluate_model(model, examples: Sequence[TaskExample], settings: DecodeSettings,
+                   decodings: Sequence[Decoding] | None = None, **hooks) -> dict[str, dict]:
+    """{label: result} for one checkpoint (a folder or a load.Loaded): its own kind's decodings from `settings`
+    unless `decodings` are given. `hooks`: run_decoding's `encode` / `output_text` (e.g. a chat template)."""
+    from ..load import Loaded, load_checkpoint
+
+    loaded = model if isinstance(model, Loaded) else load_checkpoint(model)
+    decs = list(decodings) if decodings is not None else settings.decodings(loaded.is_diffusion)
+    return {d.label: run_decoding(loaded, examples, d, settings, **hooks) for d in decs}
+
+
+@dataclass
+class Comparison:
+    """Several checkpoints side by side on the same prompts: rows in order (model, then decoding)."""
+
+    prompts: dict  # how the prompts were drawn: split, n, seed, tasks
+    settings: dict
+    models: list[dict] = field(default_factory=list)  # {"name", "folder", "kind", "rows": {label: result}}
+    sweeps: list[dict] = field(default_factory=list)  # frontier points, see eval/frontier.py
+
+    def as_json(self) -> dict:
+        return {"prompts": self.prompts, "settings": self.settings, "models": self.models, "sweeps": self.sweeps}
+
+
+def compare(models: Sequence[tuple[str, str | Path]], examples: Sequence[TaskExample], settings: DecodeSettings,
+            *, prompts_info: dict | None = None, progress: Callable[[str], None] | None = None) -> Comparison:
+    """Evaluate `models` [(name, folder)] on the same `examples`, each with its own kind of decoding."""
+    from ..load import load_checkpoint
+
+    out = Comparison(prompts_info or {"n": len(examples)}, asdict(settings))
+    for name, folder in models:
+        loaded = load_checkpoint(folder)
+        rows = {}
+        for dec in settings.decodings(loaded.is_diffusion):
+            rows[dec.label] = run_decoding(loaded, examples, dec, settings)
+            if progress:
+                r = rows[dec.label]
+                progress(f"{name} {dec.label}: accuracy {r['accuracy']:.3f} {r['ci95']}, TPF {r['tpf']:.2f}, "
+                         f"{r['tps']:.0f} tokens/s")
+        out.models.append({"name": name, "folder": str(folder), "kind": "block diffusion" if loaded.is_diffusion
+                           else "AR", "rows": rows})
+    return out
+
+
+def format_markdown(c: Comparison | dict, title: str = "blockdiff eval") -> str:
+    """The side-by-side table: per model and decoding, accuracy with its 95% interval, per-task accuracy, TPF,
+    tokens/s, forwards; then per-task intervals and TPF."""
+    d = c.as_json() if isinstance(c, Comparison) else c
+    rows = [(m["name"], r) for m in d["models"] for r in m["rows"].values()]
+    if not rows:
+        return f"# {title}\n\n(no models)\n"
+    tasks = list(rows[0][1]["per_task"])
+    p, s = d["prompts"], d["settings"]
+    head = (f"{p.get('n')} {p.get('split', 'heldout')} prompts (seed {p.get('seed', '?')}), max {s['max_new_tokens']} "
+            f"new tokens, batch {s['batch_size']}, temperature {s['temperature']}")
+    lines = [f"# {title}", "", head, "",
+             "| model | decoding | accuracy | 95% CI | " + " | ".join(tasks) + " | TPF | tokens/s | forwards |",
+             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
+    for name, r in rows:
+        per = " | ".join(f"{r['per_task'].get(k, 0.0):.3f}" for k in tasks)
+        lo, hi = r["ci95"]
+        lines.append(f"| {name} | {r['decoding']} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {per} | "
+                     f"{r['tpf']:.2f} | {r['tps']:.1f} | {r['forwards']} |")
+    lines += ["", "Per task: accuracy [95% CI] / TPF", "", "| model | decoding | " + " | ".join(tasks) + " |",
+              "|---|---|" + "---|" * len(tasks)]
+    for name, r in rows:
+        cells = [f"{r['per_task'][k]:.2f} [{r['ci95_per_task'][k][0]:.2f}, {r['ci95_per_task'][k][1]:.2f}] / "
+                 f"{r['tpf_per_task'][k]:.2f}" for k in tasks]
+        lines.append(f"| {name} | {r['label']} | " + " | ".join(cells) + " |")
+    if d.get("sweeps"):
+        lines += ["", "## Frontier sweep (accuracy vs TPF)", "", "| model | sweep | M2T | T2T | accuracy | 95% CI | TPF |",
+                  "|---|---|---|---|---|---|---|"]
+        for sw in d["sweeps"]:
+            for pt in sw["points"]:
+                lines.append(f"| {sw['model']} | {sw['kind']} | {pt['tau_mask']} | "
+                             f"{'' if pt['tau_edit'] is None else pt['tau_edit']} | {pt['accuracy']:.3f} | "
+                             f"[{pt['ci95'][0]:.3f}, {pt['ci95'][1]:.3f}] | {pt['tpf']:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,133 @@
+"""The one evaluation path (eval/compare.py, eval/frontier.py) and `blockdiff eval`, on the bundled models.
+
+Equivalences: the compare path gives the numbers the plain per-prompt reference gives (Loaded.generate one prompt at
+a time, scored by is_correct); batching changes neither accuracy nor TPF nor forwards at temperature 0; a frontier
+point with a mode's default thresholds is the table row of that mode.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from blockdiff.data.tasks import generate_examples, is_correct
+from blockdiff.eval.compare import Decoding, DecodeSettings, evaluate_model, run_decoding
+from blockdiff.eval.command import run_models
+from blockdiff.eval.frontier import sweep
+from blockdiff.eval.task_accuracy import evaluate_checkpoint, wilson_interval
+from blockdiff.load import load_checkpoint
+from cli_helpers import assert_usage_error, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+AR_DIR, BD_DIR = REPO / "assets/tiny-ar", REPO / "assets/tiny-bd"
+EXAMPLES = generate_examples("heldout", 12, seed=123)
+
+
+@pytest.fixture(scope="module")
+def bd():
+    return load_checkpoint(BD_DIR)
+
+
+@pytest.fixture(scope="module")
+def ar():
+    return load_checkpoint(AR_DIR)
+
+
+def reference(loaded, cfg):
+    """Per prompt, alone: (correct flags, generated tokens, forwards)."""
+    flags, toks, fws = [], 0, 0
+    for ex in EXAMPLES:
+        g = loaded.generate([loaded.tokenizer.encode(ex.prompt)], cfg)[0]
+        flags.append(is_correct(ex, loaded.tokenizer.decode(g.tokens)))
+        toks, fws = toks + g.n_generated, fws + g.forwards
+    return flags, toks, fws
+
+
+@pytest.mark.parametrize("mode", ["threshold", "S", "Q"])
+def test_block_rows_equal_per_prompt_reference_and_batching(bd, mode):
+    cfg = bd.decode_config(mode=mode, steps=32, max_new_tokens=32)
+    flags, toks, fws = reference(bd, cfg)
+    for bs in (1, 5):
+        r = evaluate_model(bd, EXAMPLES, DecodeSettings(modes=(mode,), batch_size=bs))[mode]
+        assert r["correct"] == flags
+        assert r["accuracy"] == sum(flags) / len(flags)
+        assert (r["generated_tokens"], r["forwards"]) == (toks, fws)
+        assert r["tpf"] == pytest.approx(toks / fws)
+        assert r["ci95"] == list(wilson_interval(sum(flags), len(flags)))
+
+
+def test_ar_checkpoint_gets_one_greedy_row(ar):
+    rows = evaluate_model(ar, EXAMPLES, DecodeSettings())
+    assert list(rows) == ["AR"] and rows["AR"]["decoding"] == "greedy AR, KV cache"
+    flags, toks, fws = reference(ar, ar.decode_config(max_new_tokens=32))
+    assert rows["AR"]["correct"] == flags and rows["AR"]["tpf"] == 1.0 and rows["AR"]["forwards"] == fws
+    with pytest.raises(ValueError, match="AR checkpoint cannot decode with block mode"):
+        run_decoding(ar, EXAMPLES, Decoding("S"), DecodeSettings())
+
+
+def test_evaluate_checkpoint_keeps_the_report_fields(bd):
+    res = evaluate_checkpoint(BD_DIR, EXAMPLES[:4], modes=("threshold", "S"))
+    assert list(res) == ["threshold", "S"]
+    assert res["threshold"]["decoding"].startswith("threshold 0.95, B=32, steps=32, labels shift")
+    assert res["S"]["decoding"].startswith("S (M2T 0.5, T2T 0.0), B=32")
+    for key in ("accuracy", "ci95", "per_task", "ci95_per_task", "tpf", "tpf_per_task", "tps", "forwards", "samples"):
+        assert key in res["S"]
+
+
+def test_frontier_point_at_default_thresholds_is_the_mode_row(bd):
+    settings = DecodeSettings(modes=("S", "Q"))
+    rows = evaluate_model(bd, EXAMPLES, settings)
+    pts = sweep(bd, "bd", EXAMPLES, settings, [("joint", Decoding("joint", 0.5, 0.0)), ("joint", Decoding("joint", 0.7, 0.5))])
+    assert len(pts) == 1 and pts[0]["kind"] == "joint"
+    s, q = pts[0]["points"]
+    assert (s["marked"], q["marked"]) == ("S", "Q")
+    for pt, row in ((s, rows["S"]), (q, rows["Q"])):
+        assert (pt["accuracy"], pt["tpf"], pt["forwards"]) == (row["accuracy"], row["tpf"], row["forwards"])
+
+
+def test_cli_eval_side_by_side_and_frontier(tmp_path):
+    out = tmp_path / "ev"
+    code, stdout, stderr = run_cli(["eval", "--model", f"parent={AR_DIR}", "--model", f"converted={BD_DIR}",
+                                    "--prompts", 8, "--modes", "S,Q", "--sweep-thresholds", "0.5,0.95",
+                                    "--sweep-pairs", "0.5:0.0,0.9:0.5", "--out", out, "--threads", 1])
+    assert code == 0, stderr
+    assert "| parent | greedy AR, KV cache |" in stdout and "| converted | S (M2T 0.5, T2T 0.0)" in stdout
+    data = json.loads((out / "eval.json").read_text())
+    assert [m["name"] for m in data["models"]] == ["parent", "converted"]
+    assert list(data["models"][1]["rows"]) == ["S", "Q"]
+    assert {(s["model"], s["kind"], len(s["points"])) for s in data["sweeps"]} == {("converted", "threshold", 2),
+                                                                                     ("converted", "joint", 2)}
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "frontier.png" in (out / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "no/such/folder"], "--model no/such/folder"),
+    (["--model", str(BD_DIR), "--modes", "S,fast"], "--modes: unknown fast"),
+    (["--model", str(BD_DIR), "--sweep-pairs", "0.5"], "--sweep-pairs"),
+    (["--model", str(BD_DIR), "--sweep-thresholds", "0.5,1.5"], "sweep thresholds must be in [0, 1]"),
+    (["--model", str(BD_DIR), "--tasks", "add,mul"], "--tasks: unknown mul"),
+    ([], "give at least one --model"),
+    (["--run", "no/such/run"], "--run: no/such/run is not a folder"),
+])
+def test_cli_eval_bad_input_is_one_line(argv, needle):
+    code, _, stderr = run_cli(["eval", "--prompts", 2, "--no-frontier", *argv])
+    assert_usage_error(code, stderr, "eval", needle)
+
+
+def test_run_folder_expands_to_parent_merged_and_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    for sub in ("merged", "checkpoints/step_000100", "checkpoints/step_000400"):
+        (run / sub).mkdir(parents=True)
+        shutil.copy(BD_DIR / "config.json", run / sub / "config.json")
+    (run / "report.json").write_text(json.dumps({"parent": str(AR_DIR)}))
+    names = lambda which: [n for n, _ in run_models(run, which)]  # noqa: E731
+    assert names("last") == ["parent", "merged", "step_400"]
+    assert names("all") == ["parent", "merged", "step_100", "step_400"]
+    assert names("none") == ["parent", "merged"]
+    assert names("100") == ["parent", "merged", "step_100"]
+    with pytest.raises(ValueError, match=r"has no step \[7\]"):
+        run_models(run, "7")
