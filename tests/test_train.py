@@ -18,7 +18,7 @@ from blockdiff.data.documents import DataError
 from blockdiff.data.tokenizer import load_tokenizer
 from blockdiff.load import load_checkpoint
 from blockdiff.model.hf_io import load_pretrained
-from blockdiff.train.checkpoint import list_checkpoints, load_trainer_state
+from blockdiff.train.checkpoint import list_checkpoints, load_resume_state, load_trainer_state
 from blockdiff.train.loop import TrainingDiverged, train
 from blockdiff.train.metrics import read_metrics
 from blockdiff.train.recipe import parse_recipe
@@ -38,7 +38,8 @@ def ckpt_steps(run_dir: Path) -> list[int]:
 
 
 def no_temp_folders(run_dir: Path) -> None:
-    leftovers = [p for p in run_dir.rglob(".*") if p.name != ".cache" and ".cache" not in p.parts]
+    leftovers = [p for p in run_dir.rglob(".*") if p.name != ".cache" and ".cache" not in p.parts
+                 and not (p.name == ".metadata" and p.parent.name == "resume")]  # DCP's own index file
     assert not leftovers, f"temporary files left: {leftovers}"
 
 
@@ -134,8 +135,10 @@ def test_checkpoint_contents(run_a, step, block):
     recipe, run_dir, _ = run_a
     ckpt = run_dir / f"checkpoints/step_{step:06d}"
     names = {p.name for p in ckpt.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "optimizer.pt", "rng.pt",
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "trainer_state.json", "recipe.json"} <= names
+    # the resume state (DCP model + optimizer, RNG) is kept in the newest checkpoint only
+    assert ({"resume", "rng"} <= names) == (step == 10) and not names & {"optimizer.pt", "rng.pt"}
     tok = load_tokenizer(ckpt)
     assert tok.mask_token == "<|mask|>" and tok.mask_id is not None
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -150,13 +153,23 @@ def test_checkpoint_contents(run_a, step, block):
     assert d["epoch"] * d["n_sequences"] + d["index"] == step * recipe.train.batch_size
     assert isinstance(state["val_nll"], float) and math.isfinite(state["val_nll"])
     assert json.loads((ckpt / "recipe.json").read_text()) == json.loads(json.dumps(recipe.to_dict()))
-    optim = torch.load(ckpt / "optimizer.pt", weights_only=False)
-    assert optim["state"] and all(int(s["step"]) == step for s in optim["state"].values())
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
-    assert {"noise", "torch", "python", "numpy"} <= rng.keys()
+    if step == 10:
+        model = load_pretrained(run_dir / "checkpoints/step_000003")  # older weights: the resume state replaces them
+        optimizer = loop.build_optimizer(model, recipe)
+        load_resume_state(ckpt, model, optimizer, torch.Generator())
+        assert optimizer.state and all(int(s["step"]) == step for s in optimizer.state.values())
+        assert_same_weights_as(model, ckpt)
+        rng = torch.load(ckpt / "rng/rank_00000.pt", weights_only=False)
+        assert {"noise", "torch", "python", "numpy"} <= rng.keys()
 
     model = load_pretrained(ckpt)
     assert model.cfg.diffusion.mask_token_id == tok.mask_id and model.cfg.diffusion.block_size == block
+
+
+def assert_same_weights_as(model, folder: Path) -> None:
+    saved = load_pretrained(folder).state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
 
 
 def test_checkpoint_loads_in_hf_transformers(run_a):

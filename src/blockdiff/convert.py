@@ -23,6 +23,7 @@ from .eval.task_accuracy import evaluate_checkpoint
 from .machine import describe
 from .train.loop import train
 from .train.merge import merge_top_k
+from .train.parallel import is_main_process
 from .train.recipe import Recipe
 
 
@@ -51,6 +52,8 @@ def run_conversion(recipe: Recipe, out: str | Path, *, resume: bool = False, pro
                    overwrite: bool = False) -> ConvertResult:
     out = Path(out)
     result = train(recipe, out, resume=resume, progress=progress, overwrite=overwrite)
+    if not is_main_process():  # under torchrun rank 0 merges, evaluates and writes the report
+        return ConvertResult(result.final_dir, {}, out / "report.json")
     t0 = time.perf_counter()  # after training: the report's wall time is the whole run's training + this evaluation
     model_dir = result.final_dir
     merged = None
