@@ -25,13 +25,16 @@ DEFAULT_TEMPLATE = (
 )
 # Tokens that end an assistant turn in common templates; an answer is cut at the first of them.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# Where an answer ends: an end-of-turn marker, or the default template's next role marker (also the server's
+# implicit stop strings for chat completions).
+ANSWER_ENDS = (*END_OF_TURN, "<|user|>", "<|assistant|>")
 
 
 def answer_text(tok: Tokenizer, ids: list[int]) -> str:
     """The assistant's answer in a generation (already cut at EOS): text before the first end-of-turn marker
     (the SFT rows teach `answer<end-of-turn>\n<eos>...`, so decoding stops at EOS and the marker is cut here)."""
     text = tok.decode(ids)
-    for marker in (*END_OF_TURN, "<|user|>", "<|assistant|>"):
+    for marker in ANSWER_ENDS:
         text = text.split(marker)[0]
     return text.strip()
 

@@ -1,0 +1,78 @@
+"""The `blockdiff serve` verb: flags, loading through `load.load_checkpoint`, uvicorn. Imported by cli.py's parser,
+so it imports nothing heavy at module level (fastapi and torch are imported when the verb runs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_serve_parser(sub, add_decoding_args, decode_config) -> None:
+    """Register `blockdiff serve`. `add_decoding_args` / `decode_config` are the CLI's decoding flags and their
+    DecodeConfig (one owner): here they set the defaults of a request that does not set a field."""
+    import argparse
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Serve a checkpoint over HTTP: POST /v1/completions and /v1/chat/completions "
+                                   "(stream or not), GET /v1/models, /health, /metrics and the live denoising view at "
+                                   "/. Requests join and leave the running batch at every step. The decoding flags "
+                                   "below are the defaults of a request (--max-new-tokens: of max_tokens); a "
+                                   "request overrides them with body fields (docs/serving.md).")
+    s.add_argument("--model", required=True, help="HF folder (converted, or AR: then decoded autoregressively)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
+    s.add_argument("--max-running", type=int, default=16, help="rows decoded at once (a request uses prompts x n)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a row; more are refused with 503 and Retry-After")
+    s.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take (then 504)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (bytes; larger: 413)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    add_decoding_args(s)
+    if not any("--threads" in a.option_strings for a in s._actions):  # the decoding flags may own it already
+        s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = auto: the free cores)")
+    s.set_defaults(func=lambda args: cmd_serve(args, decode_config))
+
+
+def _check_limits(args) -> None:
+    for flag, v, lo in (("--port", args.port, 0), ("--max-running", args.max_running, 1),
+                        ("--max-queue", args.max_queue, 1), ("--max-body-bytes", args.max_body_bytes, 1024),
+                        ("--threads", args.threads, 0)):
+        if v < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    if args.port > 65535:
+        raise ValueError(f"--port must be <= 65535, got {args.port}")
+    if not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+
+
+def cmd_serve(args, decode_config) -> int:
+    _check_limits(args)
+    try:
+        import uvicorn
+
+        from .server import ServeSettings, create_app
+    except ImportError as e:
+        raise ValueError(f"blockdiff serve needs the serve extra: pip install -e '.[serve]' ({e})") from None
+    import torch
+
+    from ..load import load_checkpoint
+
+    from ..machine import set_threads
+
+    threads = set_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    loaded = load_checkpoint(args.model, device=device)
+    base = decode_config(args, loaded)
+    ar = args.ar or not loaded.is_diffusion
+    name = args.served_model_name or Path(args.model).resolve().name
+    settings = ServeSettings(model_name=name, base=base, ar=ar, max_running=args.max_running,
+                             max_queue=args.max_queue, request_timeout=args.request_timeout,
+                             max_body_bytes=args.max_body_bytes)
+    kind = "AR" if ar else f"block diffusion, mode {base.mode}, B={base.block_size}"
+    print(f"[blockdiff serve] {args.model} as {name!r} ({kind}) on {device} ({threads} thread(s)), "
+          f"http://{args.host}:{args.port}/ (viewer), /v1 (OpenAI API)", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(loaded, settings), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=5)
+    return 0

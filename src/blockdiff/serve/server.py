@@ -1,0 +1,307 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn): `create_app(loaded, settings)`.
+
+    POST /v1/completions        text (or token-id) prompts; stream or not
+    POST /v1/chat/completions   messages rendered with the tokenizer's chat template
+    GET  /v1/models, /health, /metrics (Prometheus text), / and /viz (the live denoising view)
+
+Requests are checked here (protocol.py: a 400 naming the field, never a 500 for bad input) and decoded by the
+batcher's background thread (batcher.py: continuous batching). Streaming (docs/serving.md): a chunk carries only
+text that can no longer change, so the concatenated deltas equal the non-streamed text; `stream_denoise: true`
+adds the provisional per-step state (masked slots, edits) for viewers, with empty text deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..data.chat_template import ANSWER_ENDS, ChatTemplate
+from ..decode.config import DecodeConfig
+from ..decode.scheduler import check_context, check_prompts
+from .batcher import Batcher, Job, Overloaded
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import APIError, GenRequest, chat_messages, completion_prompts, parse_common
+from .text import ChoiceText, denoise_state
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/", "/viz")
+
+
+@dataclass
+class ServeSettings:
+    model_name: str
+    base: DecodeConfig  # the decoding defaults of a request (its max_new_tokens is the default max_tokens)
+    ar: bool = False  # decode autoregressively (AR checkpoints, or --ar)
+    max_running: int = 16  # rows decoded at once (a request holds prompts x n rows)
+    max_queue: int = 256  # requests waiting for rows; more get 503 + Retry-After
+    request_timeout: float = 300.0  # seconds from arrival to the last token
+    max_body_bytes: int = 1 << 20
+    retry_after: int = 1  # seconds, in the Retry-After header of a 503
+
+
+class CountRequests:
+    """ASGI middleware: blockdiff_requests_total{endpoint,status} for every answer (streams included)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        status = 500
+
+        async def send_status(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise APIError(413, f"request body of {size} bytes exceeds the limit of {limit} (--max-body-bytes)")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes (--max-body-bytes)")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def create_app(loaded, settings: ServeSettings) -> FastAPI:
+    """The app around one loaded checkpoint (`load.load_checkpoint`)."""
+    model, tok = loaded.model, loaded.tokenizer
+    mask_id = None if settings.ar else loaded.info.mask_token_id
+    max_len = model.cfg.max_position_embeddings
+    metrics = Metrics()
+    batcher = Batcher(model, mask_id=mask_id, ar=settings.ar, max_running=settings.max_running,
+                      max_queue=settings.max_queue, max_len=max_len, metrics=metrics)
+    template = ChatTemplate(tok)
+
+    async def lifespan(app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="blockdiff", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
+    app.add_middleware(CountRequests, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, e: Exception):  # a bug: say so in the same shape
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
+                            status_code=500)
+
+    def check(req: GenRequest, param: str) -> None:
+        """The request against the checkpoint: token ids, [MASK], the context, the row limit."""
+        if req.model and req.model != settings.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {settings.model_name!r}",
+                           param="model", type="not_found_error", code="model_not_found")
+        cfg = req.cfg if settings.ar else req.cfg.for_model(model)
+        req.cfg = cfg
+        for k, ids in enumerate(req.prompts):
+            try:
+                check_prompts([ids], model.cfg.vocab_size, mask_id)
+                check_context(model, len(ids), cfg, ar=settings.ar)
+            except ValueError as e:
+                msg = str(e).replace("prompt 0", f"prompt {k}")
+                code = "context_length_exceeded" if "context" in msg else None
+                raise APIError(400, f"{param}: {msg}", param=param, code=code) from None
+        if len(req.prompts) * req.n > settings.max_running:
+            raise APIError(400, f"n x prompts = {len(req.prompts) * req.n} rows exceeds the server's "
+                                f"{settings.max_running} (--max-running)", param="n")
+
+    def job_for(req: GenRequest, emit) -> Job:
+        stop = req.stop + (ANSWER_ENDS if req.chat else ())
+        return Job(req.prompts, req.cfg, req.n, emit, seed=req.seed, stop=stop, decode=tok.decode if stop else None,
+                   eos_ids=tuple(tok.eos_ids), deadline=time.monotonic() + settings.request_timeout)
+
+    async def run(request: Request, req: GenRequest):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = job_for(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            batcher.submit(job)
+        except Overloaded as e:
+            raise APIError(503, str(e), type="overloaded_error", code="queue_full",
+                           headers={"Retry-After": str(settings.retry_after)}) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="n") from None
+        text_eos = () if req.cfg.ignore_eos else job.eos_ids  # the text ends at EOS unless EOS is ignored
+        texts = [ChoiceText(tok, text_eos, job.stop) for _ in range(job.rows)]
+        if req.stream:
+            return StreamingResponse(stream_events(request, req, job, events, texts), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await collect(request, req, job, events, texts)
+
+    async def collect(request, req, job, events, texts):
+        t0, gens = time.perf_counter(), {}
+        try:
+            while len(gens) < job.rows:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        batcher.cancel(job)
+                        return Response(status_code=499)
+                    continue
+                if ev[0] == "error":
+                    raise APIError(ev[1], ev[2], type="timeout_error" if ev[1] == 504 else "server_error")
+                if ev[0] == "done":
+                    gens[ev[1]] = ev[2]
+        except asyncio.CancelledError:
+            batcher.cancel(job)
+            raise
+        metrics.latency.observe(time.perf_counter() - t0)
+        return JSONResponse(response_body(req, job, [(c, gens[c], texts[c].final_text(gens[c])) for c in sorted(gens)]))
+
+    async def stream_events(request, req, job, events, texts):
+        rid, created, t0, first = make_id(req), int(time.time()), time.perf_counter(), True
+        done: dict = {}
+        try:
+            if req.chat:
+                for c in range(job.rows):
+                    yield sse(chunk(req, rid, created, c, "", None, role=True))
+            while len(done) < job.rows:
+                ev = await events.get()
+                if ev[0] == "error":
+                    yield sse(APIError(ev[1], ev[2], type="timeout_error").body())
+                    break
+                kind, c, item = ev
+                delta = texts[c].update(item) if kind == "update" else texts[c].final(item)
+                if delta:
+                    if first:
+                        metrics.ttft.observe(time.perf_counter() - t0)
+                        first = False
+                    yield sse(chunk(req, rid, created, c, delta, None))
+                if kind == "update" and req.stream_denoise:
+                    state = denoise_state(tok, item, len(job.prompts[c // job.n]), mask_id)
+                    yield sse({**chunk(req, rid, created, c, "", None), "blockdiff": state})
+                if kind == "done":
+                    done[c] = item
+                    yield sse(chunk(req, rid, created, c, "", finish_reason(item)))
+            if req.include_usage and len(done) == job.rows:
+                yield sse({**chunk(req, rid, created, 0, "", None), "choices": [], "usage": usage(job, done)})
+            yield "data: [DONE]\n\n"
+            metrics.latency.observe(time.perf_counter() - t0)
+        finally:
+            if len(done) < job.rows:  # client gone (or error): free the rows before the next step
+                batcher.cancel(job)
+
+    def make_id(req: GenRequest) -> str:
+        return ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+    def chunk(req, rid, created, c, delta, reason, role=False) -> dict:
+        if req.chat:
+            d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
+            choice = {"index": c, "delta": d, "logprobs": None, "finish_reason": reason}
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": settings.model_name,
+                    "choices": [choice]}
+        choice = {"index": c, "text": delta, "logprobs": None, "finish_reason": reason}
+        return {"id": rid, "object": "text_completion", "created": created, "model": settings.model_name,
+                "choices": [choice]}
+
+    def response_body(req, job, results) -> dict:
+        gens = {c: g for c, g, _ in results}
+        if req.chat:
+            choices = [{"index": c, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": finish_reason(g)} for c, g, text in results]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": c, "text": text, "logprobs": None, "finish_reason": finish_reason(g)}
+                       for c, g, text in results]
+            obj = "text_completion"
+        fwd = sum(g.forwards for g in gens.values())
+        return {"id": make_id(req), "object": obj, "created": int(time.time()), "model": settings.model_name,
+                "choices": choices, "usage": usage(job, gens),
+                "blockdiff": {"forwards": fwd, "tpf": round(sum(g.n_generated for g in gens.values()) / max(fwd, 1), 4),
+                              "mode": "ar" if settings.ar else req.cfg.mode, "block_size": req.cfg.block_size}}
+
+    def usage(job, gens) -> dict:
+        p = sum(len(job.prompts[c // job.n]) for c in gens)
+        n = sum(g.n_generated for g in gens.values())
+        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request, settings.max_body_bytes)
+        req = parse_common(body, settings.base, max_tokens_limit=max_len, chat=False)
+        req.prompts = completion_prompts(body, tok.encode)
+        check(req, "prompt")
+        return await run(request, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request, settings.max_body_bytes)
+        req = parse_common(body, settings.base, max_tokens_limit=max_len, chat=True)
+        req.prompts = [tok.encode(template.render(chat_messages(body), add_generation_prompt=True))]
+        check(req, "messages")
+        return await run(request, req)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "blockdiff", "max_model_len": max_len}]}
+
+    @app.get("/health")
+    async def health():
+        if batcher.error is not None or not batcher.thread.is_alive():
+            return JSONResponse({"status": "error"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/")
+    @app.get("/viz")
+    async def viz():
+        page = resources.files("blockdiff.serve").joinpath("static/viz.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("__MODEL__", settings.model_name).replace(
+            "__DEFAULTS__", json.dumps({"mode": "ar" if settings.ar else settings.base.mode,
+                                        "max_tokens": settings.base.max_new_tokens,
+                                        "block_size": 1 if settings.ar else settings.base.block_size})))
+
+    @app.get("/viz.js")
+    async def viz_js():
+        js = resources.files("blockdiff.serve").joinpath("static/viz.js").read_text(encoding="utf-8")
+        return Response(js, media_type="text/javascript")
+
+    return app
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def finish_reason(g) -> str:
+    return "length" if g.stop_reason == "length" else "stop"

@@ -1,0 +1,203 @@
+"""`blockdiff serve` end to end: a real server process on 127.0.0.1 (the tiny random diffusion model of conftest,
+B = 8, context 512), the real `openai` client and raw HTTP. Completions and chat, streamed and not; streamed
+deltas join to the non-streamed text; 64 concurrent streams at temperature 0 give the texts of the same requests
+sent one by one; 1,000 malformed or hostile requests all get a 4xx in the OpenAI error shape and the server still
+answers; a client that disconnects mid-stream frees its row (seen in /metrics); a full queue answers 503 with
+Retry-After; a request past --request-timeout gets 504. Loops are bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai", reason="the serve tests need the openai client (pip install -e '.[test]')")
+pytest.importorskip("fastapi", reason="the serve tests need the serve extra (pip install -e '.[test]')")
+
+from serve_helpers import metric, running_server, wait_for  # noqa: E402
+
+SLOW = {"mode": "threshold", "threshold": 1.0, "ignore_eos": True}  # one token per step: a long-running row
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bd_dir, tmp_path_factory):
+    with running_server(tiny_bd_dir, "--max-running", 16, "--max-queue", 128,
+                        log=tmp_path_factory.mktemp("serve") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def streamed(client, **kw) -> tuple[str, str, list]:
+    """(joined text deltas, finish reason, chunks) of a streamed completion or chat completion."""
+    chat = "messages" in kw
+    api = client.chat.completions if chat else client.completions
+    text, reason, chunks = "", None, []
+    for ch in api.create(stream=True, **kw):
+        chunks.append(ch)
+        for c in ch.choices:
+            text += (c.delta.content or "") if chat else c.text
+            reason = c.finish_reason or reason
+    return text, reason, chunks
+
+
+def test_models_health_and_completions(server, client):
+    [m] = client.models.list().data
+    assert m.id == "model" and httpx.get(server + "/health").json() == {"status": "ok"}
+    for extra in ({"mode": "S"}, {"mode": "Q"}, {"mode": "threshold", "eos_fill": True}, {"mode": "credit"}):
+        body = {**extra, "ignore_eos": True}
+        r = client.completions.create(model="model", prompt="add 12+34=", max_tokens=13, extra_body=body)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 13
+        assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + 13
+        text, reason, chunks = streamed(client, model="model", prompt="add 12+34=", max_tokens=13, extra_body=body,
+                                        stream_options={"include_usage": True})
+        assert text == r.choices[0].text and reason == "length", extra
+        assert chunks[-1].usage.completion_tokens == 13  # include_usage: the last chunk counts
+    n2 = client.completions.create(model="model", prompt=["a", "bb"], max_tokens=5, n=2, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in n2.choices) == [0, 1, 2, 3] and n2.usage.completion_tokens == 20
+    assert n2.choices[0].text == n2.choices[1].text  # temperature 0: the n choices agree
+
+
+def test_chat_and_stop(server, client):
+    msgs = [{"role": "system", "content": "be short"}, {"role": "user", "content": "sort 3 1 2"}]
+    r = client.chat.completions.create(model="model", messages=msgs, max_tokens=16, extra_body={"mode": "S"})
+    text, reason, chunks = streamed(client, model="model", messages=msgs, max_tokens=16, extra_body={"mode": "S"})
+    assert text == r.choices[0].message.content and reason == r.choices[0].finish_reason
+    assert chunks[0].choices[0].delta.role == "assistant"
+    full = client.completions.create(model="model", prompt="x = ", max_tokens=24, extra_body={"ignore_eos": True})
+    t = full.choices[0].text
+    stop = t[5:8] if len(t) > 8 else None
+    if stop and stop.strip():
+        cut = client.completions.create(model="model", prompt="x = ", max_tokens=24, stop=[stop],
+                                        extra_body={"ignore_eos": True})
+        assert cut.choices[0].text == t[:t.index(stop)] and cut.choices[0].finish_reason == "stop"
+        text, reason, _ = streamed(client, model="model", prompt="x = ", max_tokens=24, stop=[stop],
+                                   extra_body={"ignore_eos": True})
+        assert (text, reason) == (cut.choices[0].text, "stop")
+
+
+def test_sampling_with_seed_is_reproducible(client):
+    kw = dict(model="model", prompt="hello", max_tokens=12, temperature=1.0, top_p=0.9, seed=7,
+              extra_body={"ignore_eos": True, "mode": "S"})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_64_concurrent_streams_equal_requests_one_by_one(server, client):
+    rng = random.Random(0)
+    words = ["add", "sort", "x", "def", "return", "12", "+", "=", "lookup", "of", "(", ")"]
+    reqs = [dict(model="model", prompt=" ".join(rng.choice(words) for _ in range(1 + k % 9)), max_tokens=6 + k % 11,
+                 extra_body={"mode": ["S", "Q", "threshold", "dinfer"][k % 4]}) for k in range(64)]
+    t0 = time.monotonic()
+    alone = [client.completions.create(**r).choices[0].text for r in reqs]
+    with ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(lambda r: streamed(client, **r)[0], reqs))
+    assert together == alone
+    assert time.monotonic() - t0 < 120
+    assert metric(server, "blockdiff_running_rows") == 0 and metric(server, "blockdiff_queue_requests") == 0
+
+
+def hostile_bodies(rng: random.Random, n: int) -> list[tuple[str, str, bytes, dict]]:
+    """n (method, path, body, headers) that must each get a 4xx."""
+    good = {"model": "model", "prompt": "hi", "max_tokens": 4}
+    bad_fields = [("max_tokens", -1), ("max_tokens", 0), ("max_tokens", 10 ** 12), ("max_tokens", "8"),
+                  ("max_tokens", 2.5), ("max_tokens", True), ("temperature", -0.1), ("temperature", "hot"),
+                  ("temperature", 9), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 10 ** 6), ("n", "2"),
+                  ("seed", "s"), ("seed", 1.5), ("stop", 3), ("stop", [1, 2]), ("stop", [""]), ("stop", ["a"] * 99),
+                  ("stream", "yes"), ("mode", "turbo"), ("mode", 3), ("threshold", 1.5), ("threshold", -1),
+                  ("edit_threshold", 7), ("block_size", 0), ("block_size", -8), ("block_size", 10 ** 9),
+                  ("steps", 0), ("max_post_steps", -1), ("factor", 0), ("top_k", -1), ("prompt", ""),
+                  ("prompt", []), ("prompt", [[]]), ("prompt", None), ("prompt", 5), ("prompt", {"a": 1}),
+                  ("prompt", [-1, 2]), ("prompt", [10 ** 9]), ("prompt", [1, "a"]), ("prompt", "<|mask|>" * 3),
+                  ("prompt", [320, 320]), ("model", "gpt-4"), ("model", 7), ("logprobs", 5), ("echo", True),
+                  ("best_of", 3), ("presence_penalty", 1.0), ("stream_options", 3), ("stream_denoise", True),
+                  ("prompt", [5] * 600), ("eos_fill", "no"), ("prompt", ["a"] * 65), ("prompt", ["a"] * 9)]
+    out = []
+    for k in range(n):
+        kind = k % 10
+        if kind < 6:  # one bad field in an otherwise good completion
+            f, v = bad_fields[rng.randrange(len(bad_fields))]
+            body = {**good, f: v}
+            if f == "prompt" and v == ["a"] * 9:  # 9 prompts x n 2 = 18 rows > --max-running 16
+                body["n"] = 2
+            if f == "prompt" and v is None:
+                del body["prompt"]
+            out.append(("POST", "/v1/completions", json.dumps(body).encode(), {}))
+        elif kind == 6:  # not JSON / not an object / too deep
+            junk = [b"{bad", b"", b"[1, 2]", b"null", b'"text"', b"\xff\xfe\x00", b"[" * 5000 + b"]" * 5000,
+                    b'{"prompt": NaN-}', b'{"max_tokens": Infinity, "prompt": "a"}',
+                    b'{"temperature": NaN, "prompt": "a"}']
+            out.append(("POST", "/v1/completions", junk[rng.randrange(len(junk))], {}))
+        elif kind == 7:  # chat messages
+            bad_msgs = [[], "hi", [{"role": "robot", "content": "x"}], [{"role": "user"}], [{"content": "x"}],
+                        [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "image_url"}]}], [3]]
+            body = {"model": "model", "messages": bad_msgs[rng.randrange(len(bad_msgs))], "max_tokens": 4}
+            out.append(("POST", "/v1/chat/completions", json.dumps(body).encode(), {}))
+        elif kind == 8:  # wrong method or path
+            out.append(rng.choice([("GET", "/v1/completions", b"", {}), ("POST", "/v1/models", b"{}", {}),
+                                   ("GET", "/v1/nothing", b"", {}), ("DELETE", "/health", b"", {})]))
+        elif k % 100 == 9:  # a body over --max-body-bytes (1 MiB)
+            out.append(("POST", "/v1/completions", b'{"prompt": "' + b"a" * (1 << 21) + b'"}', {}))
+        else:  # a huge or hostile chat prompt
+            body = {"model": "model", "messages": [{"role": "user", "content": "<|mask|>" * 700}], "max_tokens": 4}
+            out.append(("POST", "/v1/chat/completions", json.dumps(body).encode(), {}))
+    return out
+
+
+def test_1000_hostile_requests_get_4xx_and_the_server_still_answers(server, client):
+    t0 = time.monotonic()
+    with httpx.Client(base_url=server, timeout=30) as http:
+        for method, path, body, headers in hostile_bodies(random.Random(1), 1000):
+            r = http.request(method, path, content=body, headers={"content-type": "application/json", **headers})
+            assert 400 <= r.status_code < 500, (method, path, body[:200], r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert isinstance(err["message"], str) and err["message"] and "type" in err
+            assert time.monotonic() - t0 < 120
+    r = client.completions.create(model="model", prompt="add 1+2=", max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert metric(server, "blockdiff_running_rows") == 0
+
+
+def test_disconnect_mid_stream_frees_the_row(server):
+    cancelled = metric(server, "blockdiff_cancelled_total")
+    body = {"model": "model", "prompt": "count", "max_tokens": 480, "stream": True, **SLOW}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+            assert metric(server, "blockdiff_running_rows") == 1
+        # leaving the block closes the connection mid-stream
+    wait_for(lambda: metric(server, "blockdiff_running_rows") == 0, 10, "the row left after the disconnect")
+    assert metric(server, "blockdiff_cancelled_total") == cancelled + 1
+
+
+def test_full_queue_answers_503_and_timeout_504(tiny_bd_dir, tmp_path):
+    with running_server(tiny_bd_dir, "--max-running", 1, "--max-queue", 1, log=tmp_path / "server.log") as url:
+        slow = {"model": "model", "prompt": "count", "max_tokens": 480, "stream": True, **SLOW}
+        with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=slow) as first:
+            lines = first.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+            queued = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", timeout=60,
+                                                                json={"prompt": "a", "max_tokens": 4}))
+            queued.start()
+            wait_for(lambda: metric(url, "blockdiff_queue_requests") == 1, 10, "the second request waits")
+            r = httpx.post(url + "/v1/completions", json={"prompt": "b", "max_tokens": 4}, timeout=10)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "queue_full"
+        queued.join(timeout=30)
+        assert not queued.is_alive()
+    with running_server(tiny_bd_dir, "--request-timeout", 0.05, log=tmp_path / "server2.log") as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 480, **SLOW}, timeout=30)
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+        assert metric(url, "blockdiff_running_rows") == 0 and metric(url, "blockdiff_timeouts_total") == 1
