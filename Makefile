@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/tiny-wsd
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,18 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The live-view browser test (tests/test_serve_browser.py) drives headless Chromium from Debian's packages. Installed
+# here when missing and the machine has apt-get and root; otherwise that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  timeout 600 apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive timeout 900 \
+	  apt-get install -y -qq chromium >/dev/null 2>&1; } || echo "chromium not installed: the browser test will skip"
+
 demo: setup
 	$(BIN)/blockdiff make-data --out runs/data
 	$(BIN)/blockdiff convert --recipe recipes/tiny_wsd.toml --out $(RUN) --overwrite
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 bench: setup
