@@ -23,11 +23,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model_dir: Path, *flags, log: Path, startup_s: float = 120.0):
+def running_server(model_dir: Path, *flags, log: Path, threads: int = 1, startup_s: float = 120.0):
     """Yield the base URL of a `blockdiff serve --model model_dir *flags` process."""
     port = free_port()
     cmd = [sys.executable, "-m", "blockdiff.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--threads", "1", *map(str, flags)]
+           "--port", str(port), "--threads", str(threads), *map(str, flags)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"

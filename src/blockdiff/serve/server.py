@@ -88,24 +88,171 @@ async def read_json(request: Request, limit: int) -> dict:
     return body
 
 
+class Server:
+    """One loaded checkpoint behind the API: request checks, the batcher, and the answers (JSON or SSE)."""
+
+    def __init__(self, loaded, settings: ServeSettings):
+        self.model, self.tok, self.settings = loaded.model, loaded.tokenizer, settings
+        self.mask_id = None if settings.ar else loaded.info.mask_token_id
+        self.max_len = self.model.cfg.max_position_embeddings
+        self.metrics = Metrics()
+        self.batcher = Batcher(self.model, mask_id=self.mask_id, ar=settings.ar, max_running=settings.max_running,
+                               max_queue=settings.max_queue, max_len=self.max_len, metrics=self.metrics)
+        self.template = ChatTemplate(self.tok)
+
+    # ------------------------------------------------------------------------------ requests
+    async def completion(self, request: Request, chat: bool):
+        body = await read_json(request, self.settings.max_body_bytes)
+        req = parse_common(body, self.settings.base, max_tokens_limit=self.max_len, chat=chat)
+        if chat:
+            req.prompts = [self.tok.encode(self.template.render(chat_messages(body), add_generation_prompt=True))]
+        else:
+            req.prompts = completion_prompts(body, self.tok.encode)
+        self.check(req, "messages" if chat else "prompt")
+        return await self.run(request, req)
+
+    def check(self, req: GenRequest, param: str) -> None:
+        """The request against the checkpoint: model name, token ids, [MASK], the context, the row limit."""
+        s, model = self.settings, self.model
+        if req.model and req.model != s.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {s.model_name!r}",
+                           param="model", type="not_found_error", code="model_not_found")
+        req.cfg = req.cfg if s.ar else req.cfg.for_model(model)
+        for k, ids in enumerate(req.prompts):
+            try:
+                check_prompts([ids], model.cfg.vocab_size, self.mask_id)
+                check_context(model, len(ids), req.cfg, ar=s.ar)
+            except ValueError as e:
+                msg = str(e).replace("prompt 0", f"prompt {k}")
+                code = "context_length_exceeded" if "context" in msg else None
+                raise APIError(400, f"{param}: {msg}", param=param, code=code) from None
+        if len(req.prompts) * req.n > s.max_running:
+            raise APIError(400, f"n x prompts = {len(req.prompts) * req.n} rows exceeds the server's "
+                                f"{s.max_running} (--max-running)", param="n")
+
+    async def run(self, request: Request, req: GenRequest):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop = req.stop + (ANSWER_ENDS if req.chat else ())
+        job = Job(req.prompts, req.cfg, req.n, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                  seed=req.seed, stop=stop, decode=self.tok.decode if stop else None, eos_ids=tuple(self.tok.eos_ids),
+                  deadline=time.monotonic() + self.settings.request_timeout)
+        try:
+            self.batcher.submit(job)
+        except Overloaded as e:
+            raise APIError(503, str(e), type="overloaded_error", code="queue_full",
+                           headers={"Retry-After": str(self.settings.retry_after)}) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="n") from None
+        text_eos = () if req.cfg.ignore_eos else job.eos_ids  # the text ends at EOS unless EOS is ignored
+        texts = [ChoiceText(self.tok, text_eos, job.stop) for _ in range(job.rows)]
+        if req.stream:
+            return StreamingResponse(self.stream_events(req, job, events, texts), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self.collect(request, req, job, events, texts)
+
+    async def collect(self, request: Request, req: GenRequest, job: Job, events: asyncio.Queue, texts):
+        """Wait for every choice (cancelling the job if the client goes away); the JSON answer."""
+        t0, gens = time.perf_counter(), {}
+        try:
+            while len(gens) < job.rows:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self.batcher.cancel(job)
+                        return Response(status_code=499)
+                    continue
+                if ev[0] == "error":
+                    raise APIError(ev[1], ev[2], type="timeout_error" if ev[1] == 504 else "server_error")
+                if ev[0] == "done":
+                    gens[ev[1]] = ev[2]
+        except asyncio.CancelledError:
+            self.batcher.cancel(job)
+            raise
+        self.metrics.latency.observe(time.perf_counter() - t0)
+        results = [(c, gens[c], texts[c].final_text(gens[c])) for c in sorted(gens)]
+        return JSONResponse(self.response_body(req, job, results))
+
+    async def stream_events(self, req: GenRequest, job: Job, events: asyncio.Queue, texts):
+        """The SSE stream: final text deltas, optional denoising state, finish reasons, usage, [DONE]."""
+        rid, created, t0, first, done = make_id(req), int(time.time()), time.perf_counter(), True, {}
+        try:
+            if req.chat:
+                for c in range(job.rows):
+                    yield sse(self.chunk(req, rid, created, c, "", None, role=True))
+            while len(done) < job.rows:
+                ev = await events.get()
+                if ev[0] == "error":
+                    yield sse(APIError(ev[1], ev[2], type="timeout_error").body())
+                    break
+                kind, c, item = ev
+                delta = texts[c].update(item) if kind == "update" else texts[c].final(item)
+                if delta:
+                    if first:
+                        self.metrics.ttft.observe(time.perf_counter() - t0)
+                        first = False
+                    yield sse(self.chunk(req, rid, created, c, delta, None))
+                if kind == "update" and req.stream_denoise:
+                    state = denoise_state(self.tok, item, len(job.prompts[c // job.n]), self.mask_id)
+                    yield sse({**self.chunk(req, rid, created, c, "", None), "blockdiff": state})
+                if kind == "done":
+                    done[c] = item
+                    yield sse(self.chunk(req, rid, created, c, "", finish_reason(item)))
+            if req.include_usage and len(done) == job.rows:
+                yield sse({**self.chunk(req, rid, created, 0, "", None), "choices": [], "usage": usage(job, done)})
+            yield "data: [DONE]\n\n"
+            self.metrics.latency.observe(time.perf_counter() - t0)
+        finally:
+            if len(done) < job.rows:  # client gone (or error): free the rows before the next step
+                self.batcher.cancel(job)
+
+    # ------------------------------------------------------------------------------ answers
+    def chunk(self, req: GenRequest, rid: str, created: int, c: int, delta: str, reason, role=False) -> dict:
+        if req.chat:
+            d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
+            choice = {"index": c, "delta": d, "logprobs": None, "finish_reason": reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": c, "text": delta, "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": created, "model": self.settings.model_name, "choices": [choice]}
+
+    def response_body(self, req: GenRequest, job: Job, results) -> dict:
+        gens = {c: g for c, g, _ in results}
+        if req.chat:
+            choices = [{"index": c, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": finish_reason(g)} for c, g, text in results]
+        else:
+            choices = [{"index": c, "text": text, "logprobs": None, "finish_reason": finish_reason(g)}
+                       for c, g, text in results]
+        fwd, n = sum(g.forwards for g in gens.values()), sum(g.n_generated for g in gens.values())
+        return {"id": make_id(req), "object": "chat.completion" if req.chat else "text_completion",
+                "created": int(time.time()), "model": self.settings.model_name, "choices": choices,
+                "usage": usage(job, gens),
+                "blockdiff": {"forwards": fwd, "tpf": round(n / max(fwd, 1), 4),
+                              "mode": "ar" if self.settings.ar else req.cfg.mode, "block_size": req.cfg.block_size}}
+
+    def page(self) -> str:
+        s = self.settings
+        html = resources.files("blockdiff.serve").joinpath("static/viz.html").read_text(encoding="utf-8")
+        defaults = {"mode": "ar" if s.ar else s.base.mode, "max_tokens": s.base.max_new_tokens,
+                    "block_size": 1 if s.ar else s.base.block_size}
+        return html.replace("__MODEL__", s.model_name).replace("__DEFAULTS__", json.dumps(defaults))
+
+
 def create_app(loaded, settings: ServeSettings) -> FastAPI:
     """The app around one loaded checkpoint (`load.load_checkpoint`)."""
-    model, tok = loaded.model, loaded.tokenizer
-    mask_id = None if settings.ar else loaded.info.mask_token_id
-    max_len = model.cfg.max_position_embeddings
-    metrics = Metrics()
-    batcher = Batcher(model, mask_id=mask_id, ar=settings.ar, max_running=settings.max_running,
-                      max_queue=settings.max_queue, max_len=max_len, metrics=metrics)
-    template = ChatTemplate(tok)
+    server = Server(loaded, settings)
 
     async def lifespan(app):
-        batcher.start()
+        server.batcher.start()
         yield
-        batcher.stop()
+        server.batcher.stop()
 
     app = FastAPI(title="blockdiff", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
-    app.add_middleware(CountRequests, metrics=metrics)
+    app.state.server = server
+    app.add_middleware(CountRequests, metrics=server.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(_request, e: APIError):
@@ -121,175 +268,34 @@ def create_app(loaded, settings: ServeSettings) -> FastAPI:
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
                             status_code=500)
 
-    def check(req: GenRequest, param: str) -> None:
-        """The request against the checkpoint: token ids, [MASK], the context, the row limit."""
-        if req.model and req.model != settings.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {settings.model_name!r}",
-                           param="model", type="not_found_error", code="model_not_found")
-        cfg = req.cfg if settings.ar else req.cfg.for_model(model)
-        req.cfg = cfg
-        for k, ids in enumerate(req.prompts):
-            try:
-                check_prompts([ids], model.cfg.vocab_size, mask_id)
-                check_context(model, len(ids), cfg, ar=settings.ar)
-            except ValueError as e:
-                msg = str(e).replace("prompt 0", f"prompt {k}")
-                code = "context_length_exceeded" if "context" in msg else None
-                raise APIError(400, f"{param}: {msg}", param=param, code=code) from None
-        if len(req.prompts) * req.n > settings.max_running:
-            raise APIError(400, f"n x prompts = {len(req.prompts) * req.n} rows exceeds the server's "
-                                f"{settings.max_running} (--max-running)", param="n")
-
-    def job_for(req: GenRequest, emit) -> Job:
-        stop = req.stop + (ANSWER_ENDS if req.chat else ())
-        return Job(req.prompts, req.cfg, req.n, emit, seed=req.seed, stop=stop, decode=tok.decode if stop else None,
-                   eos_ids=tuple(tok.eos_ids), deadline=time.monotonic() + settings.request_timeout)
-
-    async def run(request: Request, req: GenRequest):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = job_for(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        try:
-            batcher.submit(job)
-        except Overloaded as e:
-            raise APIError(503, str(e), type="overloaded_error", code="queue_full",
-                           headers={"Retry-After": str(settings.retry_after)}) from None
-        except ValueError as e:
-            raise APIError(400, str(e), param="n") from None
-        text_eos = () if req.cfg.ignore_eos else job.eos_ids  # the text ends at EOS unless EOS is ignored
-        texts = [ChoiceText(tok, text_eos, job.stop) for _ in range(job.rows)]
-        if req.stream:
-            return StreamingResponse(stream_events(request, req, job, events, texts), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await collect(request, req, job, events, texts)
-
-    async def collect(request, req, job, events, texts):
-        t0, gens = time.perf_counter(), {}
-        try:
-            while len(gens) < job.rows:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        batcher.cancel(job)
-                        return Response(status_code=499)
-                    continue
-                if ev[0] == "error":
-                    raise APIError(ev[1], ev[2], type="timeout_error" if ev[1] == 504 else "server_error")
-                if ev[0] == "done":
-                    gens[ev[1]] = ev[2]
-        except asyncio.CancelledError:
-            batcher.cancel(job)
-            raise
-        metrics.latency.observe(time.perf_counter() - t0)
-        return JSONResponse(response_body(req, job, [(c, gens[c], texts[c].final_text(gens[c])) for c in sorted(gens)]))
-
-    async def stream_events(request, req, job, events, texts):
-        rid, created, t0, first = make_id(req), int(time.time()), time.perf_counter(), True
-        done: dict = {}
-        try:
-            if req.chat:
-                for c in range(job.rows):
-                    yield sse(chunk(req, rid, created, c, "", None, role=True))
-            while len(done) < job.rows:
-                ev = await events.get()
-                if ev[0] == "error":
-                    yield sse(APIError(ev[1], ev[2], type="timeout_error").body())
-                    break
-                kind, c, item = ev
-                delta = texts[c].update(item) if kind == "update" else texts[c].final(item)
-                if delta:
-                    if first:
-                        metrics.ttft.observe(time.perf_counter() - t0)
-                        first = False
-                    yield sse(chunk(req, rid, created, c, delta, None))
-                if kind == "update" and req.stream_denoise:
-                    state = denoise_state(tok, item, len(job.prompts[c // job.n]), mask_id)
-                    yield sse({**chunk(req, rid, created, c, "", None), "blockdiff": state})
-                if kind == "done":
-                    done[c] = item
-                    yield sse(chunk(req, rid, created, c, "", finish_reason(item)))
-            if req.include_usage and len(done) == job.rows:
-                yield sse({**chunk(req, rid, created, 0, "", None), "choices": [], "usage": usage(job, done)})
-            yield "data: [DONE]\n\n"
-            metrics.latency.observe(time.perf_counter() - t0)
-        finally:
-            if len(done) < job.rows:  # client gone (or error): free the rows before the next step
-                batcher.cancel(job)
-
-    def make_id(req: GenRequest) -> str:
-        return ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
-
-    def chunk(req, rid, created, c, delta, reason, role=False) -> dict:
-        if req.chat:
-            d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-            choice = {"index": c, "delta": d, "logprobs": None, "finish_reason": reason}
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": settings.model_name,
-                    "choices": [choice]}
-        choice = {"index": c, "text": delta, "logprobs": None, "finish_reason": reason}
-        return {"id": rid, "object": "text_completion", "created": created, "model": settings.model_name,
-                "choices": [choice]}
-
-    def response_body(req, job, results) -> dict:
-        gens = {c: g for c, g, _ in results}
-        if req.chat:
-            choices = [{"index": c, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                        "finish_reason": finish_reason(g)} for c, g, text in results]
-            obj = "chat.completion"
-        else:
-            choices = [{"index": c, "text": text, "logprobs": None, "finish_reason": finish_reason(g)}
-                       for c, g, text in results]
-            obj = "text_completion"
-        fwd = sum(g.forwards for g in gens.values())
-        return {"id": make_id(req), "object": obj, "created": int(time.time()), "model": settings.model_name,
-                "choices": choices, "usage": usage(job, gens),
-                "blockdiff": {"forwards": fwd, "tpf": round(sum(g.n_generated for g in gens.values()) / max(fwd, 1), 4),
-                              "mode": "ar" if settings.ar else req.cfg.mode, "block_size": req.cfg.block_size}}
-
-    def usage(job, gens) -> dict:
-        p = sum(len(job.prompts[c // job.n]) for c in gens)
-        n = sum(g.n_generated for g in gens.values())
-        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
-
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request, settings.max_body_bytes)
-        req = parse_common(body, settings.base, max_tokens_limit=max_len, chat=False)
-        req.prompts = completion_prompts(body, tok.encode)
-        check(req, "prompt")
-        return await run(request, req)
+        return await server.completion(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request, settings.max_body_bytes)
-        req = parse_common(body, settings.base, max_tokens_limit=max_len, chat=True)
-        req.prompts = [tok.encode(template.render(chat_messages(body), add_generation_prompt=True))]
-        check(req, "messages")
-        return await run(request, req)
+        return await server.completion(request, chat=True)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "blockdiff", "max_model_len": max_len}]}
+                                            "owned_by": "blockdiff", "max_model_len": server.max_len}]}
 
     @app.get("/health")
     async def health():
-        if batcher.error is not None or not batcher.thread.is_alive():
+        b = server.batcher
+        if b.error is not None or not b.thread.is_alive():
             return JSONResponse({"status": "error"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/")
     @app.get("/viz")
     async def viz():
-        page = resources.files("blockdiff.serve").joinpath("static/viz.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("__MODEL__", settings.model_name).replace(
-            "__DEFAULTS__", json.dumps({"mode": "ar" if settings.ar else settings.base.mode,
-                                        "max_tokens": settings.base.max_new_tokens,
-                                        "block_size": 1 if settings.ar else settings.base.block_size})))
+        return HTMLResponse(server.page())
 
     @app.get("/viz.js")
     async def viz_js():
@@ -297,6 +303,16 @@ def create_app(loaded, settings: ServeSettings) -> FastAPI:
         return Response(js, media_type="text/javascript")
 
     return app
+
+
+def make_id(req: GenRequest) -> str:
+    return ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(job: Job, gens: dict) -> dict:
+    p = sum(len(job.prompts[c // job.n]) for c in gens)
+    n = sum(g.n_generated for g in gens.values())
+    return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
 
 def sse(obj: dict) -> str:
