@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from blockdiff.data.chat_template import ChatTemplate, answer_text, encode_prompt  # noqa: E402
 from blockdiff.data.post_data import read_pairs, task_prompt  # noqa: E402
-from blockdiff.data.tasks import SYSTEM_PROMPT, generate_examples, is_correct  # noqa: E402
-from blockdiff.decode.engine import DecodeConfig, generate  # noqa: E402
+from blockdiff.data.tasks import SYSTEM_PROMPT, generate_examples  # noqa: E402
+from blockdiff.eval.compare import Decoding, DecodeSettings, run_decoding  # noqa: E402
 from blockdiff.load import load_checkpoint  # noqa: E402
 from blockdiff.machine import describe  # noqa: E402
 from blockdiff.objectives.preference import DPOConfig, elbo_preference_accuracy  # noqa: E402
@@ -50,29 +50,23 @@ def load(folder: str):
 
 def instruct(folder: str, n: int, threshold: float, temperature: float = 0.0, samples: int = 1, seed: int = 0,
              mode: str = "threshold", split: str = "heldout", split_seed: int = 123) -> dict:
-    model, tok = load(folder)
-    info = model.cfg.diffusion
+    """Instruction-format accuracy through the one evaluation path (eval/compare.py run_decoding): prompts rendered
+    with the chat template, answers read by answer_text, batches of 50 (at temperature 0 a row equals its lone
+    decode), one sampling generator for the whole run."""
+    loaded = load_checkpoint(folder)
+    if not loaded.is_diffusion:
+        raise ValueError(f"{folder} is not a block-diffusion model (no blockdiff section in config.json)")
+    tok = loaded.tokenizer
     template = ChatTemplate(tok)
-    cfg = DecodeConfig(mode=mode, block_size=info.block_size, steps=32, threshold=threshold, max_new_tokens=32,
-                       temperature=temperature)
-    gen = torch.Generator().manual_seed(seed)
-    per_task: dict[str, list[float]] = {}
-    tokens = forwards = 0
-    seconds = 0.0
-    shown = []
     examples = [ex for ex in generate_examples(split, n, seed=split_seed) for _ in range(samples)]
-    prompts = [encode_prompt(task_prompt(ex, SYSTEM_PROMPT).messages, tok, template) for ex in examples]
-    for i in range(0, len(examples), 50):  # batched decoding; at temperature 0 a row equals its lone decode
-        gens = generate(model, prompts[i:i + 50], cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids, generator=gen)
-        for ex, g in zip(examples[i:i + 50], gens):
-            out = answer_text(tok, g.tokens)
-            per_task.setdefault(ex.task, []).append(float(is_correct(ex, out)))
-            tokens, forwards, seconds = tokens + g.n_generated, forwards + g.forwards, seconds + g.seconds
-            if len(shown) < 4:
-                shown.append(f"`{ex.prompt}` -> `{out[:40]!r}` (expected `{ex.answer}`)")
-    flat = [h for v in per_task.values() for h in v]
-    return {"accuracy": sum(flat) / len(flat), "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
-            "tpf": tokens / max(forwards, 1), "tps": tokens / max(seconds, 1e-9), "samples": shown}
+    settings = DecodeSettings(modes=(mode,), max_new_tokens=32, steps=32, block_size=loaded.info.block_size,
+                              batch_size=50, temperature=temperature, seed=seed)
+    r = run_decoding(loaded, examples, Decoding(mode, threshold), settings,
+                     encode=lambda ex: encode_prompt(task_prompt(ex, SYSTEM_PROMPT).messages, tok, template),
+                     output_text=lambda ids: answer_text(tok, ids))
+    shown = [f"`{s['prompt']}` -> `{s['output'][:40]!r}` (expected `{s['answer']}`)" for s in r["samples"][:4]]
+    return {"accuracy": r["accuracy"], "ci95": r["ci95"], "per_task": r["per_task"], "tpf": r["tpf"], "tps": r["tps"],
+            "samples": shown}
 
 
 def pref(folder: str, pairs: str, n: int) -> dict:
