@@ -9,8 +9,8 @@ held-out Python source, never trained on, as token ids; temperature 0; `ignore_e
 exactly --tokens tokens, as bench/decode.py's speed part does) until max(8, k c) requests are done. Reported per
 level: generated tokens/s (usage completion tokens / wall seconds of the level), time to first token (first
 non-empty streamed text; a block decoder streams a block once it is final), per-request latency p50 / p99, failed
-requests. Beside the speed, the quality of the same server: exact-answer accuracy on
---quality held-out task prompts (EOS on, max 32 new tokens, concurrency 16) with its 95% interval.
+requests, and the server's TPF over the speed requests (/metrics). Beside the speed, the quality of the same
+server: exact-answer accuracy on --quality held-out task prompts (EOS on, max 32 new tokens, concurrency 16) with its 95% interval.
 The servers are real `blockdiff serve` processes on 127.0.0.1 with --threads torch threads each (one runs at a time).
 
 Goal (issue 12): at concurrency 16, S-mode throughput >= 2x the AR server's, zero failed requests. Prints a table,
@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import re
 import subprocess
 import sys
 import time
@@ -101,6 +102,8 @@ def measure(url: str, extra: dict, prompts: list[str], quality, args) -> dict:
                             "latency_p99_s": round(pct([r["latency"] for r in ok], 0.99), 4), "wall_s": round(wall, 2),
                             "errors": sorted({r["why"] for r in res if not r["ok"]})[:3]}
         print(f"  c={c:3d}: {out['levels'][c]}", file=sys.stderr, flush=True)
+    m = re.search(r"^blockdiff_tokens_per_forward (\S+)$", httpx.get(url + "/metrics").text, re.M)
+    out["tpf"] = round(float(m.group(1)), 3)  # generated tokens / row forwards of the speed requests (and warm-up)
     bodies = [{"prompt": ex.prompt, "max_tokens": 32, "temperature": 0, **extra} for ex in quality]
     res, _ = asyncio.run(level(url, bodies, 16))
     hits = sum(r["ok"] and is_correct(ex, r["text"]) for ex, r in zip(quality, res))
@@ -111,15 +114,16 @@ def measure(url: str, extra: dict, prompts: list[str], quality, args) -> dict:
 
 
 def table(results: dict, levels: list[int]) -> str:
-    rows = ["| server | c | tokens/s | TTFT p50 s | latency p50 s | latency p99 s | failed | accuracy (95% CI) |",
-            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| server | c | tokens/s | TTFT p50 s | latency p50 s | latency p99 s | failed | TPF | accuracy (95% CI) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         for c in levels:
             x = r["levels"][c]
             lo, hi = r["accuracy_ci95"]
             acc = f"{r['accuracy']:.3f} [{lo:.2f}, {hi:.2f}]" if c == levels[0] else ""
+            tpf = f"{r['tpf']:.2f}" if c == levels[0] else ""
             rows.append(f"| {name} | {c} | {x['tps']:.0f} | {x['ttft_p50_s']:.3f} | {x['latency_p50_s']:.3f} | "
-                        f"{x['latency_p99_s']:.3f} | {x['failed']} | {acc} |")
+                        f"{x['latency_p99_s']:.3f} | {x['failed']} | {tpf} | {acc} |")
     return "\n".join(rows)
 
 
@@ -163,6 +167,7 @@ def main() -> int:
                                                           and c16["S"] >= 2 * c16["AR (parent)"]),
                "levels": {f"{name}": r["levels"] for name, r in results.items()},
                "accuracy": {name: {"acc": r["accuracy"], "ci95": r["accuracy_ci95"]} for name, r in results.items()},
+               "tpf": {name: r["tpf"] for name, r in results.items()},
                "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                      text=True).stdout.strip()}
     md = table(results, args.levels)

@@ -201,3 +201,17 @@ def test_full_queue_answers_503_and_timeout_504(tiny_bd_dir, tmp_path):
         r = httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 480, **SLOW}, timeout=30)
         assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
         assert metric(url, "blockdiff_running_rows") == 0 and metric(url, "blockdiff_timeouts_total") == 1
+
+
+def test_cli_refuses_bad_limits_and_oversize_decodes(tiny_bd_dir):
+    """The serve flags are checked before loading (exit 2 naming the flag); the engine's one context check gives
+    `generate` its exit 2 naming both numbers (the server's 400 above comes from the same check)."""
+    from cli_helpers import assert_usage_error, run_cli
+
+    for flag, value in (("--max-running", 0), ("--max-queue", 0), ("--request-timeout", 0), ("--port", 70000)):
+        code, _, err = run_cli(["serve", "--model", tiny_bd_dir, flag, value])
+        assert_usage_error(code, err, "serve", flag)
+    code, _, err = run_cli(["serve", "--model", tiny_bd_dir.parent / "missing"])
+    assert code == 2 and "Traceback" not in err
+    code, _, err = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "add 1+2=", "--max-new-tokens", 600])
+    assert_usage_error(code, err, "generate", "600", "needs 608 positions", "context of 512")

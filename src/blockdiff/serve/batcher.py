@@ -142,14 +142,15 @@ class Batcher:
 
     def _drop(self, job: Job, why: str) -> None:
         """Remove a job's rows now (their cache rows are freed at once) or take it out of the waiting queue."""
-        if job in self.waiting:
+        removed = job in self.waiting
+        if removed:
             self.waiting.remove(job)
             self._dequeue(job)
         for rid in job.rids:
             if rid in self.rows:
                 _, _, sched = self.rows.pop(rid)
-                sched.cancel(rid)
-        if why == "cancelled":
+                removed = sched.cancel(rid) or removed
+        if why == "cancelled" and removed:  # a job that finished meanwhile was not cancelled
             self.metrics.cancelled.inc()
         self._gauges()
 
