@@ -116,3 +116,15 @@ def test_one_line_launcher_runs_offline(tmp_path):
     assert "blockdiff_tasks_gen" in p.stdout and "exact_match" in p.stdout and "acc" in p.stdout
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     assert set(results) == {"blockdiff_tasks_gen", "blockdiff_tasks_mc"}
+
+
+def test_chat_template_when_asked(tasks):
+    lm = BlockdiffLM(model=str(BD_DIR))
+    text = lm.apply_chat_template([{"role": "user", "content": "add 1+2="}])
+    from blockdiff.data.chat_template import ChatTemplate
+
+    assert text == ChatTemplate(lm.tok).render([{"role": "user", "content": "add 1+2="}], add_generation_prompt=True)
+    res = simple_evaluate(model=lm, tasks=["blockdiff_tasks_gen"], task_manager=tasks, limit=2, log_samples=True,
+                          apply_chat_template=True)
+    ctx = res["samples"]["blockdiff_tasks_gen"][0]["arguments"][0][0]
+    assert ctx.startswith(text[:text.index("add 1+2=")]) and "add 475+2=" in ctx
