@@ -215,3 +215,20 @@ def test_cli_refuses_bad_limits_and_oversize_decodes(tiny_bd_dir):
     assert code == 2 and "Traceback" not in err
     code, _, err = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "add 1+2=", "--max-new-tokens", 600])
     assert_usage_error(code, err, "generate", "600", "needs 608 positions", "context of 512")
+
+
+def test_ar_checkpoint_is_served_autoregressively(tiny_ar_dir, tmp_path):
+    """A folder without a diffusion section is served through the AR scheduler: the texts of `Loaded.generate`."""
+    from blockdiff.load import load_checkpoint
+
+    loaded = load_checkpoint(tiny_ar_dir)
+    tok = loaded.tokenizer
+    prompts = ["def f(x):", "add 1+2=", "sort 3 1 2 ="]
+    want = [tok.decode(loaded.generate([tok.encode(p)], ar=True, max_new_tokens=12)[0].tokens) for p in prompts]
+    with running_server(tiny_ar_dir, log=tmp_path / "server.log") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(3) as pool:  # concurrent rows share the AR batch
+            got = list(pool.map(lambda p: streamed(client, model="model", prompt=p, max_tokens=12)[0], prompts))
+        assert got == want
+        r = client.completions.create(model="model", prompt=prompts[0], max_tokens=12)
+        assert r.choices[0].text == want[0] and r.model_extra["blockdiff"]["mode"] == "ar"

@@ -109,6 +109,7 @@ def _put(t: Tensor, gi: list[int], value: Tensor) -> Tensor:
 class Scheduler:
     def __init__(self, model, *, mask_id: int, block_size: int, max_rows: int, max_len: int, events: bool = True):
         self.model, self.mask_id, self.B, self.events = model, mask_id, block_size, events
+        self.pad_id = mask_id  # what fills a shorter prompt's slots in a joint prefill (seen by nothing else)
         self.shift, self.causal_clean = alignment(model)
         p = next(model.parameters())
         self.device, self.vocab = p.device, model.cfg.vocab_size
@@ -184,13 +185,14 @@ class Scheduler:
         self.rows.extend(new)
 
     def _prefill(self, new: list[Row]) -> KVCache:
-        """The complete prompt blocks of each new row (right-padded to the longest; padding sees only itself)."""
+        """The complete prompt blocks of each new row (right-padded to the longest; padding sees only itself). A row
+        whose prompt lies inside its first block needs none: it joins the step's forward directly."""
         B, dev = self.B, self.device
         n_pre = [r.lo for r in new]
         T = max(n_pre)
         tmp = KVCache(self.model.cfg, len(new), max(T, 1), device=dev, dtype=self.cache.k[0].dtype)
         if T > 0:
-            x = torch.full((len(new), T), self.mask_id, dtype=torch.long, device=dev)
+            x = torch.full((len(new), T), self.pad_id, dtype=torch.long, device=dev)
             for k, r in enumerate(new):
                 m = min(T, r.canvas.numel())
                 x[k, :m] = r.canvas[:m]
@@ -357,7 +359,8 @@ class ARScheduler(Scheduler):
 
     def __init__(self, model, *, max_rows: int, max_len: int, events: bool = True):
         super().__init__(model, mask_id=-1, block_size=1, max_rows=max_rows, max_len=max_len, events=events)
-        self.shift, self.causal_clean = True, True
+        self.shift, self.causal_clean = True, True  # the prefill is token-causal and yields the next token's logit
+        self.pad_id = 0
 
     def make_row(self, rid, prompt, cfg, *, eos_ids, generator=None, stop=(), decode=None) -> Row:
         check_prompts([prompt], self.vocab)
@@ -365,26 +368,14 @@ class ARScheduler(Scheduler):
             raise ValueError("stop strings need a decode function (token ids -> text)")
         cfg = dataclasses.replace(cfg, block_size=1)  # one token per step
         L = check_context(self.model, len(prompt), cfg, ar=True)
-        canvas = torch.full((L,), -1, dtype=torch.long, device=self.device)
+        canvas = torch.full((L,), self.pad_id, dtype=torch.long, device=self.device)  # unwritten: never read
         canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         row = Row(rid, list(prompt), cfg, cfg.decode_rule, frozenset() if cfg.ignore_eos else frozenset(eos_ids),
                   -1, canvas, 0, generator, tuple(stop), decode)
-        row.block = len(prompt)  # the next position to write
+        row.block = len(prompt)  # the next position to write (the base prefill covers the whole prompt)
         row.forwards = 1  # the prefill forward counts (it yields the first token)
+        row.carry = torch.zeros(self.vocab, device=self.device)
         return row
-
-    def _prefill(self, new: list[Row]) -> KVCache:
-        T, dev = max(r.P for r in new), self.device
-        tmp = KVCache(self.model.cfg, len(new), T, device=dev, dtype=self.cache.k[0].dtype)
-        x = torch.zeros((len(new), T), dtype=torch.long, device=dev)
-        for k, r in enumerate(new):
-            x[k, :r.P] = r.canvas[:r.P]
-        mask = dense_mask("causal", seq_len=T, device=dev)  # right padding: no real query sees a pad key
-        pre = self.model(x, positions=torch.arange(T, device=dev)[None].expand(len(new), T), mask=mask, cache=tmp)
-        for k, r in enumerate(new):
-            r.carry = pre[k, r.P - 1].float()
-        tmp.commit([r.P for r in new])
-        return tmp
 
     @torch.no_grad()
     def step(self) -> StepResult:
