@@ -104,7 +104,7 @@ def add_eval_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
                                    "forwards. With --out: eval.md, eval.json and frontier.png (accuracy against TPF "
                                    "for a threshold sweep and an (M2T, T2T) sweep, S and Q marked, AR models as "
                                    "horizontal lines).")
-    e.add_argument("--model", action="append", default=[], metavar="[NAME=]FOLDER",
+    e.add_argument("--model", action="append", default=None, metavar="[NAME=]FOLDER",
                    help="a checkpoint folder, optionally named (repeatable; evaluated in this order)")
     e.add_argument("--run", default=None, help="a conversion run folder: adds its parent, merged/ (else final/) and "
                                                "the checkpoints chosen by --checkpoints")
@@ -150,7 +150,7 @@ def cmd_eval(args) -> int:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.block_size is not None and args.block_size < 1:
         raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
-    models = parse_models(args.model)
+    models = parse_models(args.model or [])
     if args.run:
         models += run_models(Path(args.run), args.checkpoints)
     if not models:
