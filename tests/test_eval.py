@@ -131,3 +131,26 @@ def test_run_folder_expands_to_parent_merged_and_checkpoints(tmp_path):
     assert names("100") == ["parent", "merged", "step_100"]
     with pytest.raises(ValueError, match=r"has no step \[7\]"):
         run_models(run, "7")
+
+
+def test_conversion_report_rows_are_the_compare_rows():
+    """The conversion report (convert.py) evaluates parent and converted model through the same path: its rows are
+    evaluate_model's on the same prompts, and its table prints them."""
+    from blockdiff.convert import evaluate_parent_and_converted, format_report
+    from blockdiff.train.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes/tiny_wsd.toml", {"eval.tasks": 8})
+    t = evaluate_parent_and_converted(recipe, AR_DIR, BD_DIR)
+    examples = generate_examples("heldout", 8, seed=123)
+    settings = DecodeSettings(max_new_tokens=recipe.eval.max_new_tokens, steps=recipe.eval.steps,
+                              threshold=recipe.eval.threshold)
+    for rows, folder in ((t["parent_rows"], AR_DIR), (t["converted_rows"], BD_DIR)):
+        ref = evaluate_model(folder, examples, settings)
+        assert list(rows) == list(ref)
+        for k in rows:
+            assert (rows[k]["correct"], rows[k]["forwards"], rows[k]["decoding"]) == \
+                   (ref[k]["correct"], ref[k]["forwards"], ref[k]["decoding"])
+    md = format_report({"parent": str(AR_DIR), "model": str(BD_DIR), "steps": 0, "train_tokens_per_s": 0,
+                        "wall_s": 0, "device": "cpu", "phases": [], "tasks": t})
+    s = t["converted_rows"]["S"]
+    assert f"| converted | {s['decoding']} | {s['accuracy']:.3f} |" in md
