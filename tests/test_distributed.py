@@ -22,7 +22,7 @@ from blockdiff.model.hf_io import load_pretrained, save_pretrained
 from blockdiff.train import checkpoint as ckpt_io
 from blockdiff.train.loop import build_optimizer, train
 from blockdiff.train.merge import merge_top_k
-from blockdiff.train.recipe import parse_recipe
+from blockdiff.train.recipe import RecipeError, parse_recipe
 
 L = 32
 STEPS = 6  # saves at 2, 4, 6
@@ -152,8 +152,8 @@ def test_kill_and_resume_two_ranks_is_exact(tiny_ar_dir, tiny_data, tmp_path):
 
 
 def test_moe_trains_under_fsdp(tmp_path):
-    """The LLaDA2-MoE decoder (stacked experts sharded along the expert dimension) under FSDP2 on 2 ranks ==
-    one process, deterministic recipe, 2 steps."""
+    """The LLaDA2-MoE decoder (stacked experts sharded along the expert dimension) under FSDP2 on 2 ranks with
+    activation checkpointing == one plain process without it, deterministic recipe, 2 steps."""
     from moe_helpers import official_config, official_tensors, write_official_folder
 
     hf = official_config("llada2_moe")
@@ -163,7 +163,9 @@ def test_moe_trains_under_fsdp(tmp_path):
     for split, rows in (("train", texts), ("valid", texts[:16])):
         data[split] = tmp_path / f"{split}.jsonl"
         data[split].write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-    toml = write_toml(raw_recipe(folder, data, batch=2, deterministic=True, steps=2), tmp_path / "moe.toml")
+    raw = raw_recipe(folder, data, batch=2, deterministic=True, steps=2)
+    raw["parallel"] = {"ac": "full"}  # activation checkpointing inside FSDP2 units changes no number
+    toml = write_toml(raw, tmp_path / "moe.toml")
     torchrun(2, convert_args(toml, tmp_path / "two"))
     train(parse_recipe(raw_recipe(folder, data, batch=4, deterministic=True, steps=2), source="moe-1"),
           tmp_path / "one", progress=False)
@@ -172,3 +174,35 @@ def test_moe_trains_under_fsdp(tmp_path):
     assert any("experts" in k for k in moved) and any("attn" in k or "attention" in k for k in moved)
     assert_close_weights(tmp_path / "two/final", tmp_path / "one/final")
     shutil.rmtree(tmp_path / "moe")
+
+
+def test_activation_checkpointing_is_exact_in_one_process(tiny_ar_dir, tiny_data, tmp_path):
+    """apply_ac recomputes each block in backward with the saved RNG state: the same weights, bit for bit, with
+    all the noise on; the checkpoint keeps the model's own parameter names."""
+    runs = {}
+    for ac in ("none", "full"):
+        raw = raw_recipe(tiny_ar_dir, tiny_data, batch=2, deterministic=False, steps=2)
+        raw["parallel"] = {"ac": ac}
+        train(parse_recipe(raw, source=f"ac-{ac}"), tmp_path / ac, progress=False)
+        runs[ac] = tmp_path / ac / "final"
+    assert_close_weights(runs["full"], runs["none"], exact=True)
+
+
+def test_parallel_section_checks():
+    base = {"model": {"path": "m"}, "data": {"train": ["t"]}, "phases": [{"block_size": 4, "steps": 1, "lr": 1e-3}]}
+    for table, needle in (({"ac": "some"}, "ac must be one of none, full"), ({"fsdp": "yes"}, "fsdp must be one of"),
+                          ({"param_dtype": "fp8"}, "param_dtype must be one of"),
+                          ({"ranks": 2}, "set by the run")):
+        with pytest.raises(RecipeError, match=needle):
+            parse_recipe({**base, "parallel": table})
+
+
+def test_rollouts_refuse_to_split():
+    from blockdiff.train.parallel import Distributed, shard_batches
+
+    class Rollouts:  # a batch source without a row batch (train/rollout.py RolloutSource)
+        def next_batch(self):
+            return {}
+
+    with pytest.raises(ValueError, match="cannot be split across 2 ranks"):
+        shard_batches(Rollouts(), Distributed(rank=0, world=2))

@@ -1,0 +1,273 @@
+"""Memory plan: what one device needs for a training recipe on N devices, from config.json and the recipe alone
+(no weights read), printed by `blockdiff plan` and by each training verb before it starts (docs/distributed.md).
+
+Per device, in bytes:
+- weights: fp32 master parameters, sharded over the ranks by FSDP2 (P x 4 / N), plus the gathered copies FSDP
+  holds while it computes (the root -- embedding, head, final norm -- and about two blocks, current and prefetched,
+  in the compute dtype, bf16 on CUDA);
+- gradients: fp32, sharded like the weights (P x 4 / N), plus the gathered gradients of the blocks in flight;
+- optimizer: AdamW's two fp32 moments (P x 8 / N);
+- activations: what autograd keeps for backward for one micro-batch of `batch_size` rows. The forward sequence is
+  T = 2L for block diffusion with B < L ([x_t ; x0], the clean copy beside the noisy one) and T = L for AR and for
+  B >= L (MDLM). Per layer and token: the block's saved tensors (norm inputs, q / k / v, the attention output,
+  the SwiGLU inputs and products);
+  both fused SDPA (CPU) and FlexAttention (CUDA) keep only the output and log-sum-exp; on CPU the dense mask
+  (b x T x T) comes on top. MoE layers keep the k routed experts' SwiGLU per token.
+  Activation checkpointing keeps only each block's input, plus one block recomputed in backward. The loss keeps
+  the [b, L, V] logits and their log-softmax in fp32;
+- transient: the largest temporary of backward (the logits' gradient);
+- KV cache for decoding: 2 x layers x kv_heads x head_dim x bytes per token, for `decode_batch` rows of the
+  model's context (max_position_embeddings) -- what serving the trained model on one device needs.
+
+The coefficients are counted from the model code, not fitted; tests/test_plan.py checks the total against the
+measured peak of training steps of the bundled model on CPU (within 25%).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..model.config import ModelConfig, effective_block_size
+
+GIB = 1024**3
+# CPU: the autograd intermediates the per-token count leaves out (dtype casts, views made contiguous) and what glibc's
+# allocator keeps after freeing, measured as a factor on the counted activations of the bundled model
+# (tests/test_plan.py: 5 shapes, b x L from 8 x 256 to 1 x 2048, dense, MDLM and [x_t ; x0]).
+CPU_OVERHEAD = 1.4
+# Per-device memory of common accelerators (GiB); `--device-memory` overrides.
+DEVICE_MEMORY_GIB = {"h100": 80, "h200": 141, "a100": 80, "a100-40gb": 40, "l40s": 48, "a10g": 24, "4090": 24,
+                     "b200": 180, "mi300x": 192}
+DEVICE_RE = re.compile(r"^(cpu|cuda|" + "|".join(map(re.escape, DEVICE_MEMORY_GIB)) + r")$")
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    devices: int
+    device: str  # "cpu", "cuda" or an accelerator name
+    device_memory: int | None  # bytes per device, None = unknown (the plan says so instead of fits / does not fit)
+    rows: dict[str, int] = field(default_factory=dict)  # component -> bytes per device (training)
+    kv_cache: int = 0  # bytes per device for decoding (not part of the training total)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.total <= self.device_memory
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "devices": self.devices, "device": self.device, "device_memory": self.device_memory,
+                **{f"{k}_bytes": v for k, v in self.rows.items()}, "total_bytes": self.total,
+                "kv_cache_bytes": self.kv_cache, "fits": self.fits}
+
+
+def _block_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters of the largest decoder block, parameters outside the blocks: embedding, head, final norm)."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * d
+    emb = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+    if cfg.moe is None:
+        return attn + 3 * d * cfg.intermediate_size, emb
+    m = cfg.moe
+    moe = m.num_experts * 3 * d * m.moe_intermediate_size + 3 * d * m.shared_intermediate_size + m.num_experts * d
+    return attn + max(moe, 3 * d * cfg.intermediate_size if m.first_k_dense_replace else 0), emb
+
+
+def _layer_elems_per_token(cfg: ModelConfig, moe_layer: bool) -> int:
+    """Elements one block keeps for backward per token of the forward sequence (counted from the block's ops)."""
+    d, hq, hkv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    # two RMSNorms (input, normalised, output: 3d each), q k v after RoPE, attention output and o_proj's input
+    attn = 6 * d + 3 * hq + 2 * hkv + (2 * hq + 2 * hkv if cfg.qk_norm else 0)
+    if moe_layer and cfg.moe is not None:
+        m = cfg.moe
+        ffn = 4 * m.num_experts_per_tok * m.moe_intermediate_size + 4 * m.shared_intermediate_size
+        ffn += 2 * m.num_experts_per_tok * d + 2 * m.num_experts  # routed copies of the token, router scores
+    else:
+        ffn = 4 * cfg.intermediate_size  # gate, up, silu(gate), silu(gate) * up
+    return attn + ffn
+
+
+def plan_memory(cfg: ModelConfig, *, seq_len: int, batch_size: int, block_size: int, kind: str = "diffusion",
+                devices: int = 1, device: str = "cuda", device_memory: int | None = None, fsdp: bool | None = None,
+                ac: bool = False, param_bf16: bool | None = None, complementary: bool = False, decode_batch: int = 1,
+                model: str = "") -> MemoryPlan:
+    """The per-device plan. `kind`: recipe objective kind ("ar" has no [x_t ; x0] doubling; "dpo" runs chosen and
+    rejected plus the frozen reference model); `complementary` masks double the rows. `fsdp` defaults to
+    devices > 1."""
+    cuda = device != "cpu"
+    fsdp = devices > 1 if fsdp is None else fsdp
+    bf16 = cuda if param_bf16 is None else param_bf16
+    act_b = 2 if cuda else 4  # bf16 autocast on CUDA, fp32 on CPU
+    P = cfg.num_parameters()
+    n = devices if fsdp else 1
+    block_p, root_p = _block_params(cfg)
+    plan = MemoryPlan(model=model or cfg.family, devices=devices, device=device, device_memory=device_memory)
+
+    gathered = (root_p + 2 * block_p) * (2 if bf16 else 4) if fsdp and devices > 1 else 0
+    plan.rows["weights"] = P * 4 // n + gathered
+    plan.rows["gradients"] = P * 4 // n + gathered
+    plan.rows["optimizer"] = P * 8 // n
+
+    L, b = seq_len, batch_size
+    B = effective_block_size(block_size, seq_len=L)
+    T = L if kind == "ar" or B >= L else 2 * L
+    rows = b * (2 if kind == "dpo" else 1) * (2 if complementary else 1)  # DPO: chosen + rejected
+    n_moe = 0 if cfg.moe is None else cfg.num_layers - cfg.moe.first_k_dense_replace
+    per_tok = [(_layer_elems_per_token(cfg, i >= cfg.num_layers - n_moe)) for i in range(cfg.num_layers)]
+    # SDPA is a fused kernel on CPU and CUDA alike (measured: CPU memory grows linearly in T): it keeps its output
+    # and log-sum-exp, not the T x T probabilities
+    if ac:
+        layers = rows * T * cfg.hidden_size * act_b * cfg.num_layers + rows * T * max(per_tok) * act_b
+    else:
+        layers = rows * T * sum(per_tok) * act_b
+    head = rows * L * cfg.vocab_size * (act_b + 4)  # logits (bf16 on CUDA) + fp32 log-softmax of the scored half
+    acts = layers + head + rows * T * cfg.hidden_size * act_b * 2  # + embedding output, final norm
+    mask = 0 if cuda else rows * T * T * 5  # CPU: the dense bool mask and SDPA's float copy of it
+    plan.rows["activations"] = int(acts * (CPU_OVERHEAD if not cuda else 1.0)) + mask
+    plan.rows["transient"] = rows * L * cfg.vocab_size * 4  # the logits' gradient
+    if kind == "dpo":
+        plan.rows["reference model"] = P * (2 if bf16 else 4) // n
+        plan.notes.append("dpo: the frozen reference model is held too (sharded like the weights under FSDP)")
+    plan.kv_cache = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (2 if cuda else 4) \
+        * cfg.max_position_embeddings * decode_batch
+    if not cuda:
+        plan.notes.append(f"cpu: fp32 activations x {CPU_OVERHEAD} (intermediates and allocator, measured), dense mask")
+    if T == 2 * L:
+        plan.notes.append(f"block diffusion B={B} < L={L}: the forward runs [x_t ; x0], T = 2L = {T}")
+    return plan
+
+
+def plan_for_recipe(recipe, cfg: ModelConfig, *, devices: int, device: str, device_memory: int | None = None,
+                    model: str = "") -> MemoryPlan:
+    """The plan of a recipe's largest phase (the largest block-diffusion sequence: any phase with B < L)."""
+    L = recipe.data.seq_len
+    blocks = [p.block_size for p in recipe.phases] or [L]
+    smallest = min(blocks)
+    par = recipe.parallel
+    fsdp = par.fsdp == "on" or (par.fsdp == "auto" and devices > 1)
+    return plan_memory(cfg, seq_len=L, batch_size=recipe.train.batch_size, block_size=smallest,
+                       kind=recipe.objective.kind, devices=devices, device=device, device_memory=device_memory,
+                       fsdp=fsdp, ac=par.ac == "full", complementary=recipe.objective.kind in ("diffusion", "sft")
+                       and recipe.diffusion.complementary,
+                       param_bf16=None if par.param_dtype == "auto" else par.param_dtype == "bfloat16", model=model)
+
+
+def device_memory_bytes(device: str, memory_gib: float | None) -> int | None:
+    """Bytes per device: the given GiB, a named accelerator's, the visible CUDA device's, or None (unknown)."""
+    if memory_gib is not None:
+        if memory_gib <= 0:
+            raise ValueError(f"--device-memory must be > 0 GiB, got {memory_gib}")
+        return int(memory_gib * GIB)
+    if device in DEVICE_MEMORY_GIB:
+        return DEVICE_MEMORY_GIB[device] * GIB
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory
+        return None
+    if device == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+            return kib * 1024  # all ranks of a node share it: the plan divides it below
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
+
+
+def print_run_plan(recipe, cfg: ModelConfig, dist) -> None:
+    """The plan of the run about to start (rank 0 prints it; `dist`: train/parallel.py Distributed)."""
+    if not dist.main:
+        return
+    kind = dist.device.type
+    mem = device_memory_bytes(kind, None)
+    if kind == "cpu" and mem is not None:
+        mem //= dist.world
+    elif kind == "cuda":
+        import torch
+
+        mem = torch.cuda.get_device_properties(dist.device).total_memory
+    print(format_plan(plan_for_recipe(recipe, cfg, devices=dist.world, device=kind, device_memory=mem,
+                                      model=recipe.model.path)))
+
+
+def _gib(x: int) -> str:
+    return f"{x / GIB:.2f} GiB" if x >= GIB / 100 else f"{x / 1024**2:.1f} MiB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    lines = [f"memory plan: {plan.model} on {plan.devices} x {plan.device} (per device)"]
+    for k, v in plan.rows.items():
+        lines.append(f"  {k:<16} {_gib(v):>12}")
+    lines.append(f"  {'total (training)':<16} {_gib(plan.total):>12}")
+    lines.append(f"  {'KV cache (decode)':<16} {_gib(plan.kv_cache):>11}  (one row of the full context, not in the total)")
+    if plan.device_memory is None:
+        lines.append("  fits: unknown device memory (give --device-memory GiB)")
+    else:
+        verdict = "yes" if plan.fits else "NO: shard over more devices, lower batch_size, or set [parallel] ac = \"full\""
+        lines.append(f"  device memory    {_gib(plan.device_memory):>12}  fits: {verdict}")
+    lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def cmd_plan(args) -> int:
+    """`blockdiff plan`: the memory plan of a recipe (or of a config alone) on N devices."""
+    import json
+
+    from ..model.hf_io import load_config
+    from .recipe import load_recipe
+
+    if not DEVICE_RE.match(args.device):
+        raise ValueError(f"--device must be cpu, cuda or one of {', '.join(DEVICE_MEMORY_GIB)}, got {args.device!r}")
+    for flag, v in (("--devices", args.devices), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
+                    ("--block-size", args.block_size)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    recipe = None
+    if args.recipe:
+        overrides = {"model.path": str(Path(args.model).resolve())} if args.model else {}
+        recipe = load_recipe(args.recipe, overrides)
+    folder = Path(args.model or (recipe.model.path if recipe else ""))
+    if not str(folder) or not (folder / "config.json").is_file() and not folder.name.endswith(".json"):
+        raise ValueError(f"--model {folder}: no config.json there (give an HF folder or a config.json file)")
+    if folder.suffix == ".json":
+        cfg = ModelConfig.from_hf(json.loads(folder.read_text()), source=str(folder))
+    else:
+        cfg = load_config(folder)
+    mem = device_memory_bytes(args.device, args.device_memory)
+    if args.device == "cpu" and args.device_memory is None and mem is not None:
+        mem //= args.devices  # the ranks of one machine share its memory
+    if recipe is not None:
+        plan = plan_for_recipe(recipe, cfg, devices=args.devices, device=args.device, device_memory=mem,
+                               model=str(folder))
+    else:
+        plan = plan_memory(cfg, seq_len=args.seq_len, batch_size=args.batch_size, block_size=args.block_size,
+                           devices=args.devices, device=args.device, device_memory=mem, model=str(folder))
+    print(format_plan(plan))
+    print(json.dumps(plan.to_dict()))
+    return 0
+
+
+def add_plan_parser(sub, formatter_class) -> None:
+    """Register `blockdiff plan` (cli.build_parser calls this once)."""
+    p = sub.add_parser("plan", help="per-device memory of a training run on N devices", formatter_class=formatter_class,
+                       description="Print the per-device memory of training (weights, gradients, AdamW state, "
+                                   "activations of the [x_t ; x0] layout) and of the decoding KV cache, from "
+                                   "config.json and the recipe alone, and whether it fits the device.")
+    p.add_argument("--recipe", help="recipe TOML (seq_len, batch_size per rank, phases, [parallel]); without it "
+                                    "--seq-len / --batch-size / --block-size describe the run")
+    p.add_argument("--model", help="HF folder or config.json (default: the recipe's [model] path)")
+    p.add_argument("--devices", type=int, default=1, help="number of devices (torchrun ranks in all)")
+    p.add_argument("--device", default="cuda", help="cpu, cuda (the visible GPU's memory) or an accelerator name: "
+                                                    + ", ".join(DEVICE_MEMORY_GIB))
+    p.add_argument("--device-memory", type=float, default=None, help="memory per device (GiB); overrides --device's")
+    p.add_argument("--seq-len", type=int, default=4096, help="L, tokens per row, without --recipe")
+    p.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch per device, without --recipe")
+    p.add_argument("--block-size", type=int, default=32, help="block size B, without --recipe")
+    p.set_defaults(func=cmd_plan)
