@@ -115,3 +115,29 @@ def test_bad_requests_are_named(bd, ar):
         elbo_loglikelihood(bd.model, [([5], [6]), ([5], [])])
     with pytest.raises(ValueError, match="needs a block-diffusion checkpoint"):
         elbo_loglikelihood(ar.model, [([5], [6])])
+
+
+def test_same_label_block_causal_elbo_of_one_token_is_the_masked_conditional(tiny_bd_dir):
+    """LLaDA2 layout (same-position labels, block-causal clean stream, blocks from position 0): a one-token
+    continuation is always masked (k = 1, weight 1), so its ELBO is exactly log p(x_P | context, slot P masked) under
+    the decoding mask: the context's earlier blocks block-causal, its last partial block clean beside the slot."""
+    loaded = load_checkpoint(tiny_bd_dir)
+    model, info = loaded.model, loaded.info
+    assert (info.labels, info.clean_stream, info.block_size) == ("same", "block_causal", 8)
+    g = torch.Generator().manual_seed(0)
+    reqs = [(torch.randint(0, 300, (P,), generator=g).tolist(), [int(torch.randint(0, 300, (1,), generator=g))])
+            for P in (5, 8, 13)]
+    got = elbo_loglikelihood(model, reqs, samples=3)
+    for (ctx, cont), e in zip(reqs, got):
+        x = torch.tensor([ctx + [info.mask_token_id]])
+        L = x.shape[1]
+        logits = model(x, positions=torch.arange(L)[None], mask=_block_causal(L, 8))
+        ref = float(torch.log_softmax(logits[0, -1].float(), -1)[cont[0]])
+        assert e.logprob == pytest.approx(ref, abs=1e-4) and e.stderr == pytest.approx(0.0, abs=1e-6)
+
+
+def _block_causal(L: int, B: int) -> torch.Tensor:
+    """Block-causal mask [1, 1, L, L] for any length (masks.dense_mask wants a multiple of B; the decoder's last
+    block may be partial)."""
+    blk = torch.arange(L) // B
+    return (blk[None, :] <= blk[:, None])[None, None]
