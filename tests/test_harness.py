@@ -128,3 +128,15 @@ def test_chat_template_when_asked(tasks):
                           apply_chat_template=True)
     ctx = res["samples"]["blockdiff_tasks_gen"][0]["arguments"][0][0]
     assert ctx.startswith(text[:text.index("add 1+2=")]) and "add 475+2=" in ctx
+
+
+def test_greedy_check_decodes_the_context():
+    from lm_eval.api.instance import Instance
+
+    lm = BlockdiffLM(model=str(BD_DIR), mode="S", greedy_check="true", mc_samples=2)
+    full = lm.generate_until([Instance("generate_until", {}, ("sort 5 3 9 1=", {"until": []}), 0)])[0]
+    reqs = [Instance("loglikelihood", {}, ("sort 5 3 9 1=", full), 0),
+            Instance("loglikelihood", {}, ("sort 5 3 9 1=", "9 5 3 1"), 1)]
+    (_, own), (_, other) = lm.loglikelihood(reqs)
+    assert own is True and other is False
+    assert all(g is False for _, g in BlockdiffLM(model=str(BD_DIR), mc_samples=2).loglikelihood(reqs))

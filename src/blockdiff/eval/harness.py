@@ -19,6 +19,8 @@ Model arguments (`--model_args k=v,...`):
   max_gen_toks  default generation budget when a task gives none (tokens, default 256)
   mc_samples    Monte Carlo samples of the ELBO per log-likelihood request (default 32)
   seed          noise seed of the ELBO (default 0): results are deterministic at a fixed seed
+  greedy_check  block-diffusion checkpoints: set loglikelihood's is_greedy by decoding the context (one decode per
+                request; default false: is_greedy is False, as in LLaDA's harness model)
   batch_size    prompts per engine call and (x mc_samples) rows per ELBO forward (default 16)
   device, dtype, threads
 generate_until honours each request's `until` stop strings (cut before the first), `max_gen_toks` and the
@@ -74,12 +76,12 @@ class BlockdiffLM(LM):
     def __init__(self, model: str | None = None, pretrained: str | None = None, mode: str = "S",
                  threshold=None, edit_threshold=None, block_size=None, steps=32, eos_fill=False, ar=False,
                  max_gen_toks=256, mc_samples=32, seed=0, batch_size=16, device="cpu", dtype="float32", threads=0,
-                 max_batch_size=None, **unknown):
+                 greedy_check=False, max_batch_size=None, **unknown):
         super().__init__()
         if unknown:
             raise ValueError(f"model_args: unknown {', '.join(sorted(unknown))}; allowed: model, mode, threshold, "
                              "edit_threshold, block_size, steps, eos_fill, ar, max_gen_toks, mc_samples, seed, "
-                             "batch_size, device, dtype, threads")
+                             "greedy_check, batch_size, device, dtype, threads")
         folder = model or pretrained
         if not folder:
             raise ValueError("model_args: model=FOLDER is required (an HF folder: AR parent or block diffusion)")
@@ -105,6 +107,7 @@ class BlockdiffLM(LM):
         self.max_gen_toks = _num("max_gen_toks", max_gen_toks, lo=1)
         self.mc_samples = _num("mc_samples", mc_samples, lo=1)
         self.seed = _num("seed", seed)
+        self.greedy_check = _bool("greedy_check", greedy_check)
         self.decode_fields = dict(mode=str(mode), threshold=_num("threshold", threshold, float, 0.0, 1.0),
                                   edit_threshold=_num("edit_threshold", edit_threshold, float, 0.0, 1.0),
                                   block_size=_num("block_size", block_size, lo=1), steps=_num("steps", steps, lo=1),
@@ -158,7 +161,24 @@ class BlockdiffLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._split(*r.args) for r in requests]
-        return [(s.logprob, s.is_greedy) for s in self._scores(pairs)]
+        scores = self._scores(pairs)
+        if self.ar or not self.greedy_check:
+            return [(s.logprob, s.is_greedy) for s in scores]
+        return [(s.logprob, g) for s, g in zip(scores, self._decodes_to(pairs))]
+
+    def _decodes_to(self, pairs) -> list[bool]:
+        """greedy_check for block-diffusion checkpoints: does decoding the context with this model's setting (the
+        batched engine, temperature 0, a budget of the continuation's length) produce exactly the continuation?
+        LLaDA's harness model offers the same check; it costs one decode per request."""
+        out = []
+        for s in range(0, len(pairs), self.batch_size):
+            chunk = pairs[s:s + self.batch_size]
+            budget = max(len(c) for _, c in chunk)
+            cfg = self.loaded.decode_config(**self.decode_fields, max_new_tokens=budget)
+            gens = self.loaded.generate([list(ctx) for ctx, _ in chunk], cfg)
+            for (_, cont), g in zip(chunk, gens):
+                out.append(list(g.tokens[:len(cont)]) == list(cont))
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         max_len = getattr(self.loaded.model.cfg, "max_position_embeddings", None) or 2048
