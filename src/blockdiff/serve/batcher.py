@@ -89,6 +89,8 @@ class Batcher:
         self.thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
+        if self.error is not None or not self.thread.is_alive():
+            raise Overloaded("the decoding loop is not running (see the server log); /health says so too")
         if job.rows > self.max_running:
             raise ValueError(f"the request needs {job.rows} rows (prompts x n) but the server runs at most "
                              f"{self.max_running} (--max-running)")
