@@ -206,3 +206,16 @@ def test_rollouts_refuse_to_split():
 
     with pytest.raises(ValueError, match="cannot be split across 2 ranks"):
         shard_batches(Rollouts(), Distributed(rank=0, world=2))
+
+
+def test_fsdp_on_in_one_plain_process(tiny_ar_dir, tiny_data, tmp_path):
+    """[parallel] fsdp = "on" without torchrun: FSDP2 on a group of one (what bench/scale.py's overhead row
+    measures under torchrun) trains the same weights as the plain loop, and leaves no process group behind."""
+    import torch.distributed as dist
+
+    for fsdp in ("off", "on"):
+        raw = raw_recipe(tiny_ar_dir, tiny_data, batch=2, deterministic=False, steps=2)
+        raw["parallel"] = {"fsdp": fsdp}
+        train(parse_recipe(raw, source=f"fsdp-{fsdp}"), tmp_path / fsdp, progress=False)
+    assert not dist.is_initialized()
+    assert_close_weights(tmp_path / "on/final", tmp_path / "off/final")
