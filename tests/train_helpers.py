@@ -39,3 +39,23 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs between {a} and {b}"
+
+
+def toml_text(raw: dict) -> str:
+    """A recipe dict as TOML text (tables of scalars and lists, [[phases]] last): for tests that run the CLI."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = []
+    for name, table in raw.items():
+        if name != "phases":
+            lines += [f"[{name}]", *(f"{k} = {value(v)}" for k, v in table.items())]
+    for phase in raw.get("phases", []):
+        lines += ["[[phases]]", *(f"{k} = {value(v)}" for k, v in phase.items())]
+    return "\n".join(lines) + "\n"

@@ -62,6 +62,14 @@ def open_for_replace(path: str | Path, mode: str = "w", *, encoding: str | None 
         raise
 
 
+def follow_umask(path: str | Path) -> None:
+    """Give a file written by a library that creates it 0600 (safetensors' `save_file`) the mode `open` would:
+    0666 minus the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     with open_for_replace(path, "wb") as f:
         f.write(data)

@@ -14,10 +14,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it says something: not for required flags, flags without a default,
+    switches, or help texts that already state their default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text
+                or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _flags(message: str, fields) -> str:
+    """An error from a config class speaks of its fields (max_new_tokens); on the command line say the flag."""
+    for name in sorted(fields, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){name}(?!\w)", "--" + name.replace("_", "-"), message)
+    return message
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -34,6 +56,13 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def cmd_make_data(args) -> int:
+    for flag, value in (("--train-examples", args.train_examples), ("--valid-examples", args.valid_examples),
+                        ("--code-chars", args.code_chars)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder")
     if args.kind != "corpus":
         from .data.bundled import write_post_data
 
@@ -62,9 +91,10 @@ def cmd_convert(args) -> int:
     from .convert import print_report, run_conversion
 
     recipe = _run_recipe(args)
-    res = run_conversion(recipe, args.out, resume=args.resume, progress=not args.no_progress)
-    print_report(res.report)
-    print(f"model: {res.model_dir}\nreport: {res.report_path}")
+    res = run_conversion(recipe, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    if res.report:  # empty on torchrun ranks other than 0
+        print_report(res.report)
+        print(f"model: {res.model_dir}\nreport: {res.report_path}")
     return 0
 
 
@@ -76,7 +106,7 @@ def cmd_train(args) -> int:
     if recipe.objective.kind != args.kind:
         raise RecipeError(f"{args.recipe}: [objective] kind is {recipe.objective.kind!r} but the command is "
                           f"`blockdiff train {args.kind}`; use a {args.kind} recipe")
-    res = train(recipe, args.out, resume=args.resume, progress=not args.no_progress)
+    res = train(recipe, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     last = res.evals[-1] if res.evals else None
     summary = {"steps": res.steps, "model": str(res.final_dir), "wall_s": round(res.wall_s, 1)}
     if last:
@@ -88,19 +118,61 @@ def cmd_train(args) -> int:
 def cmd_merge(args) -> int:
     from .train.merge import merge_top_k
 
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.block_size is not None and args.block_size < 1:
+        raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
     res = merge_top_k(args.run, args.k, args.out, block_size=args.block_size)
     for c, nll in res.chosen:
         print(f"  {c.name}: val NLL {nll:.4f} nats/token")
+    if len(res.chosen) < args.k:
+        print(f"[blockdiff] --k {args.k}: the run has only {len(res.chosen)} checkpoint(s) with a validation score at "
+              f"block size {res.block_size}; averaged those", file=sys.stderr)
     print(f"averaged {len(res.chosen)} checkpoints at block size {res.block_size} -> {res.out}")
     return 0
 
 
 def _decode_config(args, loaded):
-    return loaded.decode_config(mode=args.mode, block_size=args.block_size, steps=args.steps,
-                                threshold=args.threshold, edit_threshold=args.edit_threshold,
-                                max_post_steps=args.max_post_steps, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty, eos_fill=args.eos_fill)
+    """The decoding flags as a DecodeConfig for this checkpoint; errors name the flag, not the field."""
+    import dataclasses
+
+    from .decode.engine import DecodeConfig
+
+    if args.mode == "joint" and (args.threshold is None or args.edit_threshold is None):
+        raise ValueError("--mode joint takes your thresholds: give --threshold and --edit-threshold "
+                         "(S and Q are the presets)")
+    fields = dict(mode=args.mode, block_size=args.block_size, steps=args.steps, threshold=args.threshold,
+                  edit_threshold=args.edit_threshold, max_post_steps=args.max_post_steps,
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty,
+                  eos_fill=args.eos_fill)
+    if args.block_size is not None and args.block_size < 0:
+        raise ValueError(f"--block-size must be >= 0 (0 = the model's), got {args.block_size}")
+    try:
+        return loaded.decode_config(**fields)
+    except ValueError as e:
+        raise ValueError(_flags(str(e), [f.name for f in dataclasses.fields(DecodeConfig)])) from None
+
+
+def _threads(args) -> int:
+    """--threads (0 = the cores the machine's load leaves free, blockdiff/machine.py), applied to torch."""
+    from .machine import set_threads
+
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = auto), got {args.threads}")
+    return set_threads(args.threads)
+
+
+def _read_prompt_file(path_str: str) -> list[str]:
+    path = Path(path_str)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start}); give one "
+                         "prompt per line") from None
+    return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
 
 
 class _StreamPrinter:
@@ -138,55 +210,30 @@ def cmd_generate(args) -> int:
     from .decode.engine import find_stop
     from .load import load_checkpoint
 
+    texts = list(args.prompt or [])
+    if args.prompt_file:
+        texts += _read_prompt_file(args.prompt_file)
+    if not texts:
+        raise ValueError("give at least one --prompt (or --prompt-file with one prompt per line)")
+    if args.stream and len(texts) > 1:
+        raise ValueError(f"--stream prints one prompt as it decodes; got {len(texts)} prompts (drop --stream to "
+                         "decode them as one batch)")
+    threads = _threads(args)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     loaded = load_checkpoint(args.model)
     tok = loaded.tokenizer
-    texts = list(args.prompt or [])
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompt-file {path} does not exist")
-        texts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not texts:
-        raise ValueError("give at least one --prompt (or --prompt-file with one prompt per line)")
     prompts = [tok.encode(t) for t in texts]
     for k, ids in enumerate(prompts):
         if not ids:
             raise ValueError(f"prompt {k + 1} is empty after tokenisation")
     info = loaded.info
     cfg = _decode_config(args, loaded)
-    if args.ar or info is None:
-        if not args.ar:
-            print(f"[blockdiff] {args.model} has no blockdiff diffusion section: decoding it as an AR model", file=sys.stderr)
-        gens = loaded.generate(prompts, cfg, ar=True, generator=gen)
-        seconds = sum(g.seconds for g in gens)
-    else:
-        trace = None
-        callbacks = []
-        if args.trace:
-            from .decode.trace import TraceWriter
-
-            trace = TraceWriter(args.trace, cfg, prompts, mask_id=info.mask_token_id, eos_ids=tok.eos_ids,
-                                token_text=lambda t: tok.decode([t]))
-            callbacks.append(trace)
-        if args.stream and len(prompts) == 1:
-            callbacks.append(_StreamPrinter(tok, tok.eos_ids, args.stop or ()))
-
-        def on_step(u):
-            for f in callbacks:
-                f(u)
-
-        try:
-            gens = loaded.generate(prompts, cfg, generator=gen, stop=args.stop or (),
-                                   on_step=on_step if callbacks else None)
-        except BaseException:
-            if trace is not None:
-                trace.close(None)
-            raise
-        if trace is not None:
-            trace.close(gens)
-        seconds = max(g.seconds for g in gens)
+    try:
+        gens, seconds = _generate(args, loaded, prompts, cfg, gen)
+    except ValueError as e:  # the engine's checks (context length, prompt tokens) speak of fields: say the flags
+        raise ValueError(_flags(str(e), ["max_new_tokens", "block_size"])) from None
+    _note_decoding_kind(args, loaded)
     for k, g in enumerate(gens):
         text = tok.decode(g.tokens)
         if args.stop:
@@ -199,8 +246,54 @@ def cmd_generate(args) -> int:
     n = sum(g.n_generated for g in gens)
     fwd = sum(g.forwards for g in gens)
     print(f"[{len(gens)} prompt(s), {n} tokens, {fwd} forwards, TPF {n / max(fwd, 1):.2f}, "
-          f"{n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+          f"{n / max(seconds, 1e-9):.1f} tokens/s, {threads} thread(s)]", file=sys.stderr)
     return 0
+
+
+def _generate(args, loaded, prompts, cfg, gen):
+    """Decode for `cmd_generate`: AR (no trace / stream) or block decoding with the trace and stream callbacks.
+    Returns (generations, seconds)."""
+    tok, info = loaded.tokenizer, loaded.info
+    if args.ar or info is None:
+        for flag, on in (("--stream", args.stream), ("--trace", args.trace)):
+            if on:
+                raise ValueError(f"{flag} shows block decoding; this run decodes autoregressively (drop {flag})")
+        gens = loaded.generate(prompts, cfg, ar=True, generator=gen)
+        return gens, sum(g.seconds for g in gens)
+    callbacks = []
+    trace = None
+    if args.trace:
+        from .decode.trace import TraceWriter
+
+        trace = TraceWriter(args.trace, cfg, prompts, mask_id=info.mask_token_id, eos_ids=tok.eos_ids,
+                            token_text=lambda t: tok.decode([t]))
+        callbacks.append(trace)
+    if args.stream:
+        callbacks.append(_StreamPrinter(tok, tok.eos_ids, args.stop or ()))
+
+    def on_step(u):
+        for f in callbacks:
+            f(u)
+
+    try:
+        gens = loaded.generate(prompts, cfg, generator=gen, stop=args.stop or (), on_step=on_step if callbacks else None)
+    except BaseException:
+        if trace is not None:
+            trace.close(None)
+        raise
+    if trace is not None:
+        trace.close(gens)
+    return gens, max(g.seconds for g in gens)
+
+
+def _note_decoding_kind(args, loaded) -> None:
+    """Say on stderr when the decoding kind is not the checkpoint's own (never silently)."""
+    if not loaded.is_diffusion and not args.ar:
+        print(f"[blockdiff] {args.model} has no blockdiff diffusion section: decoding it as an AR model",
+              file=sys.stderr)
+    elif loaded.is_diffusion and args.ar:
+        print(f"[blockdiff] --ar: decoding the block-diffusion checkpoint {args.model} one token per forward with "
+              "its clean stream; it was trained for block decoding", file=sys.stderr)
 
 
 def cmd_chat(args) -> int:
@@ -212,11 +305,13 @@ def cmd_chat(args) -> int:
     from .data.chat_template import ChatTemplate, answer_text
     from .load import load_checkpoint
 
+    _threads(args)
     gen = torch.Generator().manual_seed(args.seed)
     loaded = load_checkpoint(args.model)
     tok = loaded.tokenizer
     template = ChatTemplate(tok)
     cfg = _decode_config(args, loaded)
+    _note_decoding_kind(args, loaded)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     src = "the tokenizer's chat template" if tok.chat_template else "the default chat template (tokenizer has none)"
@@ -259,6 +354,8 @@ def _add_run_args(p, recipe_example: str, out_help: str, model_help: str, set_ex
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a previous run in --out first (refused if it holds files a run does not write)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help=f"override a recipe field (repeatable), e.g. --set {set_example} (value parsed as JSON)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -278,7 +375,8 @@ def _add_decoding_args(g) -> None:
                    help="decoding rule (default thresholds): " + "; ".join(
                        f"{m} = {about.get(m, m)} ({defaults(m)})" for m in MODES))
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per prompt (tokens)")
-    g.add_argument("--block-size", type=int, default=0, help="block size B (tokens; 0 = the model's trained block size)")
+    g.add_argument("--block-size", type=int, default=0,
+                   help="block size B in tokens; 0 = the model's trained block size (default: 0)")
     g.add_argument("--steps", type=int, default=32, help="denoising steps per block (capped at --max-new-tokens); fallback commits per step: "
                    "floor(B/steps), one more on the first B %% steps steps (the official LLaDA2 schedule)")
     g.add_argument("--threshold", type=float, default=None,
@@ -296,12 +394,14 @@ def _add_decoding_args(g) -> None:
                    help="fill the masked slots after a committed EOS with EOS at once (saves forwards; off = official)")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     g.add_argument("--ar", action="store_true", help="decode autoregressively (for AR parents)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 = the cores the machine's load leaves free (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     d = sub.add_parser("make-data", help="write the bundled corpus as jsonl", formatter_class=fmt,
                        description="Write train.jsonl / valid.jsonl: synthetic tasks with exact answers plus Python "
@@ -375,19 +475,48 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("trace", help="JSONL file written by generate --trace")
     t.add_argument("--row", type=int, default=0, help="prompt index in the batch")
     t.set_defaults(func=cmd_show_trace)
+
+    from .eval.command import add_eval_parser
+
+    add_eval_parser(sub, fmt)
+
+    from .serve.command import add_serve_parser
+
+    add_serve_parser(sub, _add_decoding_args, _decode_config, fmt)
+
+    from .train.plan import add_plan_parser
+
+    add_plan_parser(sub, fmt)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input -> one line `blockdiff <cmd>: error: ...` and exit 2; Ctrl-C -> one line (with how
+    to continue a training run) and exit 130; a closed pipe (`... | head`) -> stop quietly."""
     args = build_parser().parse_args(argv)
     from .data.documents import DataError
-    from .train.loop import TrainingDiverged
+    from .train.loop import TrainingDiverged, TrainingInterrupted
     from .train.recipe import RecipeError
 
     try:
         return args.func(args)
-    except (RecipeError, DataError, TrainingDiverged, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"blockdiff {args.command}: error: {e}", file=sys.stderr)
+    except TrainingInterrupted as e:
+        verb = f"{args.command} {args.kind}" if args.command == "train" else args.command
+        extra = "".join(f" --set {x}" for x in args.set or [])
+        print(f"blockdiff {args.command}: interrupted: {e}; continue with: blockdiff {verb} --recipe {args.recipe} "
+              f"--out {args.out}{' --model ' + args.model if args.model else ''}{extra} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"blockdiff {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`show-trace ... | head`): stop as Unix tools do, and keep Python from complaining
+        # about the closed stdout while it shuts down
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (RecipeError, DataError, TrainingDiverged, ValueError, OSError) as e:
+        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        print(f"blockdiff {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 

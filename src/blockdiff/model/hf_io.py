@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..atomic import folder_for_replace, write_json
+from ..atomic import folder_for_replace, follow_umask, write_json
 from .adapters import DENSE, StateDictAdapter
 from .attention import rope_inv_freq
 from .build import build_model
@@ -267,6 +267,7 @@ def _write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: i
 
     if len(shards) == 1:
         save_file(materialize(shards[0]), str(folder / WEIGHTS_NAME), metadata=meta)
+        follow_umask(folder / WEIGHTS_NAME)
         return
     weight_map = {}
     total = 0
@@ -274,6 +275,7 @@ def _write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: i
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         shard = materialize(shard)
         save_file(shard, str(folder / name), metadata=meta)
+        follow_umask(folder / name)
         for k, t in shard.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()

@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 
-def add_serve_parser(sub, add_decoding_args, decode_config) -> None:
+def add_serve_parser(sub, add_decoding_args, decode_config, formatter_class=None) -> None:
     """Register `blockdiff serve`. `add_decoding_args` / `decode_config` are the CLI's decoding flags and their
     DecodeConfig (one owner): here they set the defaults of a request that does not set a field."""
     import argparse
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=formatter_class or argparse.ArgumentDefaultsHelpFormatter,
                        description="Serve a checkpoint over HTTP: POST /v1/completions and /v1/chat/completions "
                                    "(stream or not), GET /v1/models, /health, /metrics and the live denoising view at "
                                    "/. Requests join and leave the running batch at every step. The decoding flags "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ from ..data.tokenizer import Tokenizer
 from ..load import load_checkpoint
 from ..model.config import DiffusionInfo
 from ..model.moe_config import as_llada2_moe
-from ..model.hf_io import load_pretrained, save_pretrained
 from ..model.transformer import Transformer, resize_vocab
 from . import checkpoint as ckpt_io
+from . import parallel
 from .metrics import MetricsLog, plot_curves
+from .plan import print_run_plan
 from .recipe import Recipe
 from .schedule import Schedule
 from .tasks import Task, make_task
@@ -35,6 +37,10 @@ from .tasks import Task, make_task
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C during training: says which checkpoint a --resume continues from."""
 
 
 @dataclass
@@ -119,7 +125,49 @@ def build_optimizer(model, recipe: Recipe) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=recipe.phases[0].lr, betas=(t.beta1, t.beta2), foreach=True)
 
 
-def train(
+# What a run folder holds (train, convert); `overwrite` deletes a folder only when it holds nothing else.
+RUN_ENTRIES = {"checkpoints", "final", "merged", "metrics.jsonl", "loss.png", "report.json", "report.md"}
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete a previous run in `run_dir` (--overwrite), refusing when it holds anything a run does not write."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise FileExistsError(f"--out {run_dir} exists and is not a folder")
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        raise FileExistsError(f"--overwrite: {run_dir} holds files a blockdiff run does not write "
+                              f"({', '.join(foreign[:5])}); move them or choose another --out")
+    shutil.rmtree(run_dir)
+
+
+def train(recipe: Recipe, run_dir: str | Path, *, overwrite: bool = False, **kw) -> TrainResult:
+    """Run (or resume) a recipe into `run_dir` (see `_train`). Ctrl-C becomes TrainingInterrupted, which names the
+    checkpoint a --resume continues from (the step in progress is lost, nothing half-written is kept); a run that
+    fails before its first checkpoint removes the folder it created. `overwrite` first deletes a previous run there."""
+    run_dir = Path(run_dir)
+    if overwrite:
+        if kw.get("resume"):
+            raise ValueError("--overwrite deletes the run that --resume would continue: give one of them")
+        if parallel.is_main_process():  # under torchrun one rank deletes; the others write nothing before a barrier
+            clear_run_dir(run_dir)
+    created = not run_dir.exists()
+    try:
+        return _train(recipe, run_dir, **kw)
+    except BaseException as e:
+        latest = ckpt_io.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        if created and latest is None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no empty --out behind
+        if not isinstance(e, KeyboardInterrupt):
+            raise
+        if latest is None:
+            raise TrainingInterrupted("no checkpoint was written yet; run the command again to start over") from None
+        step = ckpt_io.load_trainer_state(latest)["step"]
+        raise TrainingInterrupted(f"the last checkpoint is {latest} (step {step}); --resume continues from it") from None
+
+
+def _train(
     recipe: Recipe,
     run_dir: str | Path,
     *,
@@ -135,6 +183,8 @@ def train(
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
+    dist = parallel.setup(recipe.parallel, device)  # one plain rank without torchrun
+    device, recipe.parallel.ranks = dist.device, dist.world
     amp_dtype = autocast_dtype(t.dtype, device)
 
     def amp():
@@ -143,36 +193,40 @@ def train(
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
     torch.manual_seed(t.seed)
-    generator = torch.Generator().manual_seed(t.seed)
+    generator = torch.Generator().manual_seed(t.seed + dist.rank)  # ranks draw different noise
     schedule = Schedule(recipe)
     task = make_task(recipe)
-    model, tok = prepare_model(recipe, device, task)
+    model, tok = prepare_model(recipe, torch.device("cpu") if dist.sharded else device, task)  # FSDP moves shards
+    print_run_plan(recipe, model.cfg, dist)  # per-device memory, before the run starts (rank 0)
     # Before any resumed weights are loaded: DPO's frozen reference and the embedding-noise std are the
     # starting model's, so a resumed run matches an uninterrupted one.
     task.bind(model, tok)
-    stream, valid_batches = task.batches(device, run_dir)
-    optimizer = build_optimizer(model, recipe)
+    with dist.main_first():  # rank 0 tokenises into the shared cache, the others read it
+        stream, valid_batches = task.batches(device, run_dir)
+    stream, valid_batches = parallel.shard_batches(stream, dist), parallel.global_eval_batches(valid_batches, dist)
     noise_std0 = task.noise_std0(model)
+    parallel.parallelize_task(model, task, recipe, dist)
+    optimizer = build_optimizer(model, recipe)
     start = 0
     evals: list[dict] = []
+    prior_wall, prior_tokens = 0.0, 0  # wall time and tokens of the steps before a resume (the report covers all)
     latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
     if resume and latest is None:
         print(f"[blockdiff] no checkpoint in {run_dir}/checkpoints: starting from step 0")
     if latest is not None:
-        resumed = load_pretrained(latest, device=device)
-        model.load_state_dict(resumed.state_dict())
-        state = ckpt_io.load_resume_state(latest, optimizer, generator)
+        state = ckpt_io.load_resume_state(latest, model, optimizer, generator, dist)
         stream.load_state_dict(state["data"])
         start, evals = state["step"], state.get("evals", [])
+        prior_wall, prior_tokens = state.get("wall_s", 0.0), state.get("tokens", 0)
         print(f"[blockdiff] resumed from {latest} at step {start}")
     elif any((run_dir / "checkpoints").glob("step_*")):
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
-    log = MetricsLog(run_dir / "metrics.jsonl", truncate_from_step=start)
+    log = MetricsLog(run_dir / "metrics.jsonl", truncate_from_step=start) if dist.main else parallel.Discard()
     end = schedule.total_steps if max_steps is None else min(schedule.total_steps, max_steps)
     last_good = latest
     model.train()
     # On a terminal the bar refreshes twice a second; in a log file (CI, nohup) every 30 s, not every step.
-    bar = tqdm(total=schedule.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=schedule.total_steps, initial=start, disable=not (progress and dist.main), unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t0, tokens_seen = time.perf_counter(), 0
 
@@ -181,10 +235,12 @@ def train(
         if model.cfg.diffusion is not None:
             model.cfg.diffusion.block_size = ph.block_size
         state = {"step": step, "phase": ph.name, "block_size": ph.block_size, "phase_end": phase_end,
-                 "data": stream.state_dict(), "evals": evals, "val_nll": evals[-1]["val_nll"] if evals and evals[-1]["step"] == step else None}
+                 "data": stream.state_dict(), "evals": evals, "val_nll": evals[-1]["val_nll"] if evals and evals[-1]["step"] == step else None,
+                 "wall_s": prior_wall + time.perf_counter() - t0, "tokens": prior_tokens + tokens_seen}
         path = ckpt_io.save_checkpoint(run_dir, step, model=model, tokenizer=tok, optimizer=optimizer,
-                                       generator=generator, trainer_state=state, recipe=recipe.to_dict())
-        ckpt_io.prune_checkpoints(run_dir, t.keep_last)
+                                       generator=generator, trainer_state=state, recipe=recipe.to_dict(), dist=dist)
+        if dist.main:
+            ckpt_io.prune_checkpoints(run_dir, t.keep_last)
         return path
 
     for step in range(start, end):
@@ -199,18 +255,18 @@ def train(
             batch = {k: v.to(device) for k, v in stream.next_batch().items()}
             with amp():
                 loss, m = objective(model, batch, generator, std)
-            if not torch.isfinite(loss):
+            if dist.any(not torch.isfinite(loss)):  # every rank stops together
                 _diverged(step, phase, "loss", float(loss.detach()), last_good)
             (loss / t.grad_accum).backward()
             micro.append(m)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        gnorm = parallel.clip_grad_norm(model, t.grad_clip if t.grad_clip > 0 else float("inf"))
         if not torch.isfinite(gnorm):
             _diverged(step, phase, "gradient norm", float(gnorm), last_good)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += recipe.tokens_per_step
         elapsed = time.perf_counter() - t0
-        record = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
+        record = dist.mean({k: sum(m[k] for m in micro) / len(micro) for k in micro[0]})
         record.update(step=step + 1, phase=phase.name, block_size=phase.block_size, lr=lr, grad_norm=float(gnorm),
                       embed_noise_std=std, tokens_per_s=tokens_seen / max(elapsed, 1e-9))
         log.write(record)
@@ -229,11 +285,14 @@ def train(
         if done % t.save_every == 0 or phase_end or done == end:
             last_good = save(done, phase_end)
     bar.close()
-    wall = time.perf_counter() - t0
+    wall = prior_wall + time.perf_counter() - t0
+    tokens_seen += prior_tokens
     final_dir = run_dir / "final"
     if end == schedule.total_steps and last_good is not None:
-        save_pretrained(model, final_dir, tokenizer=tok)
-    plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", schedule)
+        parallel.save_final(model, final_dir, tok, dist)
+    if dist.main:
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", schedule)
+    dist.close()
     return TrainResult(run_dir, final_dir, end, evals, wall, tokens_seen / max(wall, 1e-9))
 
 

@@ -11,6 +11,7 @@ config is), so every field, its default, its unit and its check are stated once,
     [dpo]        objectives/preference.py DPOConfig                kind dpo
     [rollout]    train/rollout.py RolloutConfig                    kind rl ([rollout.decode]: decode/engine.py DecodeConfig)
     [ebpo]       objectives/policy.py EBPOConfig                   kind rl
+    [parallel]   train/parallel.py ParallelConfig                  FSDP2, activation checkpointing, compile (torchrun)
 
 Fields the run fills from the checkpoint or the phase (the [MASK] id, the block size, the label alignment) are
 marked `fields.runtime` and refused here. A section the chosen kind does not read is refused too (it would be
@@ -23,20 +24,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fields import is_runtime
 from ..data.post_data import OVER_LENGTH
+from ..fields import is_runtime
 from ..model.config import CLEAN_STREAMS, LABELS
 from ..objectives.cap import CAPConfig
 from ..objectives.diffusion import DiffusionLossConfig
 from ..objectives.noise import EmbedNoiseConfig
 from ..objectives.policy import EBPOConfig
 from ..objectives.preference import DPOConfig
+from .parallel import ParallelConfig
 from .rollout import RolloutConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli (a dependency there only)
+    import tomli as tomllib
 
 OBJECTIVES = ("diffusion", "ar", "sft", "dpo", "rl")  # CPT, AR pretraining, post-training
 # The objective sections each kind reads (train/tasks.py builds its objective from exactly these).
@@ -68,7 +76,7 @@ class DataSection:
     text_field: str = "text"  # jsonl field holding the document text
     seq_len: int = 256  # L, tokens per packed row
     eos_pad_multiple: int = 0  # pad every document with EOS to a multiple of this many tokens (0 = off)
-    cache_dir: str = ""  # tokenised-data cache (default: <run>/../.cache/tokens)
+    cache_dir: str = ""  # tokenised-data cache folder ("" = the user cache, train/tasks.py default_cache_dir)
     valid_rows: int = 64  # at most this many held-out rows per evaluation
     # Post-training (sft: chat jsonl with messages; dpo: prompt/chosen/rejected; rl: prompt/answer or ["tasks"])
     pack: bool = False  # sft: pack several conversations per row with document masks
@@ -88,7 +96,7 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    batch_size: int = 8  # rows per micro-batch
+    batch_size: int = 8  # rows per micro-batch per rank (global batch = batch_size x grad_accum x ranks)
     grad_accum: int = 1  # micro-batches per optimiser step
     seed: int = 0
     warmup_steps: int = 20  # linear lr warm-up at the start of the run (optimiser steps)
@@ -102,8 +110,8 @@ class TrainSection:
     save_every: int = 50  # checkpoint every N steps (and at every phase end)
     keep_last: int = 0  # keep only the newest N step checkpoints plus phase-end ones (0 = keep all)
     dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 autocast on CUDA), "float32", "bfloat16"
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
-    threads: int = 0  # torch CPU threads (0 = torch default)
+    device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N"
+    threads: int = 0  # torch CPU threads (0 = torch's default, one per core; see blockdiff/machine.py under load)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -126,6 +134,10 @@ class TrainSection:
             raise ValueError(f"keep_last must be >= 0, got {self.keep_last}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
 
 
 @dataclass
@@ -207,6 +219,7 @@ class Recipe:
     phases: list[Phase] = field(default_factory=list)
     merge: MergeSection = field(default_factory=MergeSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str = "<recipe>"  # file the recipe came from (for messages)
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +227,8 @@ class Recipe:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.train.batch_size * self.train.grad_accum * self.data.seq_len
+        # global: [train] batch_size is per rank, so a step is batch_size x grad_accum x ranks rows
+        return self.train.batch_size * self.train.grad_accum * self.parallel.ranks * self.data.seq_len
 
     def phase_steps(self) -> list[int]:
         return [p.steps if p.steps else math.ceil(p.tokens / self.tokens_per_step) for p in self.phases]
@@ -340,10 +354,22 @@ def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 
 def _set(raw: dict, key: str, value: Any, source: Path) -> None:
-    """--set section.field=value (also section.sub.field for nested tables such as rollout.decode.temperature)."""
+    """--set section.field=value (also section.sub.field for nested tables such as rollout.decode.temperature, and
+    phases.N.field for the N-th [[phases]] table, 1-based as in the error messages)."""
     parts = key.split(".")
+    if parts[0] == "phases":
+        phases = raw.get("phases")
+        n = len(phases) if isinstance(phases, list) else 0
+        if len(parts) != 3 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= n:
+            raise RecipeError(f"{source}: --set {key}: expected phases.N.field with N in 1..{n} (the recipe's "
+                              f"[[phases]] tables, in order)")
+        if not isinstance(phases[int(parts[1]) - 1], dict):
+            raise RecipeError(f"{source}: --set {key}: [[phases]] #{parts[1]} is not a table")
+        phases[int(parts[1]) - 1][parts[2]] = value
+        return
     if len(parts) < 2 or parts[0] not in SECTIONS:
-        raise RecipeError(f"--set {key}: expected section.field with section in {', '.join(SECTIONS)}")
+        raise RecipeError(f"--set {key}: expected section.field with section in {', '.join(SECTIONS)}, "
+                          "or phases.N.field")
     table = raw.setdefault(parts[0], {})
     for part in parts[1:-1]:
         if not isinstance(table, dict):
