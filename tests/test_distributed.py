@@ -197,15 +197,76 @@ def test_parallel_section_checks():
             parse_recipe({**base, "parallel": table})
 
 
-def test_rollouts_refuse_to_split():
+def test_only_sources_without_a_split_refuse_to_split():
     from blockdiff.train.parallel import Distributed, shard_batches
+    from blockdiff.train.rollout import RolloutSource
 
-    class Rollouts:  # a batch source without a row batch (train/rollout.py RolloutSource)
+    class Rows:  # a batch source with neither a row batch nor its own split
         def next_batch(self):
             return {}
 
     with pytest.raises(ValueError, match="cannot be split across 2 ranks"):
-        shard_batches(Rollouts(), Distributed(rank=0, world=2))
+        shard_batches(Rows(), Distributed(rank=0, world=2))
+    rollouts = RolloutSource.__new__(RolloutSource)  # splits its decoding itself: passed through whole
+    assert shard_batches(rollouts, Distributed(rank=0, world=2)) is rollouts
+
+
+def rl_raw(model_dir: Path, prompts: Path, **parallel) -> dict:
+    raw = {"model": {"path": str(model_dir)}, "data": {"train": [str(prompts)]},
+           "train": {"batch_size": 1, "save_every": 2, "eval_every": 2, "warmup_steps": 1, "threads": 1,
+                     "device": "cpu"},
+           "objective": {"kind": "rl"},
+           "rollout": {"prompts_per_step": 3, "group_size": 4, "reward": "contains", "minibatches": 2,
+                       "decode": {"max_new_tokens": 8, "threshold": 0.9}},
+           "phases": [{"block_size": 8, "steps": 4, "lr": 3e-3}]}
+    if parallel:
+        raw["parallel"] = parallel
+    return raw
+
+
+@pytest.fixture(scope="module")
+def rl_two(tiny_bd_dir, tmp_path_factory):
+    """`train rl` on 2 ranks (3 prompt groups per rollout: group 0 decoded on rank 0, groups 1-2 on rank 1)."""
+    root = tmp_path_factory.mktemp("rl")
+    prompts = root / "rl.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {c}", "answer": c}) + "\n" for c in "eta"))
+    toml = write_toml(rl_raw(tiny_bd_dir, prompts), root / "rl.toml")
+    torchrun(2, ["train", "rl", "--recipe", str(toml), "--out", str(root / "two"), "--no-progress"])
+    return {"root": root, "prompts": prompts, "toml": toml, "two": root / "two", "model": tiny_bd_dir}
+
+
+def test_rl_rollouts_split_over_two_ranks(rl_two, tmp_path):
+    """Each rank decodes its share of the prompt groups on a full replica of the weights, the responses are
+    all-gathered, every rank trains on the whole global minibatch. The run equals the same recipe on a 1-rank FSDP
+    group in one process (same global rollout: per-group seeds from the shared rollout generator) -- the weights
+    of every checkpoint and of the final export, and the logged losses and rewards."""
+    two = rl_two["two"]
+    train(parse_recipe(rl_raw(rl_two["model"], rl_two["prompts"], fsdp="on"), source="rl-1"), tmp_path / "one",
+          progress=False)
+    for sub in ("final", "checkpoints/step_000002", "checkpoints/step_000004"):
+        assert_close_weights(two / sub, tmp_path / "one" / sub)
+    m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    m1 = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    assert len(m2) == len(m1) == 4
+    for a, b in zip(m2, m1):
+        for k in ("loss", "reward", "sequences"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
+    assert any(r["sequences"] > 0 for r in m2), "no rollout group had a nonzero advantage"
+    assert not torch.equal(state(two / "final")["norm.weight"], state(rl_two["model"])["norm.weight"])
+
+
+def test_rl_kill_and_resume_two_ranks_is_exact(rl_two, tmp_path):
+    """SIGKILLed after its step-2 checkpoint (the first rollout's 2 minibatches trained) and resumed on 2 ranks, the RL run ends bit-identical to the uninterrupted one: the rollout generator and pending minibatches
+    are the same on every rank and saved in the checkpoint."""
+    run = tmp_path / "killed"
+    args = ["train", "rl", "--recipe", str(rl_two["toml"]), "--out", str(run), "--no-progress"]
+    torchrun_killed(2, args, when=run / "checkpoints/step_000002")
+    assert not (run / "final").exists(), "the kill came after the run ended"
+    torchrun(2, [*args, "--resume"])
+    assert_close_weights(run / "final", rl_two["two"] / "final", exact=True)
+    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}  # noqa: E731
+                       for x in p.read_text().splitlines()]
+    assert strip(run / "metrics.jsonl") == strip(rl_two["two"] / "metrics.jsonl")
 
 
 def test_fsdp_on_in_one_plain_process(tiny_ar_dir, tiny_data, tmp_path):

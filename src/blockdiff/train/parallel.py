@@ -288,9 +288,11 @@ def shard_batches(stream, dist: Distributed):
     """The train batch source of this rank (the stream itself on one rank)."""
     if dist.world == 1:
         return stream
+    if getattr(stream, "splits_across_ranks", False):  # RL rollouts: split inside the source (train/rollout.py)
+        return stream
     if not hasattr(stream, "batch_size"):
         raise ValueError(f"{type(stream).__name__} cannot be split across {dist.world} ranks "
-                         "(RL rollouts run on one rank for now; see docs/distributed.md)")
+                         "(it has neither a row batch nor its own split; see docs/distributed.md)")
     return RankShard(stream, dist.rank, dist.world)
 
 
@@ -314,6 +316,19 @@ def full_state_dict(model: nn.Module, dist: Distributed) -> dict[str, torch.Tens
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_replica(model: nn.Module, device: torch.device) -> nn.Module:
+    """A plain, unsharded copy of an FSDP2 model's current weights on `device`, in eval mode and without
+    gradients: RL rollouts decode on it with no collectives (the number of forwards depends on the sampled text,
+    so ranks could not keep FSDP's per-forward all-gathers in step). A collective: every rank calls it (one
+    all-gather per parameter, in the same order everywhere). Weights stay in their fp32 master dtype."""
+    from torch.distributed.tensor import DTensor
+
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items()}
+    plain = single_device_copy(model, state).to(device).eval()
+    plain.requires_grad_(False)
+    return plain
 
 
 def single_device_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

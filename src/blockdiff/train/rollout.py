@@ -7,6 +7,15 @@ prompts x G samples of a rollout decode together).
 Resume: the source owns its rollout generator (sampling, prompt order, noise) and any minibatches of the current
 rollout not yet trained on; `state_dict` holds both (JSON-able), so a resumed run rolls out exactly what an
 uninterrupted one would.
+
+Many ranks (torchrun + FSDP2, docs/distributed.md): the block decoder's number of forwards depends on the sampled
+text, so decoding through the sharded model (an all-gather per block per forward) would deadlock when ranks decode
+different prompts. Instead every rollout gathers one plain full copy of the current weights on each rank
+(`parallel.full_replica`, one collective), each rank decodes its contiguous share of the prompt groups with no
+collective inside the decoding loop, and the responses are all-gathered, so every rank holds the whole global
+rollout and builds the same minibatches from it. The rollout generator advances identically on every rank (it
+draws one seed per rollout; group g decodes with its own generator seeded `seed + g`), so the source's state is the
+same on every rank and for every rank count, and kill-and-resume stays exact.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist_
 
 from ..data.chat_template import ChatTemplate, answer_text, encode_prompt
 from ..data.post_data import RLPrompt
@@ -79,8 +89,17 @@ def _from_json(d: dict) -> torch.Tensor:
     return torch.tensor(d["data"], dtype=getattr(torch, d["dtype"])).view(d["shape"])
 
 
+def _fsdp_wrapped(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) and dist_.is_initialized()
+
+
 class RolloutSource:
-    """Batch source of the RL recipe: `next_batch()` -> dict for `ebpo_loss`."""
+    """Batch source of the RL recipe: `next_batch()` -> dict for `ebpo_loss`. Under FSDP every rank gets the whole
+    global minibatch (`splits_across_ranks`: the rollout's decoding is what is split, see the module docstring)."""
+
+    splits_across_ranks = True  # parallel.shard_batches passes it through unsplit
 
     def __init__(self, prompts: list[RLPrompt], tok, model, cfg: RolloutConfig, ebpo: EBPOConfig, *, seed: int):
         if not prompts:
@@ -109,13 +128,22 @@ class RolloutSource:
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
+        split = _fsdp_wrapped(self.model)
+        decoder = None
+        if split:
+            from .parallel import full_replica
+
+            decoder = full_replica(self.model, device)  # every rank, before any rank decodes
         rows, advs, all_rewards = [], [], []
         for _ in range(c.max_resample):
             prompts = self._take_prompts()
             ids = [encode_prompt(p.messages, tok, self.template) for p in prompts]
             flat = [i for i in ids for _ in range(c.group_size)]
-            resp = generate_responses(self.model, flat, c, block_size=B, mask_id=self.ebpo.mask_token_id,
-                                      eos_ids=tok.eos_ids, generator=self.generator)
+            if split:
+                resp = self._decode_split(decoder, ids, B)
+            else:
+                resp = generate_responses(self.model, flat, c, block_size=B, mask_id=self.ebpo.mask_token_id,
+                                          eos_ids=tok.eos_ids, generator=self.generator)
             self.rollouts += 1
             rewards = torch.tensor([REWARDS[c.reward](answer_text(tok, r), prompts[k // c.group_size].answer)
                                     for k, r in enumerate(resp)]).view(len(prompts), c.group_size)
@@ -129,6 +157,7 @@ class RolloutSource:
                         advs.append(float(adv[g, j]))
             if rows:
                 break
+        del decoder
         reward_mean = torch.cat(all_rewards).mean().view(1)
         self.model.train(was_training)
         if not rows:
@@ -159,6 +188,23 @@ class RolloutSource:
             mb["reward_mean"] = reward_mean
             out.append(mb)
         return out
+
+    def _decode_split(self, decoder, ids: list[list[int]], block_size: int) -> list[list[int]]:
+        """The responses of all groups (prompt-major, G per prompt, as one process orders them): this rank decodes
+        groups [rank*P/world, (rank+1)*P/world) on its full replica, then one all-gather. Group g samples with a
+        generator seeded from the rollout's seed + g, so the global rollout does not depend on the rank count."""
+        c = self.cfg
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        rank, world = dist_.get_rank(), dist_.get_world_size()
+        P = len(ids)
+        mine = []
+        for g in range(rank * P // world, (rank + 1) * P // world):
+            gen = torch.Generator().manual_seed(seed + g)
+            mine.append(generate_responses(decoder, [ids[g]] * c.group_size, c, block_size=block_size,
+                                           mask_id=self.ebpo.mask_token_id, eos_ids=self.tok.eos_ids, generator=gen))
+        shares: list = [None] * world
+        dist_.all_gather_object(shares, mine)
+        return [r for share in shares for group in share for r in group]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if not self.pending:
