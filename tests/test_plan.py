@@ -20,7 +20,7 @@ BUNDLED = REPO / "assets" / "tiny-ar"
 # Child process: RSS growth (peak minus current before the first step) over 3 AdamW steps of the real objective,
 # fp32, 1 thread -- the part of the plan that is not the resident weights.
 MEASURE = """
-import json, resource, sys, torch
+import json, sys, torch
 from blockdiff.load import load_checkpoint
 from blockdiff.objectives.diffusion import DiffusionLossConfig, ar_loss, diffusion_loss
 torch.set_num_threads(1)
@@ -39,7 +39,11 @@ for _ in range(3):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-print(json.dumps({"growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+# VmHWM: this process image's peak RSS. Not ru_maxrss, which Linux carries across exec from the parent (pytest's
+# own RSS at fork time would become the "peak" late in a test session).
+with open("/proc/self/status") as f:
+    hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(json.dumps({"growth": hwm - base}))
 """
 
 
