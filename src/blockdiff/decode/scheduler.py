@@ -215,6 +215,9 @@ class Scheduler:
         rows = self.rows
         if not rows:
             return StepResult()
+        return self._step(rows)
+
+    def _step(self, rows: list[Row]) -> StepResult:
         dev, B = self.device, self.B
         idx = torch.tensor([r.lo for r in rows], device=dev)[:, None] + torch.arange(B, device=dev)  # [a, B]
         x = torch.stack([r.canvas[r.lo:r.lo + B] for r in rows])  # [a, B]
@@ -377,12 +380,7 @@ class ARScheduler(Scheduler):
         row.carry = torch.zeros(self.vocab, device=self.device)
         return row
 
-    @torch.no_grad()
-    def step(self) -> StepResult:
-        self._admit()
-        rows = self.rows
-        if not rows:
-            return StepResult()
+    def _step(self, rows: list[Row]) -> StepResult:
         logits = torch.stack([r.carry for r in rows])[:, None]  # [a, 1, V]
         tok, conf = self._choose(logits, torch.zeros_like(logits[..., 0], dtype=torch.long), rows)
         out, leaving, pos = StepResult(), [], [r.block for r in rows]
