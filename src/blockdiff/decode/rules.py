@@ -202,13 +202,10 @@ class JointRule(Rule):
 
 
 @dataclass(frozen=True)
-class DInferRule(Rule):
-    tau: float
-    name: ClassVar[str] = "dinfer"
+class DInferRule(ThresholdRule):
+    """dInfer's threshold (threshold >= min(tau, c_max - 1e-5)); the same parameter as LLaDA2.0's, another rule."""
 
-    @classmethod
-    def from_config(cls, cfg) -> "DInferRule":
-        return cls(cfg.tau_mask)
+    name: ClassVar[str] = "dinfer"
 
     def select(self, conf, masked, changed, editable, quota):
         return dinfer_threshold_rule(conf, masked, self.tau), None

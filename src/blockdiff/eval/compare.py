@@ -26,7 +26,7 @@ AR = "AR"  # the label and mode of greedy AR decoding
 
 @dataclass(frozen=True)
 class Decoding:
-    """One decoding setting: mode "AR" (greedy AR) or a key of decode.engine.MODES, with optional thresholds
+    """One decoding setting: mode "AR" (greedy AR) or a key of decode.config.MODES, with optional thresholds
     (probabilities in [0, 1]; None = the mode's default)."""
 
     mode: str

@@ -12,7 +12,7 @@ blockdiff.eval.harness` registers the name for `lm_eval.simple_evaluate(model="b
 
 Model arguments (`--model_args k=v,...`):
   model         HF folder (required): an AR parent or a block-diffusion checkpoint
-  mode          block decoding mode for generate_until (default S; any of decode.engine.MODES); AR checkpoints
+  mode          block decoding mode for generate_until (default S; any of decode.config.MODES); AR checkpoints
                 always decode greedily, and `ar=true` decodes a block-diffusion checkpoint autoregressively
   threshold, edit_threshold, block_size, steps, eos_fill   the decoding setting (defaults: the mode's, the
                 checkpoint's B, 32 steps)

@@ -10,6 +10,7 @@ q/k/v biases, Qwen3 adds q_norm / k_norm), so one adapter serves all three.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 
 # (our regex, HF template) pairs; {0} is the layer index.
 _LAYER_MAP = [
@@ -54,19 +55,19 @@ def _template(key: str) -> tuple[str, str | None]:
     return prefix + m.group(3), m.group(2)
 
 
-class StateDictAdapter:
+class StateDictAdapter(ABC):
     """The interface hf_io asks; the defaults are the dense family's answers (no stacked experts, no extra
     layers, every tensor in the model dtype, every tensor required)."""
 
     ignored: re.Pattern  # HF keys that are derived buffers, never weights: safe to ignore when loading
 
+    @abstractmethod
     def hf_to_ours(self, key: str) -> tuple[str, int | None] | None:
         """(our name, expert index or None) for an HF key, or None if the key is not a tensor we model."""
-        raise NotImplementedError
 
+    @abstractmethod
     def ours_to_hf(self, name: str, expert: int | None = None) -> str:
         """The HF key of our tensor `name` (of its slice `expert` for a stacked expert tensor)."""
-        raise NotImplementedError
 
     def is_stacked(self, name: str) -> bool:
         """True if `name` stacks per-expert HF tensors along dim 0 (saved as one HF tensor per expert)."""

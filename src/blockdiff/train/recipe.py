@@ -9,7 +9,7 @@ config is), so every field, its default, its unit and its check are stated once,
     [noise]      objectives/noise.py EmbedNoiseConfig              kind diffusion
     [cap]        objectives/cap.py CAPConfig                       kind sft (lam > 0 turns CAP on)
     [dpo]        objectives/preference.py DPOConfig                kind dpo
-    [rollout]    train/rollout.py RolloutConfig                    kind rl ([rollout.decode]: decode/engine.py DecodeConfig)
+    [rollout]    train/rollout.py RolloutConfig                    kind rl ([rollout.decode]: decode/config.py DecodeConfig)
     [ebpo]       objectives/policy.py EBPOConfig                   kind rl
     [parallel]   train/parallel.py ParallelConfig                  FSDP2, activation checkpointing, compile (torchrun)
 
@@ -194,7 +194,7 @@ class EvalSection:
     tasks: int = 0  # held-out synthetic-task prompts for the report (0 = skip; bundled model only)
     max_new_tokens: int = 32  # generation budget per prompt (tokens)
     steps: int = 32  # denoising steps per block (DecodeConfig.steps)
-    threshold: float | None = None  # threshold mode's M2T threshold; None = the mode's default (decode.engine.MODES)
+    threshold: float | None = None  # threshold mode's M2T threshold; None = the mode's default (decode.config.MODES)
 
     def __post_init__(self) -> None:
         if self.tasks < 0:

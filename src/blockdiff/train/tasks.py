@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -66,7 +67,7 @@ def _batches(rows: PackedDataset, limit: int, batch_size: int, device, loss_mask
     return out
 
 
-class Task:
+class Task(ABC):
     """The base: a block-diffusion task (a [MASK] token, the ELBO as held-out metric)."""
 
     kind = ""
@@ -101,11 +102,13 @@ class Task:
     def noise_std0(self, model) -> float:
         return 0.0
 
+    @abstractmethod
     def batches(self, device, run_dir: Path) -> tuple[object, list[dict]]:
-        raise NotImplementedError
+        """(train batch source, held-out batches) of this kind."""
 
+    @abstractmethod
     def objective(self, block_size: int) -> Objective:
-        raise NotImplementedError
+        """f(model, batch, generator, embed_noise_std) -> (loss, metrics) at this phase's block size."""
 
     def evaluate(self, model, batches: list[dict], block_size: int) -> float:
         info = model.cfg.diffusion
