@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import pytest
 import torch
 from torch import nn
 
@@ -22,6 +23,12 @@ SHARPEN = 20.0  # logit scale that turns the near-uniform random model into a co
 
 # (labels, clean_stream) of a checkpoint, docs/alignment.md
 ALIGNMENTS = [("same", "block_causal"), ("shift", "block_causal"), ("shift", "causal"), ("same", "causal")]
+
+
+def skip_unsupported(mode: str, labels: str, clean: str) -> None:
+    """Mode spec needs a causal AR stream (shift + causal); other alignments refuse it (tests/test_spec.py)."""
+    if mode == "spec" and (labels, clean) != ("shift", "causal"):
+        pytest.skip("spec needs labels shift + clean_stream causal (refusal tested in test_spec.py)")
 
 
 class Spy(nn.Module):

@@ -6,7 +6,7 @@ cancelled row frees its cache row at once, admission waits for a free row, and t
 from __future__ import annotations
 
 import pytest
-from decode_helpers import ALIGNMENTS, make_prompt, tiebroken, with_alignment
+from decode_helpers import ALIGNMENTS, make_prompt, skip_unsupported, tiebroken, with_alignment
 
 from blockdiff.decode.engine import MODES, DecodeConfig, ar_generate, generate
 from blockdiff.decode.scheduler import ARScheduler, Scheduler
@@ -35,6 +35,7 @@ def run_staggered(sched, requests, join_after, eos_ids):
 @pytest.mark.parametrize("labels,clean", ALIGNMENTS)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_row_joining_mid_flight_equals_row_alone(bd, mode, labels, clean):
+    skip_unsupported(mode, labels, clean)
     inner, mask_id, eos_id = bd
     model = with_alignment(tiebroken(inner), labels, clean)
     cfg = DecodeConfig(mode=mode, block_size=4, steps=4, max_new_tokens=13)

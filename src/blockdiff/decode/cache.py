@@ -92,6 +92,19 @@ class KVCache:
         visible = key[None, None, :] < lens + span
         return visible[:, None]  # [b, 1, T, K]
 
+    def segment_mask(self, T: int, n_causal: Tensor, n_block: Tensor) -> Tensor:
+        """Bool mask [b, 1, T, K] for a forward whose rows mix layouts (self-speculation beside block rows): row r's
+        first n_causal[r] new tokens are causal (each sees the committed prefix and the new tokens up to itself), the
+        next n_block[r] form one bidirectional block after them (they see the prefix and all causal and block
+        tokens), and the rest is padding (sees only itself; nothing sees it)."""
+        end = max(self.lengths) + T
+        dev = self._len_t.device
+        j = torch.arange(end, device=dev)[None, None, :] - self._len_t[:self.batch, None, None]  # [b, 1, K]
+        q = torch.arange(T, device=dev)[None, :, None]  # [1, T, 1]
+        nc, nb = n_causal.to(dev)[:, None, None], n_block.to(dev)[:, None, None]  # [b, 1, 1]
+        new = torch.where(q < nc, j <= q, torch.where(q < nc + nb, j < nc + nb, j == q))
+        return ((j < 0) | (new & (j >= 0)))[:, None]
+
     def commit(self, n: int | list[int]) -> None:
         """Commit n tokens for every row, or n[r] for row r."""
         ns = [n] * self.batch if isinstance(n, int) else list(n)

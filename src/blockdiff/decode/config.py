@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 from ..fields import runtime
 from ..model.config import effective_block_size
-from .rules import CreditRule, DInferRule, FactorRule, JointRule, Rule, ThresholdRule
+from .rules import CreditRule, DInferRule, FactorRule, JointRule, Rule, SpecRule, ThresholdRule
 
-# mode -> (rule class, default M2T threshold, default T2T threshold)
-MODES: dict[str, tuple[type[Rule], float, float | None]] = {
+# mode -> (rule class, default M2T threshold, default T2T threshold); spec's "threshold" cuts its drafts
+MODES: dict[str, tuple[type[Rule] | type[SpecRule], float, float | None]] = {
     "threshold": (ThresholdRule, 0.95, None),  # LLaDA2.0 [code]
     "S": (JointRule, 0.5, 0.0),  # LLaDA2.1 speed mode [paper + code]
     "Q": (JointRule, 0.7, 0.5),  # LLaDA2.1 quality mode [paper + code]
@@ -19,7 +19,10 @@ MODES: dict[str, tuple[type[Rule], float, float | None]] = {
     "dinfer": (DInferRule, 0.9, None),  # dInfer threshold
     "factor": (FactorRule, 0.0, None),  # Fast-dLLM factor rule (uses `factor`)
     "credit": (CreditRule, 0.9, None),  # dInfer credit decoding + dInfer threshold
+    "spec": (SpecRule, 0.0, None),  # lossless self-speculation (decode/spec.py): the checkpoint's AR output
 }
+DEFAULT_DRAFT_LEN = 3  # spec drafts per forward: chosen from bench/cost.py at batch 1 on a CPU (docs/decoding.md)
+MAX_DRAFT_LEN = 32
 
 
 @dataclass
@@ -33,6 +36,7 @@ class DecodeConfig:
     edit_threshold: float | None = None  # T2T threshold in [0, 1] (joint modes); None = the mode's default
     max_post_steps: int = 16  # edit-only passes after a block fills (joint modes)
     factor: float = 1.0  # Fast-dLLM factor f (mode "factor")
+    draft_len: int = DEFAULT_DRAFT_LEN  # mode "spec": tokens drafted per forward (0 = plain AR steps)
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = argmax
     top_k: int = 0  # sample among the k most likely tokens (0 = all); temperature > 0 only
@@ -60,6 +64,8 @@ class DecodeConfig:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
         if self.factor <= 0:
             raise ValueError(f"factor must be > 0, got {self.factor}")
+        if not 0 <= self.draft_len <= MAX_DRAFT_LEN:
+            raise ValueError(f"draft_len must be in [0, {MAX_DRAFT_LEN}], got {self.draft_len}")
         if self.repeat_penalty < 0:
             raise ValueError(f"repeat_penalty must be >= 0, got {self.repeat_penalty}")
 
@@ -75,7 +81,7 @@ class DecodeConfig:
         return MODES[self.mode][0].name
 
     @property
-    def decode_rule(self) -> Rule:
+    def decode_rule(self) -> Rule | SpecRule:
         """The mode's rule object with this setting's parameters (what the scheduler calls)."""
         return MODES[self.mode][0].from_config(self)
 
@@ -124,6 +130,8 @@ class Generation:
     steps_per_block: list[int] = field(default_factory=list)
     stop_reason: str = "length"  # "eos", "stop" (a stop string) or "length"
     edits: int = 0  # T2T rewrites applied
+    drafted: int = 0  # mode spec: drafts proposed for verification
+    accepted: int = 0  # mode spec: drafts accepted (each forward also commits one token of its own)
 
     @property
     def tpf(self) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -91,6 +91,7 @@ class Row:
     carry: Tensor | None = None  # [V] shifted labels: the logit that predicts the current block's slot 0
     state: Tensor | None = None  # the rule's per-row state (dInfer credit) [B, V]
     t0: float = field(default_factory=time.perf_counter)
+    spec: ClassVar[bool] = False  # a block row (decode/spec.py's SpecRow: True)
 
     @property
     def P(self) -> int:

@@ -50,6 +50,15 @@ def choose_tokens(logits: Tensor, temperature: float = 0.0, generator: torch.Gen
     if temperature <= 0:
         conf, tok = probs.max(dim=-1)
         return tok, conf
+    p = sampling_probs(logits, temperature, top_k=top_k, top_p=top_p)
+    tok = torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
+    return tok, torch.gather(probs, -1, tok[..., None])[..., 0]
+
+
+def sampling_probs(logits: Tensor, temperature: float, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """The distribution a temperature > 0 draw samples from, normalised (float32, same shape as logits):
+    softmax(logits / T) restricted to the top-k tokens and the smallest top-p nucleus. `choose_tokens` samples
+    from it; speculative sampling (`decode/spec.py`) needs it explicitly for p(x) / q(x)."""
     scaled = logits.float() / temperature
     if top_k and top_k < scaled.shape[-1]:
         kth = scaled.topk(top_k, dim=-1).values[..., -1:]
@@ -61,8 +70,8 @@ def choose_tokens(logits: Tensor, temperature: float = 0.0, generator: torch.Gen
         drop = (sp.cumsum(-1) - sp) >= top_p
         sp = sp.masked_fill(drop, 0.0)
         p = torch.zeros_like(p).scatter_(-1, idx, sp)
-    tok = torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
-    return tok, torch.gather(probs, -1, tok[..., None])[..., 0]
+        p = p / p.sum(-1, keepdim=True)
+    return p
 
 
 def repeat_penalty_(logits: Tensor, block: Tensor, penalty: float) -> None:
@@ -236,3 +245,22 @@ class FactorRule(Rule):
 
     def select(self, conf, masked, changed, editable, quota):
         return factor_rule(conf, masked, self.factor), None
+
+
+@dataclass(frozen=True)
+class SpecRule:
+    """Mode "spec" (decode/spec.py): not a block rule but the self-speculation's parameters, what
+    `DecodeConfig.decode_rule` returns for it. Rows with this rule verify drafts with the causal stream instead of
+    unmasking a block."""
+
+    draft_len: int  # drafted tokens per forward (k = draft_len + 1 [MASK] slots)
+    tau: float  # drafts are cut at the first one whose probability is below tau
+    name: ClassVar[str] = "spec"
+    edits: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "SpecRule":
+        return cls(cfg.draft_len, cfg.tau_mask)
+
+    def new_state(self, block_size: int, vocab_size: int, device) -> None:
+        return None

@@ -29,9 +29,10 @@ from torch import Tensor
 
 from ..model.masks import dense_mask
 from .cache import KVCache
-from .config import DecodeConfig, Generation, StepUpdate, TokenEvent
+from .config import MAX_DRAFT_LEN, DecodeConfig, Generation, StepUpdate, TokenEvent
 from .row import Row, canvas_length, find_stop, first_stop
 from .rules import choose_tokens, repeat_penalty_
+from .spec import SpecRow, check_spec_model
 
 
 def alignment(model) -> tuple[bool, bool]:
@@ -61,8 +62,9 @@ def check_prompts(prompts: list[list[int]], vocab_size: int | None = None, mask_
 
 
 def context_needed(model, n_prompt: int, cfg: DecodeConfig, *, ar: bool = False) -> int:
-    """Positions a decode of `n_prompt` + `cfg.max_new_tokens` tokens spans (rounded up to whole blocks)."""
-    if ar:
+    """Positions a decode of `n_prompt` + `cfg.max_new_tokens` tokens spans (rounded up to whole blocks; spec and
+    AR decoding need no rounding)."""
+    if ar or cfg.mode == "spec":
         return n_prompt + cfg.max_new_tokens
     return canvas_length(n_prompt, cfg.max_new_tokens, cfg.block_size, alignment(model)[1])
 
@@ -73,7 +75,7 @@ def check_context(model, n_prompt: int, cfg: DecodeConfig, *, ar: bool = False) 
     need = context_needed(model, n_prompt, cfg, ar=ar)
     limit = getattr(model.cfg, "max_position_embeddings", None)
     if limit and need > limit:
-        rounding = "" if ar else f", rounded up to whole blocks of {cfg.block_size},"
+        rounding = "" if ar or cfg.mode == "spec" else f", rounded up to whole blocks of {cfg.block_size},"
         raise ValueError(f"prompt of {n_prompt} tokens + max_new_tokens {cfg.max_new_tokens}{rounding} needs {need} "
                          f"positions, more than the model's context of {limit} (max_position_embeddings)")
     return need
@@ -113,7 +115,11 @@ class Scheduler:
         self.shift, self.causal_clean = alignment(model)
         p = next(model.parameters())
         self.device, self.vocab = p.device, model.cfg.vocab_size
-        self.cache = KVCache(model.cfg, max_rows, max_len, device=p.device, dtype=p.dtype)
+        # a forward writes up to max(B, a spec row's width) slots past a row's committed prefix (rows of one forward
+        # are padded to its widest row): room for that past the longest decode
+        self.max_len = max_len
+        self.cache = KVCache(model.cfg, max_rows, max_len + max(block_size, 2 * MAX_DRAFT_LEN + 2) + 1,
+                             device=p.device, dtype=p.dtype)
         self.cache.keep([])  # start empty: rows join with `append`
         self.rows: list[Row] = []  # active rows, in cache-row order
         self.pending: list[Row] = []  # added, not yet prefilled
@@ -138,8 +144,10 @@ class Scheduler:
         if stop and decode is None:
             raise ValueError("stop strings need a decode function (token ids -> text)")
         L = check_context(self.model, len(prompt), cfg)
-        if L > self.cache.max_len:
-            raise ValueError(f"a decode of {L} positions does not fit the KV cache of {self.cache.max_len}")
+        if L > self.max_len:
+            raise ValueError(f"a decode of {L} positions does not fit the KV cache of {self.max_len}")
+        if cfg.mode == "spec":
+            return self._spec_row(rid, prompt, cfg, L, eos_ids=eos_ids, generator=generator, stop=stop, decode=decode)
         canvas = torch.full((L,), self.mask_id, dtype=torch.long, device=self.device)
         canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         rule = cfg.decode_rule
@@ -150,6 +158,13 @@ class Scheduler:
         if self.shift:
             row.carry = torch.zeros(self.vocab, device=self.device)
         return row
+
+    def _spec_row(self, rid, prompt, cfg, L, *, eos_ids, generator, stop, decode) -> SpecRow:
+        check_spec_model(self.model)
+        canvas = torch.full((L,), self.mask_id, dtype=torch.long, device=self.device)
+        canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        return SpecRow(rid, list(prompt), cfg, cfg.decode_rule, frozenset() if cfg.ignore_eos else frozenset(eos_ids),
+                       self.mask_id, canvas, 0, generator, tuple(stop), decode, n=len(prompt))
 
     def add(self, rid: int, prompt: list[int], cfg: DecodeConfig, *, eos_ids, generator=None, stop=(),
             decode=None) -> Row:
@@ -174,56 +189,136 @@ class Scheduler:
         self.cache.keep(keep)
         self.rows = [self.rows[i] for i in keep]
 
-    def _admit(self) -> None:
-        """Prefill the queued rows that fit (one forward for all of them) and add them to the batch."""
+    def _admit(self) -> StepResult:
+        """Prefill the queued rows that fit (one forward for all of them) and add them to the batch. A spec row's
+        prefill is its first speculative forward (it yields a token and drafts), so it may finish there."""
         n = min(len(self.pending), self.free_rows)
         if n == 0:
-            return
+            return StepResult()
         new, self.pending = self.pending[:n], self.pending[n:]
-        tmp = self._prefill(new)
+        tmp, outcome = self._prefill(new)
+        out = StepResult(updates=[u for o in outcome if o is not None and o[2] is not None for u in [o[2]]])
+        done = [k for k, o in enumerate(outcome) if o is not None and o[1]]
+        if done:
+            out.finished = [(new[k].rid, new[k].generation()) for k in done]
+            keep = [k for k in range(len(new)) if k not in set(done)]
+            tmp.keep(keep)
+            new = [new[k] for k in keep]
         self.cache.append(tmp)
         self.rows.extend(new)
+        return out
 
-    def _prefill(self, new: list[Row]) -> KVCache:
+    def _prefill(self, new: list[Row]) -> tuple[KVCache, list]:
         """The complete prompt blocks of each new row (right-padded to the longest; padding sees only itself). A row
-        whose prompt lies inside its first block needs none: it joins the step's forward directly."""
+        whose prompt lies inside its first block needs none: it joins the step's forward directly. A spec row
+        prefills its whole prompt with its first [MASK] slots after it (`SpecRow.plan`): the prompt's last logit is
+        the first generated token, the masks its first drafts. Returns the rows' cache and, per row, the spec
+        outcome (None for block rows)."""
         B, dev = self.B, self.device
-        n_pre = [r.lo for r in new]
-        T = max(n_pre)
+        plans = {k: r.plan(0) for k, r in enumerate(new) if r.spec}
+        n_pre = [plans[k][1] if k in plans else r.lo for k, r in enumerate(new)]
+        width = [len(plans[k][0]) if k in plans else n_pre[k] for k in range(len(new))]
+        T = max(width)
         tmp = KVCache(self.model.cfg, len(new), max(T, 1), device=dev, dtype=self.cache.k[0].dtype)
+        outcome: list = [None] * len(new)
         if T > 0:
             x = torch.full((len(new), T), self.pad_id, dtype=torch.long, device=dev)
             for k, r in enumerate(new):
-                m = min(T, r.canvas.numel())
-                x[k, :m] = r.canvas[:m]
-            mask = dense_mask("causal" if self.causal_clean else "block_causal", seq_len=T, block_size=B, device=dev)
-            if len(set(n_pre)) > 1:
-                key_ok = torch.arange(T, device=dev)[None, :] < torch.tensor(n_pre, device=dev)[:, None]
-                mask = (mask & key_ok[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
+                if k in plans:
+                    x[k, :width[k]] = torch.tensor(plans[k][0], device=dev)
+                else:
+                    m = min(T, r.canvas.numel())
+                    x[k, :m] = r.canvas[:m]
+            if plans:  # spec implies a causal clean stream: prompts causal, each spec row's masks one block
+                mask = tmp.segment_mask(T, torch.tensor(n_pre), torch.tensor([w - c for w, c in zip(width, n_pre)]))
+            else:
+                mask = dense_mask("causal" if self.causal_clean else "block_causal", seq_len=T, block_size=B,
+                                  device=dev)
+                if len(set(n_pre)) > 1:
+                    key_ok = torch.arange(T, device=dev)[None, :] < torch.tensor(n_pre, device=dev)[:, None]
+                    mask = (mask & key_ok[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
             pre = self.model(x, positions=torch.arange(T, device=dev)[None].expand(len(new), T), mask=mask, cache=tmp)
             for k, r in enumerate(new):
                 if r.carry is not None and n_pre[k] > 0:
                     r.carry = pre[k, n_pre[k] - 1].float()
-            tmp.commit(n_pre)
-        return tmp
+            if plans:
+                outcome = self._spec_outcome(new, list(plans), pre, [0] * len(new), outcome)
+            tmp.commit([outcome[k][0] if k in plans else n_pre[k] for k in range(len(new))])
+        return tmp, outcome
 
     # ----------------------------------------------------------------------------------- one step
     @torch.no_grad()
     def step(self) -> StepResult:
         """Admit queued rows, then one forward of every active row and its rule; finished rows leave."""
-        self._admit()
+        out = self._admit()
         rows = self.rows
-        if not rows:
-            return StepResult()
-        return self._step(rows)
+        if rows:
+            res = self._step(rows)
+            out.updates += res.updates
+            out.finished += res.finished
+        return out
+
+    def _spec_outcome(self, rows: list[Row], si: list[int], logits: Tensor, n_cached: list[int], outcome: list):
+        """Spec rows `si` of `rows` after their forward (`SpecRow.after_forward`, argmax once for all of them)."""
+        spec_logits = logits[si]  # [s, T, V] (a copy)
+        spec_logits[..., self.mask_id] = float("-inf")  # never write the mask token itself
+        greedy = spec_logits.argmax(-1).tolist()
+        for k, i in enumerate(si):
+            outcome[i] = rows[i].after_forward(spec_logits[k], n_cached[i], greedy[k], self.events)
+        return outcome
 
     def _step(self, rows: list[Row]) -> StepResult:
+        if not any(r.spec for r in rows):  # every row decodes a block: one [a, B] forward
+            x, idx, wrt = self._block_inputs(rows)
+            mask = self.cache.attn_mask(self.B, causal_rows=wrt if self.causal_clean else None)
+            logits = self.model(x, positions=idx, mask=mask, cache=self.cache)  # [a, B, V]
+            return self._finish(rows, self._block_outcome(rows, logits, x, idx, wrt))
+        return self._mixed_step(rows)
+
+    def _block_inputs(self, rows: list[Row]) -> tuple[Tensor, Tensor, Tensor]:
+        """The current block of each row: tokens [a, B], positions [a, B], rows whose forward writes clean K/V [a]."""
         dev, B = self.device, self.B
         idx = torch.tensor([r.lo for r in rows], device=dev)[:, None] + torch.arange(B, device=dev)  # [a, B]
         x = torch.stack([r.canvas[r.lo:r.lo + B] for r in rows])  # [a, B]
-        wrt = torch.tensor([r.writing for r in rows], device=dev)  # rows whose forward writes clean K/V
-        mask = self.cache.attn_mask(B, causal_rows=wrt if self.causal_clean else None)
-        logits = self.model(x, positions=idx, mask=mask, cache=self.cache)  # [a, B, V]
+        wrt = torch.tensor([r.writing for r in rows], device=dev, dtype=torch.bool)
+        return x, idx, wrt
+
+    def _mixed_step(self, rows: list[Row]) -> StepResult:
+        """One forward of rows of both kinds: each row's tokens (a block, or a spec row's pending + drafts + masks),
+        right-padded to the widest, under `KVCache.segment_mask`."""
+        dev, a = self.device, len(rows)
+        bi = [i for i, r in enumerate(rows) if not r.spec]
+        si = [i for i, r in enumerate(rows) if r.spec]
+        lens = self.cache.lengths
+        plans = {i: rows[i].plan(lens[i]) for i in si}
+        T = max([self.B] * bool(bi) + [len(plans[i][0]) for i in si])
+        x = torch.full((a, T), self.mask_id, dtype=torch.long, device=dev)
+        pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(T, device=dev)  # [a, T] (spec rows, padding)
+        n_causal, n_block = [0] * a, [0] * a
+        if bi:
+            xb, idx, wrt = self._block_inputs([rows[i] for i in bi])
+            x[bi, :self.B], pos[bi, :self.B] = xb, idx
+            for k, i in enumerate(bi):
+                causal = bool(wrt[k]) and self.causal_clean
+                n_causal[i], n_block[i] = (self.B, 0) if causal else (0, self.B)
+        for i in si:
+            toks, c = plans[i]
+            x[i, :len(toks)] = torch.tensor(toks, device=dev)
+            n_causal[i], n_block[i] = c, len(toks) - c
+        mask = self.cache.segment_mask(T, torch.tensor(n_causal), torch.tensor(n_block))
+        logits = self.model(x, positions=pos, mask=mask, cache=self.cache)  # [a, T, V]
+        outcome: list = [None] * a
+        if bi:
+            sub = self._block_outcome([rows[i] for i in bi], logits[bi, :self.B], xb, idx, wrt)
+            for k, i in enumerate(bi):
+                outcome[i] = sub[k]
+        return self._finish(rows, self._spec_outcome(rows, si, logits, lens, outcome))
+
+    def _block_outcome(self, rows: list[Row], logits: Tensor, x: Tensor, idx: Tensor,
+                       wrt: Tensor) -> list[tuple[int, bool, StepUpdate | None]]:
+        """The block rows' token choice, rule and writes after their forward; per row (cache slots to commit, the
+        row is finished, its update)."""
+        dev = self.device
         for r in rows:
             r.forwards += 1
         last = None
@@ -319,24 +414,28 @@ class Scheduler:
         return per_row
 
     def _advance(self, rows: list[Row], idx: Tensor, last: Tensor | None, counts: dict,
-                 events: dict[int, list[TokenEvent]] | None) -> StepResult:
-        """Each row's bookkeeping, the cache commits, the step's updates; finished rows leave."""
-        commit, leaving = [], []
+                 events: dict[int, list[TokenEvent]] | None) -> list[tuple[int, bool, StepUpdate | None]]:
+        """Each block row's bookkeeping: (cache slots to commit, finished, the step's update)."""
+        out = []
         worked = idx[:, 0].tolist()
         for i, r in enumerate(rows):
             n, done = r.after_forward(wrote=counts["wrote"][i], had_mask=counts["had_mask"][i],
                                       still_masked=counts["still"][i], n_edit=int(counts["n_edit"][i]),
                                       last=last[i] if last is not None else None, causal_clean=self.causal_clean)
-            commit.append(n)
-            if done:
-                leaving.append(i)
-        self.cache.commit(commit)
+            update = None
+            if events is not None:
+                update = StepUpdate(r.rid, r.forwards, (worked[i] - r.base) // self.B, events.get(i, []),
+                                    r.generated(r.lo + self.B), r.n_final(done), done)
+            out.append((n, done, update))
+        return out
+
+    def _finish(self, rows: list[Row], outcome: list[tuple[int, bool, StepUpdate | None]]) -> StepResult:
+        """Commit every row's cache slots; the finished rows leave."""
+        self.cache.commit([n for n, _, _ in outcome])
+        leaving = [i for i, (_, done, _) in enumerate(outcome) if done]
         out = StepResult(finished=[(rows[i].rid, rows[i].generation()) for i in leaving])
-        if events is not None:
-            gone = set(leaving)
-            for i, r in enumerate(rows):
-                out.updates.append(StepUpdate(r.rid, r.forwards, (worked[i] - r.base) // self.B, events.get(i, []),
-                                              r.generated(r.lo + self.B), r.n_final(i in gone), i in gone))
+        if self.events:
+            out.updates = [u for _, _, u in outcome if u is not None]
         if leaving:
             self._remove(leaving)
         return out
