@@ -104,11 +104,14 @@ def block_generate(model, prompt: list[int], cfg: DecodeConfig, *, mask_id: int,
 
 @torch.no_grad()
 def ar_generate(model, prompt: list[int], *, max_new_tokens: int, eos_ids, temperature: float = 0.0, generator=None) -> Generation:
-    """Greedy (temperature 0) next-token decoding with a KV cache: the AR parent's baseline."""
+    """Greedy (temperature 0) next-token decoding with a KV cache: the AR parent's baseline, and a block-diffusion
+    checkpoint's own AR output (its causal clean stream; [MASK] is never written, as in every block decoder)."""
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     eos = set(eos_ids)
     device = next(model.parameters()).device
+    info = getattr(model.cfg, "diffusion", None)
+    mask_id = info.mask_token_id if info is not None else None  # a block-diffusion checkpoint decoded as AR
     P = len(prompt)
     check_context(model, P, DecodeConfig(block_size=1, max_new_tokens=max_new_tokens), ar=True)
     cache = KVCache(model.cfg, 1, P + max_new_tokens, device=device, dtype=next(model.parameters()).dtype)
@@ -120,6 +123,8 @@ def ar_generate(model, prompt: list[int], *, max_new_tokens: int, eos_ids, tempe
     out: list[int] = []
     forwards = 0
     while True:
+        if mask_id is not None:  # never write [MASK] (as every block decoder and spec): its AR stream's output
+            logits[..., mask_id] = float("-inf")
         tok, _ = choose_tokens(logits[:, -1:], temperature, generator)
         t = int(tok)
         out.append(t)
