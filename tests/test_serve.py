@@ -232,3 +232,61 @@ def test_ar_checkpoint_is_served_autoregressively(tiny_ar_dir, tmp_path):
         assert got == want
         r = client.completions.create(model="model", prompt=prompts[0], max_tokens=12)
         assert r.choices[0].text == want[0] and r.model_extra["blockdiff"]["mode"] == "ar"
+
+
+def test_spec_mode_serves_the_text_of_loaded_generate(tmp_path):
+    """`"mode": "spec"` on the bundled converted checkpoint (labels shift, causal clean stream): each request gets the
+    text of `Loaded.generate` in spec mode for the same prompt -- which is the checkpoint's own greedy AR text
+    (lossless) -- whatever its draft_len, streamed or not, alone or sharing the batch with block-mode rows. A
+    draft_len out of range gets a 400 naming the field."""
+    from pathlib import Path
+
+    from blockdiff.decode.config import MAX_DRAFT_LEN
+    from blockdiff.load import load_checkpoint
+
+    bundled = Path(__file__).resolve().parents[1] / "assets" / "tiny-bd"
+    loaded = load_checkpoint(bundled)
+    tok = loaded.tokenizer
+    prompts = ["add 12+34=", "def f(x):", "sort 3 1 2 ="]
+    text = lambda g: tok.decode(g.tokens)  # noqa: E731
+    spec = [text(loaded.generate([tok.encode(p)], loaded.decode_config(mode="spec", max_new_tokens=24))[0])
+            for p in prompts]
+    ar = [text(loaded.generate([tok.encode(p)], ar=True, max_new_tokens=24)[0]) for p in prompts]
+    assert spec == ar
+    with running_server(bundled, log=tmp_path / "server.log") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        reqs = [dict(model="tiny-bd", prompt=p, max_tokens=24, extra_body={"mode": "spec", **extra})
+                for p in prompts for extra in ({}, {"draft_len": 1}, {"draft_len": 6})]
+        reqs.append(dict(model="tiny-bd", prompt=prompts[0], max_tokens=24, extra_body={"mode": "S"}))
+        with ThreadPoolExecutor(len(reqs)) as pool:  # spec rows and a block row share the forwards
+            got = list(pool.map(lambda r: streamed(client, **r)[0], reqs))
+        assert got[:-1] == [t for t in spec for _ in range(3)]
+        r = client.completions.create(model="tiny-bd", prompt=prompts[1], max_tokens=24, extra_body={"mode": "spec"})
+        assert r.choices[0].text == spec[1] and r.model_extra["blockdiff"]["mode"] == "spec"
+        for bad_value in (-1, MAX_DRAFT_LEN + 1, 2.5, "3", True):
+            resp = httpx.post(url + "/v1/completions", timeout=30,
+                              json={"prompt": "a", "max_tokens": 4, "mode": "spec", "draft_len": bad_value})
+            err = resp.json()["error"]
+            assert resp.status_code == 400 and err["param"] == "draft_len", (bad_value, resp.text)
+            assert err["message"].startswith("draft_len: ")
+
+
+def test_spec_on_a_checkpoint_without_a_causal_stream_is_a_400(server):
+    """The conftest model has LLaDA2's layout (labels same, block-causal clean stream): no AR stream to verify with."""
+    r = httpx.post(server + "/v1/completions", json={"prompt": "a", "max_tokens": 4, "mode": "spec"}, timeout=30)
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    assert 'mode "spec" needs a checkpoint with labels "shift"' in r.json()["error"]["message"]
+    assert metric(server, "blockdiff_running_rows") == 0
+
+
+@pytest.mark.xfail(strict=True, reason="serve/server.py checks spec support only when the batcher adds the row: a "
+                                       "streamed request gets 200 and an error event typed timeout_error, a "
+                                       "non-streamed one a 400 typed server_error (Server.check should call "
+                                       "decode.spec.check_spec_model, param mode)")
+def test_spec_on_a_checkpoint_without_a_causal_stream_is_refused_before_streaming(server):
+    for stream in (False, True):
+        r = httpx.post(server + "/v1/completions", timeout=30,
+                       json={"prompt": "a", "max_tokens": 4, "mode": "spec", "stream": stream})
+        assert r.status_code == 400, (stream, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == "mode", err

@@ -65,12 +65,16 @@ def test_spec_equals_ar_greedy_bundled(bundled):
     prompts = [tok.encode(e.prompt) for e in generate_examples("heldout", 24, seed=5)]
     ar = bundled.generate(prompts, ar=True, max_new_tokens=16)
     for d in (2, 4):
-        cfg = bundled.decode_config(mode="spec", draft_len=d, max_new_tokens=16)
+        cfg = bundled.decode_config(mode="spec", draft_len=d, max_new_tokens=16, spec_tokens=1024)
         got = bundled.generate(prompts, cfg)
         assert [g.tokens for g in got] == [a.tokens for a in ar]
         assert [g.stop_reason for g in got] == [a.stop_reason for a in ar]
         assert sum(g.accepted for g in got) > 0.4 * sum(g.drafted for g in got)  # drafts did get accepted
         assert sum(g.n_generated for g in got) > 1.2 * sum(g.forwards for g in got)
+    # spec_tokens too small for any draft (2 = a pending token and one mask per row): plain AR steps, same output
+    got = bundled.generate(prompts, bundled.decode_config(mode="spec", max_new_tokens=16, spec_tokens=2))
+    assert [g.tokens for g in got] == [a.tokens for a in ar]
+    assert all(g.drafted == 0 and g.forwards == g.n_generated for g in got)
     code = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n"
     p = tok.encode(code)
     cfg = bundled.decode_config(mode="spec", draft_len=3, max_new_tokens=40, ignore_eos=True)

@@ -146,6 +146,8 @@ def _decode_config(args, loaded):
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty,
                   eos_fill=args.eos_fill)
+    if args.draft_len is not None:
+        fields["draft_len"] = args.draft_len
     if args.block_size is not None and args.block_size < 0:
         raise ValueError(f"--block-size must be >= 0 (0 = the model's), got {args.block_size}")
     try:
@@ -365,7 +367,8 @@ def _add_decoding_args(g) -> None:
     from .decode.engine import MODES
 
     about = {"threshold": "LLaDA2.0", "S": "LLaDA2.1 speed", "Q": "LLaDA2.1 quality", "joint": "LLaDA2.1, your thresholds",
-             "dinfer": "dInfer threshold", "factor": "Fast-dLLM factor rule", "credit": "dInfer credit"}
+             "dinfer": "dInfer threshold", "factor": "Fast-dLLM factor rule", "credit": "dInfer credit",
+             "spec": "lossless self-speculation, the checkpoint's own AR output; threshold cuts its drafts"}
 
     def defaults(mode: str) -> str:  # the thresholds come from MODES, the one place they are declared
         _, m2t, t2t = MODES[mode]
@@ -384,6 +387,8 @@ def _add_decoding_args(g) -> None:
     g.add_argument("--edit-threshold", type=float, default=None,
                    help="T2T: edit a token when the model prefers another with probability above this (0-1; S/Q/joint)")
     g.add_argument("--max-post-steps", type=int, default=16, help="edit-only passes after a block fills (S/Q/joint)")
+    g.add_argument("--draft-len", type=int, default=None,
+                   help="spec: tokens drafted per forward (0 = plain AR steps; default: DecodeConfig's)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = argmax)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0-1]")

@@ -23,6 +23,7 @@ MODES: dict[str, tuple[type[Rule] | type[SpecRule], float, float | None]] = {
 }
 DEFAULT_DRAFT_LEN = 3  # spec drafts per forward: chosen from bench/cost.py at batch 1 on a CPU (docs/decoding.md)
 MAX_DRAFT_LEN = 32
+DEFAULT_SPEC_TOKENS = 32  # on this CPU a forward costs little more up to ~16-32 query tokens in all (bench/cost.py)
 
 
 @dataclass
@@ -37,6 +38,8 @@ class DecodeConfig:
     max_post_steps: int = 16  # edit-only passes after a block fills (joint modes)
     factor: float = 1.0  # Fast-dLLM factor f (mode "factor")
     draft_len: int = DEFAULT_DRAFT_LEN  # mode "spec": tokens drafted per forward (0 = plain AR steps)
+    spec_tokens: int = DEFAULT_SPEC_TOKENS  # mode "spec": query tokens one forward may spend on the batch's spec rows;
+    #                                         drafts shrink to fit (down to plain AR steps), from bench/cost.py's knee
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = argmax
     top_k: int = 0  # sample among the k most likely tokens (0 = all); temperature > 0 only
@@ -64,6 +67,8 @@ class DecodeConfig:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
         if self.factor <= 0:
             raise ValueError(f"factor must be > 0, got {self.factor}")
+        if self.spec_tokens < 1:
+            raise ValueError(f"spec_tokens must be >= 1, got {self.spec_tokens}")
         if not 0 <= self.draft_len <= MAX_DRAFT_LEN:
             raise ValueError(f"draft_len must be in [0, {MAX_DRAFT_LEN}], got {self.draft_len}")
         if self.repeat_penalty < 0:

@@ -32,7 +32,7 @@ from .cache import KVCache
 from .config import MAX_DRAFT_LEN, DecodeConfig, Generation, StepUpdate, TokenEvent
 from .row import Row, canvas_length, find_stop, first_stop
 from .rules import choose_tokens, repeat_penalty_
-from .spec import SpecRow, check_spec_model
+from .spec import SpecRow, check_spec_model, draft_allowance
 
 
 def alignment(model) -> tuple[bool, bool]:
@@ -215,7 +215,9 @@ class Scheduler:
         the first generated token, the masks its first drafts. Returns the rows' cache and, per row, the spec
         outcome (None for block rows)."""
         B, dev = self.B, self.device
-        plans = {k: r.plan(0) for k, r in enumerate(new) if r.spec}
+        spec_rows = [r for r in new if r.spec] + [r for r in self.rows if r.spec]  # the batch it joins
+        allow = draft_allowance(spec_rows, min((r.cfg.spec_tokens for r in spec_rows), default=1))
+        plans = {k: r.plan(0, allow) for k, r in enumerate(new) if r.spec}
         n_pre = [plans[k][1] if k in plans else r.lo for k, r in enumerate(new)]
         width = [len(plans[k][0]) if k in plans else n_pre[k] for k in range(len(new))]
         T = max(width)
@@ -290,7 +292,8 @@ class Scheduler:
         bi = [i for i, r in enumerate(rows) if not r.spec]
         si = [i for i, r in enumerate(rows) if r.spec]
         lens = self.cache.lengths
-        plans = {i: rows[i].plan(lens[i]) for i in si}
+        allow = draft_allowance(si, min(rows[i].cfg.spec_tokens for i in si))
+        plans = {i: rows[i].plan(lens[i], allow) for i in si}
         T = max([self.B] * bool(bi) + [len(plans[i][0]) for i in si])
         x = torch.full((a, T), self.mask_id, dtype=torch.long, device=dev)
         pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(T, device=dev)  # [a, T] (spec rows, padding)

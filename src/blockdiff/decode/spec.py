@@ -48,6 +48,16 @@ from .row import Row, find_stop, first_stop
 from .rules import sampling_probs
 
 
+def draft_allowance(spec_rows: list, spec_tokens: int) -> int:
+    """New drafts per spec row this forward: the rows share `spec_tokens` query tokens, a row with d drafts costing
+    about 2 d + 2 (its pending token, last forward's d drafts, d + 1 masks). On a CPU a forward of a few rows x 8
+    tokens costs little more than one token per row, a full batch x 8 several times more (bench/cost.py), so drafts
+    shrink as the batch grows, down to plain AR steps (0): still lossless."""
+    if not spec_rows:
+        return 0
+    return max(0, (spec_tokens // len(spec_rows) - 2) // 2)
+
+
 def check_spec_model(model) -> None:
     """Spec needs a causal AR stream to verify with: shifted labels and a causal clean stream."""
     info = getattr(model.cfg, "diffusion", None)
@@ -71,12 +81,14 @@ class SpecRow(Row):
     k: int = 0  # [MASK] slots of the coming forward
     spec: ClassVar[bool] = True
 
-    def plan(self, n_cached: int) -> tuple[list[int], int]:
-        """This forward's tokens (pending, drafts, masks) and how many of them are causal."""
+    def plan(self, n_cached: int, max_draft: int | None = None) -> tuple[list[int], int]:
+        """This forward's tokens (pending, drafts, masks) and how many of them are causal; at most `max_draft`
+        new drafts (the batch's share of `spec_tokens`, `draft_allowance`)."""
         left = self.P + self.budget - self.n  # tokens still to generate (>= 1 while the row runs)
         m = len(self.drafts)
+        d = self.rule.draft_len if max_draft is None else min(self.rule.draft_len, max_draft)
         # masks draft positions n + m + 1 ..; none past the budget, and a single mask drafts nothing
-        k = min(self.rule.draft_len + 1, left - m)
+        k = min(d + 1, left - m)
         self.k = k if k >= 2 else 0
         causal = self.canvas[n_cached:self.n].tolist() + self.drafts
         return causal + [self.mask_id] * self.k, len(causal)

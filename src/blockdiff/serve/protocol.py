@@ -4,7 +4,7 @@ Parsing is by hand (no pydantic model) so every bad field gets a 400 naming the 
 the error JSON OpenAI clients expect: {"error": {"message", "type", "param", "code"}}. Standard fields follow the
 OpenAI API (`max_tokens`, `temperature`, `top_p`, `stop`, `stream`, `stream_options.include_usage`, `seed`, `n`);
 the block-diffusion ones are extra body fields (`mode`, `threshold`, `edit_threshold`, `block_size`, `steps`,
-`max_post_steps`, `factor`, `top_k`, `repeat_penalty`, `eos_fill`, `ignore_eos`, `stream_denoise`), each
+`max_post_steps`, `factor`, `draft_len`, `top_k`, `repeat_penalty`, `eos_fill`, `ignore_eos`, `stream_denoise`), each
 defaulting to the server's DecodeConfig (docs/serving.md). Unknown fields are ignored, as the OpenAI API does.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..decode.config import MODES, DecodeConfig
+from ..decode.config import MAX_DRAFT_LEN, MODES, DecodeConfig
 
 MAX_STOP = 16  # stop strings per request
 MAX_N = 16  # choices per request (rows)
@@ -108,6 +108,7 @@ def parse_decoding(body: dict, base: DecodeConfig, *, max_tokens_limit: int) -> 
                                        ("top_k", "top_k", 0, 1 << 20, True), ("steps", "steps", 1, 4096, True),
                                        ("max_post_steps", "max_post_steps", 0, 1024, True),
                                        ("factor", "factor", 0, 1e6, False),
+                                       ("draft_len", "draft_len", 0, MAX_DRAFT_LEN, True),
                                        ("repeat_penalty", "repeat_penalty", 0, 1e4, False),
                                        ("block_size", "block_size", 1, 4096, True)):
         v = _number(body, name, lo, hi, integer=integer, lo_open=name in ("top_p", "factor"))
