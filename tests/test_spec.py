@@ -186,7 +186,7 @@ def sample_counts(model, n: int, draft_len: int, seed: int, spec: bool) -> dict[
     g = torch.Generator().manual_seed(seed)
     prompt, counts = [1, 2], {}
     if spec:
-        cfg = DecodeConfig(mode="spec", block_size=4, draft_len=draft_len, max_new_tokens=3, temperature=1.0,
+        cfg = DecodeConfig(mode="spec", block_size=4, draft_len=draft_len, max_new_tokens=3, temperature=1.0, spec_tokens=4096,
                            ignore_eos=True)
         outs = []
         for _ in range(n // 500):
