@@ -16,6 +16,23 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return kb / 1024**2 if sys.platform == "darwin" else kb / 1024
+    """Peak resident set size of this process image so far: VmHWM on Linux. Not ru_maxrss there, which Linux
+    carries across fork + exec from the parent (a bench child would report the parent's peak when that is larger;
+    tests/test_plan.py measures the same way). ru_maxrss elsewhere (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024**2 if sys.platform == "darwin" else kb / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs), so that `peak_rss_mb`
+    after a measurement is the peak of the measurement alone, not of loading the model. False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

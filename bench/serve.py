@@ -1,8 +1,8 @@
-"""Serving throughput and latency: `blockdiff serve` on the converted model (S and Q modes) against the same server
-in AR mode on the parent, in one run, through the HTTP API users call.
+"""Serving throughput and latency: `blockdiff serve` on the converted model (S, Q and spec modes) against the same
+server in AR mode on the parent, in one run, through the HTTP API users call.
 
     python bench/serve.py [--model assets/tiny-bd] [--parent assets/tiny-ar] [--levels 1,4,16,64]
-                          [--tokens 64] [--requests-per-level 2] [--threads 1] [--max-running 64]
+                          [--tokens 64] [--requests-per-level 2] [--threads 1] [--max-running 64] [--draft-len D]
 
 For each server / mode and each concurrency c: c clients send streaming /v1/completions requests (64-token prompts of
 held-out Python source, never trained on, as token ids; temperature 0; `ignore_eos` so every request generates
@@ -12,9 +12,12 @@ non-empty streamed text; a block decoder streams a block once it is final), per-
 requests, and the server's TPF over the speed requests (/metrics). Beside the speed, the quality of the same
 server: exact-answer accuracy on --quality held-out task prompts (EOS on, max 32 new tokens, concurrency 16) with its 95% interval.
 The servers are real `blockdiff serve` processes on 127.0.0.1 with --threads torch threads each (one runs at a time).
+spec requests (`"mode": "spec"`, lossless self-speculation: the converted checkpoint's own greedy AR output) carry
+`draft_len` only when --draft-len is given (else the server's DecodeConfig default).
 
 Goal (issue 12): at concurrency 16, S-mode throughput >= 2x the AR server's, zero failed requests. Prints a table,
-writes results/serve-<date>.{md,json}, ends with one JSON line (s_tps_c16, q_tps_c16, ar_tps_c16, failed, levels).
+writes results/serve-<date>.{md,json}, ends with one JSON line (s_tps_c16, q_tps_c16, spec_tps_c16, ar_tps_c16, failed,
+failed_by_server, accuracy, levels).
 """
 
 from __future__ import annotations
@@ -137,6 +140,8 @@ def main() -> int:
     ap.add_argument("--quality", type=int, default=100, help="held-out task prompts for the accuracy column")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server process")
     ap.add_argument("--max-running", type=int, default=64, help="--max-running of the servers")
+    ap.add_argument("--draft-len", type=int, default=None,
+                    help="draft_len of the spec requests (default: the server's)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for serve-<date>.{md,json}")
     args = ap.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -150,21 +155,25 @@ def main() -> int:
     results, logs = {}, Path(args.out)
     logs.mkdir(parents=True, exist_ok=True)
     flags = ("--max-running", args.max_running, "--max-queue", 4096)
+    spec = {"mode": "spec"} | ({} if args.draft_len is None else {"draft_len": args.draft_len})
     for name, folder, extra in (("S", args.model, {"mode": "S"}), ("Q", args.model, {"mode": "Q"}),
-                                ("AR (parent)", args.parent, {})):
+                                ("spec", args.model, spec), ("AR (parent)", args.parent, {})):
         print(f"[bench/serve] {name}: {folder}", file=sys.stderr, flush=True)
         with running_server(REPO / folder, *flags, log=logs / ".serve-bench.log", threads=args.threads) as url:
             results[name] = measure(url, extra, prompts, quality, args)
     (logs / ".serve-bench.log").unlink(missing_ok=True)
-    failed = sum(x["failed"] for r in results.values() for x in r["levels"].values())
-    failed += sum(r["quality_failed"] for r in results.values())
+    failed_by = {name: sum(x["failed"] for x in r["levels"].values()) + r["quality_failed"]
+                 for name, r in results.items()}
+    failed = sum(failed_by.values())
     c16 = {name: r["levels"].get(16, {}).get("tps") for name, r in results.items()}
     summary = {"bench": "serve", "date": dt.date.today().isoformat(), "cpu": cpu_name(),
                "machine": describe(args.threads),
                "model": args.model, "parent": args.parent, "tokens": args.tokens, "threads": args.threads,
-               "s_tps_c16": c16.get("S"), "q_tps_c16": c16.get("Q"), "ar_tps_c16": c16.get("AR (parent)"),
-               "failed": failed, "goal_s_2x_ar_c16": bool(c16.get("S") and c16.get("AR (parent)")
-                                                          and c16["S"] >= 2 * c16["AR (parent)"]),
+               "draft_len": args.draft_len,
+               "s_tps_c16": c16.get("S"), "q_tps_c16": c16.get("Q"), "spec_tps_c16": c16.get("spec"),
+               "ar_tps_c16": c16.get("AR (parent)"), "failed": failed, "failed_by_server": failed_by,
+               "goal_s_2x_ar_c16": bool(c16.get("S") and c16.get("AR (parent)")
+                                        and c16["S"] >= 2 * c16["AR (parent)"]),
                "levels": {f"{name}": r["levels"] for name, r in results.items()},
                "accuracy": {name: {"acc": r["accuracy"], "ci95": r["accuracy_ci95"]} for name, r in results.items()},
                "tpf": {name: r["tpf"] for name, r in results.items()},

@@ -154,3 +154,30 @@ def test_conversion_report_rows_are_the_compare_rows():
                         "wall_s": 0, "device": "cpu", "phases": [], "tasks": t})
     s = t["converted_rows"]["S"]
     assert f"| converted | {s['decoding']} | {s['accuracy']:.3f} |" in md
+    # the bundled model has labels shift + a causal clean stream: the report has a spec row, and spec is lossless,
+    # so its answers are the converted model's own greedy AR answers (Loaded.generate(ar=True)), prompt by prompt
+    assert list(t["converted_rows"])[1:] == ["S", "Q", "spec"] and list(t["parent_rows"]) == ["AR"]
+    spec = t["converted_rows"]["spec"]
+    own = evaluate_model(BD_DIR, examples, settings, decodings=[Decoding("AR")])["AR"]
+    assert spec["correct"] == own["correct"] and spec["accuracy"] == own["accuracy"]
+    assert spec["generated_tokens"] == own["generated_tokens"] and spec["forwards"] <= own["forwards"]
+    assert spec["decoding"].startswith("spec (draft_len 3; lossless")
+    assert f"| converted | {spec['decoding']} | {spec['accuracy']:.3f} |" in md
+
+
+def test_spec_row_only_where_the_checkpoint_can_run_it(tmp_path, bd):
+    """Default modes add spec for a shift / causal checkpoint only; the same weights declared in LLaDA2's layout
+    (labels same, block-causal clean stream) get threshold, S and Q, and asking spec of them is an error."""
+    from blockdiff.eval.task_accuracy import BLOCK_MODES, default_modes
+
+    assert default_modes(bd.model) == (*BLOCK_MODES, "spec")
+    folder = tmp_path / "same"
+    shutil.copytree(BD_DIR, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["blockdiff"].update(labels="same", clean_stream="block_causal")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    same = load_checkpoint(folder)
+    assert default_modes(same.model) == BLOCK_MODES
+    assert list(evaluate_model(same, EXAMPLES[:2], DecodeSettings(max_new_tokens=4))) == list(BLOCK_MODES)
+    with pytest.raises(ValueError, match='mode "spec" needs a checkpoint with labels "shift"'):
+        run_decoding(same, EXAMPLES[:2], Decoding("spec"), DecodeSettings(max_new_tokens=4))

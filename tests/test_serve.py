@@ -119,7 +119,8 @@ def hostile_bodies(rng: random.Random, n: int) -> list[tuple[str, str, bytes, di
                   ("prompt", [-1, 2]), ("prompt", [10 ** 9]), ("prompt", [1, "a"]), ("prompt", "<|mask|>" * 3),
                   ("prompt", [320, 320]), ("model", "gpt-4"), ("model", 7), ("logprobs", 5), ("echo", True),
                   ("best_of", 3), ("presence_penalty", 1.0), ("stream_options", 3), ("stream_denoise", True),
-                  ("prompt", [5] * 600), ("eos_fill", "no"), ("prompt", ["a"] * 65), ("prompt", ["a"] * 9)]
+                  ("prompt", [5] * 600), ("eos_fill", "no"), ("prompt", ["a"] * 65), ("prompt", ["a"] * 9),
+                  ("draft_len", -1), ("draft_len", 33), ("draft_len", "2"), ("mode", "spec")]
     out = []
     for k in range(n):
         kind = k % 10

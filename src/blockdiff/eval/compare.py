@@ -3,7 +3,8 @@
 `blockdiff eval`, the conversion report (`convert.py`), `bench/convert.py` and `bench/posttrain.py` all decode
 through `evaluate_model` and score through `task_accuracy.score`, so a number means the same thing wherever it is
 printed. Each checkpoint is decoded with its own kind: greedy AR (KV cache) for an AR checkpoint, the chosen block
-modes through the batched engine for a block-diffusion one (`load.Loaded.generate` chooses).
+modes through the batched engine for a block-diffusion one (`load.Loaded.generate` chooses); unless the modes are
+given, those are threshold, S and Q, plus spec where the checkpoint can run it (`task_accuracy.default_modes`).
 
 A result row: `task_accuracy.score`'s record (accuracy, Wilson 95% interval, per task, TPF, tokens/s, forwards)
 plus the decoding: `label` (its key), `mode`, `tau_mask` / `tau_edit` and a one-line `decoding` description.
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data.tasks import TaskExample
-from .task_accuracy import BLOCK_MODES, score
+from .task_accuracy import SPEC, default_modes, score
 
 AR = "AR"  # the label and mode of greedy AR decoding
 
@@ -46,7 +47,8 @@ class Decoding:
 class DecodeSettings:
     """What every decoding of one evaluation shares."""
 
-    modes: tuple[str, ...] = BLOCK_MODES  # block modes for block-diffusion checkpoints (AR ones: greedy AR)
+    modes: tuple[str, ...] | None = None  # block modes for block-diffusion checkpoints (AR ones: greedy AR); None =
+    #                                       each checkpoint's task_accuracy.default_modes (spec where it can run)
     max_new_tokens: int = 32  # generation budget per prompt (tokens)
     steps: int = 32  # denoising steps per block
     threshold: float | None = None  # M2T threshold of "threshold" mode (None = the mode's default)
@@ -59,23 +61,29 @@ class DecodeSettings:
     def __post_init__(self) -> None:
         from ..decode.engine import MODES
 
-        bad = [m for m in self.modes if m not in MODES]
+        bad = [m for m in self.modes or () if m not in MODES]
         if bad:
             raise ValueError(f"--modes: unknown {', '.join(bad)}; allowed: {', '.join(MODES)}")
         for name in ("max_new_tokens", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
-    def decodings(self, is_diffusion: bool) -> list[Decoding]:
-        if not is_diffusion:
+    def decodings(self, loaded) -> list[Decoding]:
+        """The decodings of one checkpoint (a load.Loaded)."""
+        if not loaded.is_diffusion:
             return [Decoding(AR)]
-        return [Decoding(m, self.threshold if m == "threshold" else None) for m in self.modes]
+        modes = self.modes if self.modes is not None else default_modes(loaded.model)
+        return [Decoding(m, self.threshold if m == "threshold" else None) for m in modes]
 
 
 def describe(dec: Decoding, cfg, info, settings: DecodeSettings) -> str:
     """One line naming the decoding (the conversion report's wording)."""
     if dec.mode == AR:
         return "greedy AR, KV cache"
+    if dec.mode == SPEC:
+        cut = f", drafts cut below {cfg.tau_mask}" if cfg.tau_mask > 0 else ""
+        return (f"spec (draft_len {cfg.draft_len}{cut}; lossless: the checkpoint's own AR output), labels "
+                f"{info.labels}, clean stream {info.clean_stream}, KV cache")
     desc = f"threshold {cfg.tau_mask}" if cfg.rule == "threshold" and dec.mode == "threshold" else (
         f"{dec.mode} (M2T {cfg.tau_mask}, T2T {cfg.tau_edit})" if cfg.edits else f"{dec.mode} {cfg.tau_mask}")
     fill = ", EOS fill" if settings.eos_fill else ""
@@ -120,7 +128,7 @@ def evaluate_model(model, examples: Sequence[TaskExample], settings: DecodeSetti
     from ..load import Loaded, load_checkpoint
 
     loaded = model if isinstance(model, Loaded) else load_checkpoint(model)
-    decs = list(decodings) if decodings is not None else settings.decodings(loaded.is_diffusion)
+    decs = list(decodings) if decodings is not None else settings.decodings(loaded)
     return {d.label: run_decoding(loaded, examples, d, settings, **hooks) for d in decs}
 
 
@@ -146,7 +154,7 @@ def compare(models: Sequence[tuple[str, str | Path]], examples: Sequence[TaskExa
     for name, folder in models:
         loaded = load_checkpoint(folder)
         rows = {}
-        for dec in settings.decodings(loaded.is_diffusion):
+        for dec in settings.decodings(loaded):
             rows[dec.label] = run_decoding(loaded, examples, dec, settings)
             if progress:
                 r = rows[dec.label]

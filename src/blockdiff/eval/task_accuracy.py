@@ -80,17 +80,32 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 BLOCK_MODES = ("threshold", "S", "Q")
+SPEC = "spec"  # lossless self-speculation (decode/spec.py): a row of its own where the checkpoint can run it
 
 
-def evaluate_checkpoint(folder: str | Path, examples: Sequence, *, modes: Sequence[str] = BLOCK_MODES,
+def default_modes(model) -> tuple[str, ...]:
+    """The block modes an evaluation runs unless told otherwise (the conversion report's rows): BLOCK_MODES, plus
+    "spec" when the checkpoint (a model.transformer.Transformer) has the AR stream spec verifies with (labels
+    "shift", causal clean stream; `decode.spec.check_spec_model` owns that check)."""
+    from ..decode.spec import check_spec_model
+
+    try:
+        check_spec_model(model)
+    except ValueError:
+        return BLOCK_MODES
+    return (*BLOCK_MODES, SPEC)
+
+
+def evaluate_checkpoint(folder: str | Path, examples: Sequence, *, modes: Sequence[str] | None = None,
                         max_new_tokens: int = 32, steps: int = 32, threshold: float | None = None,
                         block_size: int | None = None, eos_fill: bool = False, batch_size: int = 1) -> dict[str, dict]:
     """Task accuracy of a checkpoint decoded with its own kind: {"AR": result} for an AR checkpoint (greedy, KV
     cache), {mode: result} for a block-diffusion one (each mode through the batched engine, the block size from the
-    checkpoint unless given). Each result carries a "decoding" description. Same code path as `blockdiff eval`
-    (eval/compare.py)."""
+    checkpoint unless given; `modes` None = `default_modes`). Each result carries a "decoding" description. Same
+    code path as `blockdiff eval` (eval/compare.py)."""
     from .compare import DecodeSettings, evaluate_model
 
-    settings = DecodeSettings(modes=tuple(modes), max_new_tokens=max_new_tokens, steps=steps, threshold=threshold,
-                              block_size=block_size, eos_fill=eos_fill, batch_size=batch_size)
+    settings = DecodeSettings(modes=None if modes is None else tuple(modes), max_new_tokens=max_new_tokens,
+                              steps=steps, threshold=threshold, block_size=block_size, eos_fill=eos_fill,
+                              batch_size=batch_size)
     return evaluate_model(folder, examples, settings)
