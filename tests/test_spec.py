@@ -251,3 +251,82 @@ def test_draft_len_range():
         DecodeConfig(mode="spec", draft_len=-1)
     with pytest.raises(ValueError, match="draft_len must be in"):
         DecodeConfig(mode="spec", draft_len=1000)
+
+
+# --------------------------------------------------------------------------------------------- windows
+@torch.no_grad()
+def window_reference(model, prompt, W, tau, budget, mask_id, eos):
+    """A plain no-cache decoder of the threshold rule in a sliding window (decode/window.py), written per position:
+    every step recomputes [decided prefix (causal) | window (bidirectional)] from scratch, reads slot 0 from the
+    causal logit before the window and slot j from the window's logit j - 1, takes the frontier slot (AR step) and
+    every masked slot with confidence > tau."""
+    canvas = list(prompt) + [mask_id] * budget
+    f, P, forwards = len(prompt), len(prompt), 0
+    while True:
+        w = min(W, P + budget - f)
+        ids = torch.tensor([canvas[:f + w]])
+        L = f + w
+        mask = torch.zeros(1, 1, L, L, dtype=torch.bool)
+        for q in range(L):
+            for k in range(L):
+                mask[0, 0, q, k] = k <= q if q < f else True
+        logits = model(ids, positions=torch.arange(L)[None], mask=mask)[0]
+        forwards += 1
+        logits[:, mask_id] = float("-inf")
+        probs = torch.softmax(logits.float(), -1)
+        for j in range(w):
+            if canvas[f + j] != mask_id:
+                continue
+            p = probs[f - 1 + j]
+            if j == 0 or float(p.max()) > tau:
+                canvas[f + j] = int(p.argmax())
+        while f < P + budget and canvas[f] != mask_id:
+            f += 1
+        gen = canvas[P:f]
+        if any(t in eos for t in gen) or f - P >= budget:
+            cut = next((i for i, t in enumerate(gen) if t in eos), None)
+            return (gen[:cut] if cut is not None else gen), forwards
+
+
+@pytest.mark.parametrize("W", [1, 3, 6])
+def test_window_equals_no_cache_reference(shifted, W):
+    model, mask_id, eos_id = shifted
+    parallel = 0
+    for n in (1, 4, 9):
+        p = make_prompt(n, seed=130 + n, high=mask_id)
+        cfg = DecodeConfig(mode="threshold", threshold=0.3, window=W, block_size=8, max_new_tokens=14)
+        g = generate(model, [p], cfg, mask_id=mask_id, eos_ids=[eos_id])[0]
+        ref, forwards = window_reference(model, p, W, 0.3, 14, mask_id, {eos_id})
+        assert g.tokens == ref and g.forwards == forwards
+        parallel += g.n_generated > g.forwards
+    assert W == 1 or parallel  # some forward committed more than the frontier token
+
+
+@pytest.mark.parametrize("mode", ["threshold", "S", "Q", "credit", "factor", "dinfer"])
+def test_window_rows_batched_and_mid_flight_equal_alone(shifted, mode):
+    model, mask_id, eos_id = shifted
+    cfg = DecodeConfig(mode=mode, window=4, block_size=4, steps=4, max_new_tokens=13)
+    prompts = [make_prompt(n, seed=150 + n, high=mask_id) for n in (2, 7, 12)]
+    alone = [generate(model, [p], cfg, mask_id=mask_id, eos_ids=[eos_id])[0] for p in prompts]
+    batch = generate(model, prompts, cfg, mask_id=mask_id, eos_ids=[eos_id])
+    assert [g.tokens for g in batch] == [g.tokens for g in alone]
+    assert [g.forwards for g in batch] == [g.forwards for g in alone]
+    sched = Scheduler(model, mask_id=mask_id, block_size=4, max_rows=4, max_len=64)
+    spec_cfg = DecodeConfig(mode="spec", block_size=4, max_new_tokens=10)
+    sched.add(9, prompts[0], spec_cfg, eos_ids=[eos_id])
+    sched.add(8, prompts[1], DecodeConfig(mode="S", block_size=4, steps=4, max_new_tokens=9), eos_ids=[eos_id])
+    done = dict(sched.step().finished)
+    for k, p in enumerate(prompts):  # window rows join a running batch of a spec row and a block row
+        sched.add(k, p, cfg, eos_ids=[eos_id])
+    while not sched.idle:
+        done.update(dict(sched.step().finished))
+    assert [done[k].tokens for k in range(3)] == [g.tokens for g in alone]
+    assert done[9].tokens == ar_tokens(model, prompts[0], 10, [eos_id])
+
+
+def test_window_refuses_checkpoints_without_a_causal_stream(bd):
+    inner, mask_id, eos_id = bd
+    with pytest.raises(ValueError, match='window > 0 needs a checkpoint with labels "shift"'):
+        generate(inner, [[1, 2, 3]], DecodeConfig(window=4, max_new_tokens=4), mask_id=mask_id, eos_ids=[eos_id])
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        DecodeConfig(window=-1)

@@ -23,6 +23,7 @@ MODES: dict[str, tuple[type[Rule] | type[SpecRule], float, float | None]] = {
 }
 DEFAULT_DRAFT_LEN = 3  # spec drafts per forward: chosen from bench/cost.py at batch 1 on a CPU (docs/decoding.md)
 MAX_DRAFT_LEN = 32
+DEFAULT_DRAFT_COST = 0.5  # cost(2d + 2) / cost(1) - 1 at batch 1 on this CPU, d <= 3 (bench/cost.py)
 DEFAULT_SPEC_TOKENS = 32  # on this CPU a forward costs little more up to ~16-32 query tokens in all (bench/cost.py)
 
 
@@ -37,7 +38,13 @@ class DecodeConfig:
     edit_threshold: float | None = None  # T2T threshold in [0, 1] (joint modes); None = the mode's default
     max_post_steps: int = 16  # edit-only passes after a block fills (joint modes)
     factor: float = 1.0  # Fast-dLLM factor f (mode "factor")
+    window: int = 0  # block modes: slots fed per forward from the decoded frontier (decode/window.py); 0 = the
+    #                  whole block (the official algorithms). Needs labels shift + clean_stream causal
+    window_ar: bool = True  # window > 0: always commit the frontier slot (the causal stream's own next token)
     draft_len: int = DEFAULT_DRAFT_LEN  # mode "spec": tokens drafted per forward (0 = plain AR steps)
+    draft_cost: float = DEFAULT_DRAFT_COST  # mode "spec": extra cost of a drafting forward over a plain AR step
+    #                                        (a fraction of it); a row drafts only while its measured acceptance pays
+    #                                        for that (0 = always draft)
     spec_tokens: int = DEFAULT_SPEC_TOKENS  # mode "spec": query tokens one forward may spend on the batch's spec rows;
     #                                         drafts shrink to fit (down to plain AR steps), from bench/cost.py's knee
     max_new_tokens: int = 128
@@ -67,6 +74,10 @@ class DecodeConfig:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
         if self.factor <= 0:
             raise ValueError(f"factor must be > 0, got {self.factor}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0 (0 = whole blocks), got {self.window}")
+        if self.draft_cost < 0:
+            raise ValueError(f"draft_cost must be >= 0, got {self.draft_cost}")
         if self.spec_tokens < 1:
             raise ValueError(f"spec_tokens must be >= 1, got {self.spec_tokens}")
         if not 0 <= self.draft_len <= MAX_DRAFT_LEN:

@@ -91,7 +91,8 @@ class Row:
     carry: Tensor | None = None  # [V] shifted labels: the logit that predicts the current block's slot 0
     state: Tensor | None = None  # the rule's per-row state (dInfer credit) [B, V]
     t0: float = field(default_factory=time.perf_counter)
-    spec: ClassVar[bool] = False  # a block row (decode/spec.py's SpecRow: True)
+    spec: ClassVar[bool] = False  # a self-speculating row (decode/spec.py's SpecRow)
+    segmented: ClassVar[bool] = False  # fed as [causal tokens | one block] by `plan` (SpecRow, window.WindowRow)
 
     @property
     def P(self) -> int:

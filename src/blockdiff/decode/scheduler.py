@@ -33,6 +33,7 @@ from .config import MAX_DRAFT_LEN, DecodeConfig, Generation, StepUpdate, TokenEv
 from .row import Row, canvas_length, find_stop, first_stop
 from .rules import choose_tokens, repeat_penalty_
 from .spec import SpecRow, check_spec_model, draft_allowance
+from .window import WindowRow, check_window_model
 
 
 def alignment(model) -> tuple[bool, bool]:
@@ -64,7 +65,7 @@ def check_prompts(prompts: list[list[int]], vocab_size: int | None = None, mask_
 def context_needed(model, n_prompt: int, cfg: DecodeConfig, *, ar: bool = False) -> int:
     """Positions a decode of `n_prompt` + `cfg.max_new_tokens` tokens spans (rounded up to whole blocks; spec and
     AR decoding need no rounding)."""
-    if ar or cfg.mode == "spec":
+    if ar or cfg.mode == "spec" or cfg.window:
         return n_prompt + cfg.max_new_tokens
     return canvas_length(n_prompt, cfg.max_new_tokens, cfg.block_size, alignment(model)[1])
 
@@ -75,7 +76,7 @@ def check_context(model, n_prompt: int, cfg: DecodeConfig, *, ar: bool = False) 
     need = context_needed(model, n_prompt, cfg, ar=ar)
     limit = getattr(model.cfg, "max_position_embeddings", None)
     if limit and need > limit:
-        rounding = "" if ar or cfg.mode == "spec" else f", rounded up to whole blocks of {cfg.block_size},"
+        rounding = "" if ar or cfg.mode == "spec" or cfg.window else f", rounded up to whole blocks of {cfg.block_size},"
         raise ValueError(f"prompt of {n_prompt} tokens + max_new_tokens {cfg.max_new_tokens}{rounding} needs {need} "
                          f"positions, more than the model's context of {limit} (max_position_embeddings)")
     return need
@@ -148,6 +149,9 @@ class Scheduler:
             raise ValueError(f"a decode of {L} positions does not fit the KV cache of {self.max_len}")
         if cfg.mode == "spec":
             return self._spec_row(rid, prompt, cfg, L, eos_ids=eos_ids, generator=generator, stop=stop, decode=decode)
+        if cfg.window:
+            return self._window_row(rid, prompt, cfg, L, eos_ids=eos_ids, generator=generator, stop=stop,
+                                    decode=decode)
         canvas = torch.full((L,), self.mask_id, dtype=torch.long, device=self.device)
         canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         rule = cfg.decode_rule
@@ -165,6 +169,17 @@ class Scheduler:
         canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         return SpecRow(rid, list(prompt), cfg, cfg.decode_rule, frozenset() if cfg.ignore_eos else frozenset(eos_ids),
                        self.mask_id, canvas, 0, generator, tuple(stop), decode, n=len(prompt))
+
+    def _window_row(self, rid, prompt, cfg, L, *, eos_ids, generator, stop, decode) -> WindowRow:
+        check_window_model(self.model)
+        canvas = torch.full((L,), self.mask_id, dtype=torch.long, device=self.device)
+        canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        rule = cfg.decode_rule
+        row = WindowRow(rid, list(prompt), cfg, rule, frozenset() if cfg.ignore_eos else frozenset(eos_ids),
+                        self.mask_id, canvas, 0, generator, tuple(stop), decode, f=len(prompt))
+        row.state = rule.new_state(cfg.window, self.vocab, self.device)
+        row.carry = torch.zeros(self.vocab, device=self.device)
+        return row
 
     def add(self, rid: int, prompt: list[int], cfg: DecodeConfig, *, eos_ids, generator=None, stop=(),
             decode=None) -> Row:
@@ -244,7 +259,7 @@ class Scheduler:
                 if r.carry is not None and n_pre[k] > 0:
                     r.carry = pre[k, n_pre[k] - 1].float()
             if plans:
-                outcome = self._spec_outcome(new, list(plans), pre, [0] * len(new), outcome)
+                outcome = self._segment_outcome(new, list(plans), pre, [0] * len(new), outcome)
             tmp.commit([outcome[k][0] if k in plans else n_pre[k] for k in range(len(new))])
         return tmp, outcome
 
@@ -260,8 +275,9 @@ class Scheduler:
             out.finished += res.finished
         return out
 
-    def _spec_outcome(self, rows: list[Row], si: list[int], logits: Tensor, n_cached: list[int], outcome: list):
-        """Spec rows `si` of `rows` after their forward (`SpecRow.after_forward`, argmax once for all of them)."""
+    def _segment_outcome(self, rows: list[Row], si: list[int], logits: Tensor, n_cached: list[int], outcome: list):
+        """Segmented rows `si` of `rows` (spec, window) after their forward (`after_forward`; the argmax once for
+        all of them)."""
         spec_logits = logits[si]  # [s, T, V] (a copy)
         spec_logits[..., self.mask_id] = float("-inf")  # never write the mask token itself
         greedy = spec_logits.argmax(-1).tolist()
@@ -270,7 +286,7 @@ class Scheduler:
         return outcome
 
     def _step(self, rows: list[Row]) -> StepResult:
-        if not any(r.spec for r in rows):  # every row decodes a block: one [a, B] forward
+        if not any(r.segmented for r in rows):  # every row decodes a block: one [a, B] forward
             x, idx, wrt = self._block_inputs(rows)
             mask = self.cache.attn_mask(self.B, causal_rows=wrt if self.causal_clean else None)
             logits = self.model(x, positions=idx, mask=mask, cache=self.cache)  # [a, B, V]
@@ -289,10 +305,11 @@ class Scheduler:
         """One forward of rows of both kinds: each row's tokens (a block, or a spec row's pending + drafts + masks),
         right-padded to the widest, under `KVCache.segment_mask`."""
         dev, a = self.device, len(rows)
-        bi = [i for i, r in enumerate(rows) if not r.spec]
-        si = [i for i, r in enumerate(rows) if r.spec]
+        bi = [i for i, r in enumerate(rows) if not r.segmented]
+        si = [i for i, r in enumerate(rows) if r.segmented]
         lens = self.cache.lengths
-        allow = draft_allowance(si, min(rows[i].cfg.spec_tokens for i in si))
+        spec = [i for i in si if rows[i].spec]
+        allow = draft_allowance(spec, min((rows[i].cfg.spec_tokens for i in spec), default=1))
         plans = {i: rows[i].plan(lens[i], allow) for i in si}
         T = max([self.B] * bool(bi) + [len(plans[i][0]) for i in si])
         x = torch.full((a, T), self.mask_id, dtype=torch.long, device=dev)
@@ -315,7 +332,7 @@ class Scheduler:
             sub = self._block_outcome([rows[i] for i in bi], logits[bi, :self.B], xb, idx, wrt)
             for k, i in enumerate(bi):
                 outcome[i] = sub[k]
-        return self._finish(rows, self._spec_outcome(rows, si, logits, lens, outcome))
+        return self._finish(rows, self._segment_outcome(rows, si, logits, lens, outcome))
 
     def _block_outcome(self, rows: list[Row], logits: Tensor, x: Tensor, idx: Tensor,
                        wrt: Tensor) -> list[tuple[int, bool, StepUpdate | None]]:

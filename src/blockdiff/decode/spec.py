@@ -48,6 +48,11 @@ from .row import Row, find_stop, first_stop
 from .rules import sampling_probs
 
 
+ALPHA_PRIOR = 0.7  # a new row's assumed per-draft acceptance (measured: 0.6-0.8 on task prompts)
+ALPHA_EMA = 0.3  # weight of the latest verifying forward in the moving average
+PROBE = 8  # plain AR steps before a row that stopped drafting drafts again
+
+
 def draft_allowance(spec_rows: list, spec_tokens: int) -> int:
     """New drafts per spec row this forward: the rows share `spec_tokens` query tokens, a row with d drafts costing
     about 2 d + 2 (its pending token, last forward's d drafts, d + 1 masks). On a CPU a forward of a few rows x 8
@@ -79,7 +84,10 @@ class SpecRow(Row):
     drafted: int = 0  # drafts proposed for verification
     accepted: int = 0  # drafts accepted
     k: int = 0  # [MASK] slots of the coming forward
+    alpha: float = ALPHA_PRIOR  # measured per-draft acceptance (moving average over verifying forwards)
+    ar_run: int = 0  # plain AR steps since drafting last paused
     spec: ClassVar[bool] = True
+    segmented: ClassVar[bool] = True
 
     def plan(self, n_cached: int, max_draft: int | None = None) -> tuple[list[int], int]:
         """This forward's tokens (pending, drafts, masks) and how many of them are causal; at most `max_draft`
@@ -87,11 +95,26 @@ class SpecRow(Row):
         left = self.P + self.budget - self.n  # tokens still to generate (>= 1 while the row runs)
         m = len(self.drafts)
         d = self.rule.draft_len if max_draft is None else min(self.rule.draft_len, max_draft)
+        d = self._worth_drafting(d)
         # masks draft positions n + m + 1 ..; none past the budget, and a single mask drafts nothing
         k = min(d + 1, left - m)
         self.k = k if k >= 2 else 0
         causal = self.canvas[n_cached:self.n].tolist() + self.drafts
         return causal + [self.mask_id] * self.k, len(causal)
+
+    def _worth_drafting(self, d: int) -> int:
+        """d, or 0 while drafts do not pay: with per-draft acceptance alpha a forward with d drafts yields
+        1 + alpha + ... + alpha^d tokens in expectation and costs (1 + draft_cost) plain AR steps; below break-even
+        the row takes plain AR steps and drafts again every PROBE forwards to re-measure alpha."""
+        cost = self.cfg.draft_cost
+        if d == 0 or cost <= 0 or sum(self.alpha ** i for i in range(d + 1)) >= 1 + cost:
+            self.ar_run = 0
+            return d
+        self.ar_run += 1
+        if self.ar_run > PROBE:
+            self.ar_run = 0
+            return d
+        return 0
 
     def after_forward(self, logits: Tensor, n_cached: int, argmax: list[int] | None,
                       events: bool) -> tuple[int, bool, StepUpdate | None]:
@@ -111,6 +134,8 @@ class SpecRow(Row):
             a = len(new) - 1
         self.drafted += m
         self.accepted += a
+        if m:
+            self.alpha = (1 - ALPHA_EMA) * self.alpha + ALPHA_EMA * a / m
         self.forwards += 1
         conf = None
         if events or self.rule.tau > 0:
