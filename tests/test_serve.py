@@ -280,10 +280,6 @@ def test_spec_on_a_checkpoint_without_a_causal_stream_is_a_400(server):
     assert metric(server, "blockdiff_running_rows") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="serve/server.py checks spec support only when the batcher adds the row: a "
-                                       "streamed request gets 200 and an error event typed timeout_error, a "
-                                       "non-streamed one a 400 typed server_error (Server.check should call "
-                                       "decode.spec.check_spec_model, param mode)")
 def test_spec_on_a_checkpoint_without_a_causal_stream_is_refused_before_streaming(server):
     for stream in (False, True):
         r = httpx.post(server + "/v1/completions", timeout=30,

@@ -148,6 +148,8 @@ def _decode_config(args, loaded):
                   eos_fill=args.eos_fill)
     if args.draft_len is not None:
         fields["draft_len"] = args.draft_len
+    if getattr(args, "window", 0):
+        fields["window"] = args.window
     if args.block_size is not None and args.block_size < 0:
         raise ValueError(f"--block-size must be >= 0 (0 = the model's), got {args.block_size}")
     try:
@@ -387,6 +389,9 @@ def _add_decoding_args(g) -> None:
     g.add_argument("--edit-threshold", type=float, default=None,
                    help="T2T: edit a token when the model prefers another with probability above this (0-1; S/Q/joint)")
     g.add_argument("--max-post-steps", type=int, default=16, help="edit-only passes after a block fills (S/Q/joint)")
+    g.add_argument("--window", type=int, default=0,
+                   help="block modes: feed only this many slots from the decoded frontier per forward (0 = whole "
+                        "blocks, the official algorithms; needs a shift + causal checkpoint; docs/decoding.md)")
     g.add_argument("--draft-len", type=int, default=None,
                    help="spec: tokens drafted per forward (0 = plain AR steps; default: DecodeConfig's)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = argmax)")

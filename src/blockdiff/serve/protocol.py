@@ -109,6 +109,7 @@ def parse_decoding(body: dict, base: DecodeConfig, *, max_tokens_limit: int) -> 
                                        ("max_post_steps", "max_post_steps", 0, 1024, True),
                                        ("factor", "factor", 0, 1e6, False),
                                        ("draft_len", "draft_len", 0, MAX_DRAFT_LEN, True),
+                                       ("window", "window", 0, 4096, True),
                                        ("repeat_penalty", "repeat_penalty", 0, 1e4, False),
                                        ("block_size", "block_size", 1, 4096, True)):
         v = _number(body, name, lo, hi, integer=integer, lo_open=name in ("top_p", "factor"))

@@ -26,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data.chat_template import ANSWER_ENDS, ChatTemplate
 from ..decode.config import DecodeConfig
 from ..decode.scheduler import check_context, check_prompts
+from ..decode.spec import check_spec_model
+from ..decode.window import check_window_model
 from .batcher import Batcher, Job, Overloaded
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, GenRequest, chat_messages, completion_prompts, parse_common
@@ -118,6 +120,14 @@ class Server:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {s.model_name!r}",
                            param="model", type="not_found_error", code="model_not_found")
         req.cfg = req.cfg if s.ar else req.cfg.for_model(model)
+        if not s.ar:  # what the checkpoint cannot decode is refused before anything streams
+            try:
+                if req.cfg.mode == "spec":
+                    check_spec_model(model)
+                elif req.cfg.window:
+                    check_window_model(model)
+            except ValueError as e:
+                raise APIError(400, str(e), param="mode" if req.cfg.mode == "spec" else "window") from None
         for k, ids in enumerate(req.prompts):
             try:
                 check_prompts([ids], model.cfg.vocab_size, self.mask_id)
