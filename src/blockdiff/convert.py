@@ -113,15 +113,17 @@ def format_report(r: dict) -> str:
         tasks = list(t["ar_parent"]["per_task"])
         lines += ["", f"## Held-out synthetic tasks ({t['prompts']} prompts, seed {t.get('seed', 123)}, max "
                       f"{t['max_new_tokens']} new tokens, batch 1)", "",
-                  "| model | decoding | accuracy | 95% CI | " + " | ".join(tasks) + " | TPF | tokens/s |",
-                  "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
+                  "| model | decoding | accuracy | 95% CI | " + " | ".join(tasks) + " | TPF | tokens/s | vs parent |",
+                  "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
         rows = [("AR parent" if k == "AR" else "parent", v) for k, v in t["parent_rows"].items()]
         rows += [("converted", v) for v in t["converted_rows"].values()]
+        parent_tps = t["ar_parent"].get("tps")
         for name, res in rows:
             per = " | ".join(f"{res['per_task'].get(k, 0.0):.3f}" for k in tasks)
             lo, hi = res["ci95"]
+            vs = f"{res['tps'] / parent_tps:.2f}x" if parent_tps else "-"
             lines.append(f"| {name} | {res['decoding']} | {res['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {per} | "
-                         f"{res['tpf']:.2f} | {res['tps']:.1f} |")
+                         f"{res['tpf']:.2f} | {res['tps']:.1f} | {vs} |")
         lines += ["", "TPF per task (converted): " + "; ".join(
             f"{mode} " + ", ".join(f"{k} {v:.2f}" for k, v in res["tpf_per_task"].items())
             for mode, res in t["converted_rows"].items())]
