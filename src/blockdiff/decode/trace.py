@@ -2,7 +2,7 @@
 
 Line types (one JSON object per line):
   {"type": "meta", "config": {...DecodeConfig...}, "prompts": [[ids]...], "mask_id": .., "eos_ids": [..]}
-  {"type": "event", "row": r, "step": s, "block": b, "pos": p, "token": id, "kind": "m2t"|"t2t", "conf": c,
+  {"type": "event", "row": r, "step": s, "block": b, "pos": p, "token": id, "kind": "m2t"|"t2t"|"draft"|"ar", "conf": c,
    "prev": id|null, "text": ".."}
   {"type": "done", "row": r, "forwards": n, "tokens": [...], "stop_reason": ".."}
 `pos` is the absolute position in the row's canvas (prompt included); `step` counts the row's forwards after
