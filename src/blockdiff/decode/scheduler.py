@@ -278,11 +278,11 @@ class Scheduler:
     def _segment_outcome(self, rows: list[Row], si: list[int], logits: Tensor, n_cached: list[int], outcome: list):
         """Segmented rows `si` of `rows` (spec, window) after their forward (`after_forward`; the argmax once for
         all of them)."""
-        spec_logits = logits[si]  # [s, T, V] (a copy)
-        spec_logits[..., self.mask_id] = float("-inf")  # never write the mask token itself
-        greedy = spec_logits.argmax(-1).tolist()
-        for k, i in enumerate(si):
-            outcome[i] = rows[i].after_forward(spec_logits[k], n_cached[i], greedy[k], self.events)
+        # the block rows took their copy already: mark in place; [MASK] is never written
+        logits[..., self.mask_id] = float("-inf")
+        greedy = logits.argmax(-1).tolist()  # [a][T]
+        for i in si:
+            outcome[i] = rows[i].after_forward(logits[i], n_cached[i], greedy[i], self.events)
         return outcome
 
     def _step(self, rows: list[Row]) -> StepResult:
@@ -312,7 +312,9 @@ class Scheduler:
         allow = draft_allowance(spec, min((rows[i].cfg.spec_tokens for i in spec), default=1))
         plans = {i: rows[i].plan(lens[i], allow) for i in si}
         T = max([self.B] * bool(bi) + [len(plans[i][0]) for i in si])
-        x = torch.full((a, T), self.mask_id, dtype=torch.long, device=dev)
+        ids = [plans[i][0] + [self.mask_id] * (T - len(plans[i][0])) if i in plans else [self.mask_id] * T
+               for i in range(a)]
+        x = torch.tensor(ids, dtype=torch.long, device=dev)  # [a, T], right-padded
         pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(T, device=dev)  # [a, T] (spec rows, padding)
         n_causal, n_block = [0] * a, [0] * a
         if bi:
@@ -323,7 +325,6 @@ class Scheduler:
                 n_causal[i], n_block[i] = (self.B, 0) if causal else (0, self.B)
         for i in si:
             toks, c = plans[i]
-            x[i, :len(toks)] = torch.tensor(toks, device=dev)
             n_causal[i], n_block[i] = c, len(toks) - c
         mask = self.cache.segment_mask(T, torch.tensor(n_causal), torch.tensor(n_block))
         logits = self.model(x, positions=pos, mask=mask, cache=self.cache)  # [a, T, V]

@@ -151,7 +151,7 @@ class SpecRow(Row):
         new = new[:room]
         self.canvas[start:start + len(new)] = torch.tensor(new, device=self.canvas.device)
         self.n = start + len(new)
-        gen = self.canvas[self.P:self.n].tolist()
+        gen = self.canvas[self.P:self.n].tolist() if (events or self.stop) else None
         done = (first_stop(new, self.eos) is not None or self.n - self.P >= self.budget
                 or (bool(self.stop) and find_stop(self.decode(gen), self.stop) is not None))
         self.drafts, self.q = ([], None) if done else (drafts, q)
