@@ -23,7 +23,7 @@ MODES: dict[str, tuple[type[Rule] | type[SpecRule], float, float | None]] = {
 }
 DEFAULT_DRAFT_LEN = 3  # spec drafts per forward: chosen from bench/cost.py at batch 1 on a CPU (docs/decoding.md)
 MAX_DRAFT_LEN = 32
-DEFAULT_DRAFT_COST = 0.5  # cost(2d + 2) / cost(1) - 1 at batch 1 on this CPU, d <= 3 (bench/cost.py)
+DEFAULT_DRAFT_COST = 0.4  # cost(8) / cost(1) - 1 at batch 1 on this CPU: d = 3 (bench/results/cost-2026-12-06.json)
 DEFAULT_SPEC_TOKENS = 32  # on this CPU a forward costs little more up to ~16-32 query tokens in all (bench/cost.py)
 
 
