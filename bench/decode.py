@@ -43,7 +43,9 @@ from machine import cpu_name, describe, peak_rss_mb, reset_peak_rss, rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 DECODERS = ("ar", "own-ar", "reference", "S", "Q", "threshold", "spec")
-LABELS = {"ar": "AR parent, HF generate", "own-ar": "converted as AR (own-ar)"}
+WINDOWED = ("S-w4", "Q-w4", "threshold-w4")  # block modes with DecodeConfig.window = 4 (decode/window.py)
+LABELS = {"ar": "AR parent, HF generate", "own-ar": "converted as AR (own-ar)", "S-w4": "S, window 4",
+          "Q-w4": "Q, window 4", "threshold-w4": "threshold, window 4"}
 DEFAULT_MODELS = ("assets/tiny-bd", "runs/tiny-wsd/merged")
 TASK_TOKENS = 32  # max new tokens per task prompt
 
@@ -103,11 +105,11 @@ def _runner(name: str, loaded, args, device):
                 return [ar_generate(model, p, max_new_tokens=max_new, eos_ids=()) for p in prompts]
             return loaded.generate(prompts, ar=True, max_new_tokens=max_new)
         return run
-    mode = "S" if name == "reference" else name
+    mode, _, w = ("S" if name == "reference" else name).partition("-w")
 
     def run(prompts, max_new, ignore_eos):
         cfg = DecodeConfig(mode=mode, block_size=info.block_size, steps=info.block_size, max_new_tokens=max_new,
-                           ignore_eos=ignore_eos, draft_len=args.draft_len)
+                           ignore_eos=ignore_eos, draft_len=args.draft_len, window=int(w or 0))
         if name == "reference":
             return [reference_generate(model, p, cfg, mask_id=info.mask_token_id, eos_ids=tok.eos_ids)
                     for p in prompts]
@@ -245,7 +247,8 @@ def main() -> None:
     ap.add_argument("--draft-len", type=int, default=DEFAULT_DRAFT_LEN,
                     help=f"spec: tokens drafted per forward, 0..{MAX_DRAFT_LEN} (default: DecodeConfig's)")
     ap.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
-    ap.add_argument("--decoders", default=",".join(DECODERS), help="subset of " + ",".join(DECODERS))
+    ap.add_argument("--decoders", default=",".join(DECODERS + WINDOWED),
+                    help="subset of " + ",".join(DECODERS + WINDOWED))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per child (0 = torch default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for decode-<date>.{md,json}")
@@ -260,9 +263,9 @@ def main() -> None:
     if not 0 <= args.draft_len <= MAX_DRAFT_LEN:
         ap.error(f"--draft-len must be in [0, {MAX_DRAFT_LEN}], got {args.draft_len}")
     decoders = [d for d in args.decoders.split(",") if d]
-    unknown = [d for d in decoders if d not in DECODERS]
+    unknown = [d for d in decoders if d not in DECODERS + WINDOWED]
     if unknown:
-        ap.error(f"--decoders: unknown {', '.join(unknown)}; allowed: {', '.join(DECODERS)}")
+        ap.error(f"--decoders: unknown {', '.join(unknown)}; allowed: {', '.join(DECODERS + WINDOWED)}")
     if "spec" in decoders and "own-ar" not in decoders:  # spec's agreement is measured against own-ar, same run
         decoders.insert(decoders.index("spec"), "own-ar")
     batches = [int(x) for x in args.batches.split(",")]
