@@ -32,7 +32,7 @@ from .cache import KVCache
 from .config import MAX_DRAFT_LEN, DecodeConfig, Generation, StepUpdate, TokenEvent
 from .row import Row, canvas_length, find_stop, first_stop
 from .rules import choose_tokens, repeat_penalty_
-from .spec import SpecRow, check_spec_model, draft_allowance
+from .spec import SpecRow, batch_drafts, check_spec_model, draft_allowance
 from .window import WindowRow, check_window_model
 
 
@@ -119,6 +119,7 @@ class Scheduler:
         # a forward writes up to max(B, a spec row's width) slots past a row's committed prefix (rows of one forward
         # are padded to its widest row): room for that past the longest decode
         self.max_len = max_len
+        self.spec_steps = 0  # forwards that carried spec rows (spec.batch_drafts probes on a schedule of them)
         self.cache = KVCache(model.cfg, max_rows, max_len + max(block_size, 2 * MAX_DRAFT_LEN + 2) + 1,
                              device=p.device, dtype=p.dtype)
         self.cache.keep([])  # start empty: rows join with `append`
@@ -230,6 +231,8 @@ class Scheduler:
         the first generated token, the masks its first drafts. Returns the rows' cache and, per row, the spec
         outcome (None for block rows)."""
         B, dev = self.B, self.device
+        # the prompt's forward is wide already: its masks cost little, so a new row always drafts (within the
+        # batch's spec_tokens allowance)
         spec_rows = [r for r in new if r.spec] + [r for r in self.rows if r.spec]  # the batch it joins
         allow = draft_allowance(spec_rows, min((r.cfg.spec_tokens for r in spec_rows), default=1))
         plans = {k: r.plan(0, allow) for k, r in enumerate(new) if r.spec}
@@ -309,7 +312,8 @@ class Scheduler:
         si = [i for i, r in enumerate(rows) if r.segmented]
         lens = self.cache.lengths
         spec = [i for i in si if rows[i].spec]
-        allow = draft_allowance(spec, min((rows[i].cfg.spec_tokens for i in spec), default=1))
+        self.spec_steps += bool(spec)
+        allow = batch_drafts([rows[i] for i in spec], self.spec_steps)
         plans = {i: rows[i].plan(lens[i], allow) for i in si}
         T = max([self.B] * bool(bi) + [len(plans[i][0]) for i in si])
         ids = [plans[i][0] + [self.mask_id] * (T - len(plans[i][0])) if i in plans else [self.mask_id] * T

@@ -50,17 +50,35 @@ from .rules import sampling_probs
 
 ALPHA_PRIOR = 0.7  # a new row's assumed per-draft acceptance (measured: 0.6-0.8 on task prompts)
 ALPHA_EMA = 0.3  # weight of the latest verifying forward in the moving average
-PROBE = 8  # plain AR steps before a row that stopped drafting drafts again
+PROBE = 8  # a batch that stopped drafting drafts again every PROBE-th step (re-measures alpha)
 
 
 def draft_allowance(spec_rows: list, spec_tokens: int) -> int:
-    """New drafts per spec row this forward: the rows share `spec_tokens` query tokens, a row with d drafts costing
-    about 2 d + 2 (its pending token, last forward's d drafts, d + 1 masks). On a CPU a forward of a few rows x 8
-    tokens costs little more than one token per row, a full batch x 8 several times more (bench/cost.py), so drafts
-    shrink as the batch grows, down to plain AR steps (0): still lossless."""
+    """New drafts per spec row a forward can afford: the rows share `spec_tokens` query tokens, a row with d drafts
+    costing about 2 d + 2 (its pending token, last forward's d drafts, d + 1 masks). On a CPU a forward of a few
+    rows x 8 tokens costs little more than one token per row, a full batch x 8 several times more (bench/cost.py),
+    so drafts shrink as the batch grows, down to plain AR steps (0): still lossless."""
     if not spec_rows:
         return 0
     return max(0, (spec_tokens // len(spec_rows) - 2) // 2)
+
+
+def batch_drafts(spec_rows: list, step: int) -> int:
+    """Drafts per row for this forward of the batch's spec rows (one number: a forward costs what its widest row
+    costs, so a row drafting alone would make every row pay). d = the rows' `spec_tokens` allowance, capped by
+    their draft_len, if the drafts pay: with per-draft acceptance alpha_r a row yields 1 + alpha_r + ... +
+    alpha_r^d tokens in expectation, and the drafting forward costs (1 + draft_cost) AR steps (draft_cost from the
+    cost curve at the spec_tokens knee). Below break-even the batch takes AR steps, and drafts every PROBE-th step
+    anyway to re-measure alpha."""
+    if not spec_rows:
+        return 0
+    d = min(draft_allowance(spec_rows, min(r.cfg.spec_tokens for r in spec_rows)),
+            max(r.rule.draft_len for r in spec_rows))
+    cost = min(r.cfg.draft_cost for r in spec_rows)
+    if d == 0 or cost <= 0 or step % PROBE == 0:
+        return d
+    gain = sum(sum(r.alpha ** i for i in range(d + 1)) for r in spec_rows)
+    return d if gain >= len(spec_rows) * (1 + cost) else 0
 
 
 def check_spec_model(model) -> None:
@@ -85,36 +103,20 @@ class SpecRow(Row):
     accepted: int = 0  # drafts accepted
     k: int = 0  # [MASK] slots of the coming forward
     alpha: float = ALPHA_PRIOR  # measured per-draft acceptance (moving average over verifying forwards)
-    ar_run: int = 0  # plain AR steps since drafting last paused
     spec: ClassVar[bool] = True
     segmented: ClassVar[bool] = True
 
     def plan(self, n_cached: int, max_draft: int | None = None) -> tuple[list[int], int]:
         """This forward's tokens (pending, drafts, masks) and how many of them are causal; at most `max_draft`
-        new drafts (the batch's share of `spec_tokens`, `draft_allowance`)."""
+        new drafts (`batch_drafts`; the prefill: the `spec_tokens` allowance)."""
         left = self.P + self.budget - self.n  # tokens still to generate (>= 1 while the row runs)
         m = len(self.drafts)
         d = self.rule.draft_len if max_draft is None else min(self.rule.draft_len, max_draft)
-        d = self._worth_drafting(d)
         # masks draft positions n + m + 1 ..; none past the budget, and a single mask drafts nothing
         k = min(d + 1, left - m)
         self.k = k if k >= 2 else 0
         causal = self.canvas[n_cached:self.n].tolist() + self.drafts
         return causal + [self.mask_id] * self.k, len(causal)
-
-    def _worth_drafting(self, d: int) -> int:
-        """d, or 0 while drafts do not pay: with per-draft acceptance alpha a forward with d drafts yields
-        1 + alpha + ... + alpha^d tokens in expectation and costs (1 + draft_cost) plain AR steps; below break-even
-        the row takes plain AR steps and drafts again every PROBE forwards to re-measure alpha."""
-        cost = self.cfg.draft_cost
-        if d == 0 or cost <= 0 or sum(self.alpha ** i for i in range(d + 1)) >= 1 + cost:
-            self.ar_run = 0
-            return d
-        self.ar_run += 1
-        if self.ar_run > PROBE:
-            self.ar_run = 0
-            return d
-        return 0
 
     def after_forward(self, logits: Tensor, n_cached: int, argmax: list[int] | None,
                       events: bool) -> tuple[int, bool, StepUpdate | None]:

@@ -109,7 +109,9 @@ def add_eval_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--run", default=None, help="a conversion run folder: adds its parent, merged/ (else final/) and "
                                                "the checkpoints chosen by --checkpoints")
     e.add_argument("--checkpoints", default="last", help="with --run: last, all, none or steps such as 100,400")
-    e.add_argument("--modes", default="threshold,S,Q", help="block decoding modes for block-diffusion checkpoints")
+    e.add_argument("--modes", default=None,
+                   help="block decoding modes for block-diffusion checkpoints (default: threshold,S,Q, plus spec where "
+                        "the checkpoint can run it)")
     e.add_argument("--threshold", type=float, default=None, help="M2T threshold of threshold mode (default: the mode's)")
     e.add_argument("--prompts", type=int, default=200, help="held-out prompts (count; cycles through the tasks)")
     e.add_argument("--seed", type=int, default=123, help="prompt draw (123 = the conversion report's prompts)")
@@ -155,7 +157,8 @@ def cmd_eval(args) -> int:
         models += run_models(Path(args.run), args.checkpoints)
     if not models:
         raise ValueError("give at least one --model FOLDER or a --run folder")
-    settings = DecodeSettings(modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+    modes = None if args.modes is None else tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    settings = DecodeSettings(modes=modes,
                               max_new_tokens=args.max_new_tokens, steps=args.steps, threshold=args.threshold,
                               block_size=args.block_size, batch_size=args.batch_size)
     decs = sweep_decodings(_floats("--sweep-thresholds", args.sweep_thresholds), _pairs(args.sweep_pairs))
