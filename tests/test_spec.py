@@ -330,3 +330,23 @@ def test_window_refuses_checkpoints_without_a_causal_stream(bd):
         generate(inner, [[1, 2, 3]], DecodeConfig(window=4, max_new_tokens=4), mask_id=mask_id, eos_ids=[eos_id])
     with pytest.raises(ValueError, match="window must be >= 0"):
         DecodeConfig(window=-1)
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+def test_cli_spec_prints_the_ar_text_and_traces_drafts(tmp_path):
+    """`blockdiff generate --mode spec` prints what `generate --ar` prints on the bundled model, and its trace shows
+    the accepted drafts and AR tokens of each step (show-trace)."""
+    from cli_helpers import run_cli
+
+    model = REPO / "assets/tiny-bd"
+    args = ["generate", "--model", model, "--prompt", "sort 9 9 2 3 5 9=", "--max-new-tokens", 16]
+    code, ar_out, err = run_cli(args + ["--ar"])
+    assert code == 0, err
+    trace = tmp_path / "t.jsonl"
+    code, spec_out, err = run_cli(args + ["--mode", "spec", "--draft-len", 3, "--trace", trace])
+    assert code == 0, err
+    assert spec_out == ar_out
+    code, shown, err = run_cli(["show-trace", trace])
+    assert code == 0, err
+    steps = [line for line in shown.splitlines() if line.startswith("step")]
+    assert steps and all(" ar | " in line for line in steps) and any("+0 draft" not in line for line in steps)

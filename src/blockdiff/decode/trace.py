@@ -106,7 +106,11 @@ def render_trace(lines: list[dict], row: int = 0, token_text=None) -> list[str]:
         cells = []
         for pos in range(max(P, lo_block), hi):
             cells.append(marks.get(pos, shown.get(pos, "_")))
-        n_t2t = sum(e["kind"] == "t2t" for e in evs)
-        out.append(f"step {step:3d} block {evs[0]['block']:2d} +{len(evs) - n_t2t} m2t {n_t2t} t2t | "
-                   + "".join(cells).replace("\n", "\\n"))
+        if any(e["kind"] in ("ar", "draft") for e in evs):  # a spec step: accepted drafts + the AR token
+            n_draft = sum(e["kind"] == "draft" for e in evs)
+            counts = f"+{n_draft} draft +{len(evs) - n_draft} ar"
+        else:
+            n_t2t = sum(e["kind"] == "t2t" for e in evs)
+            counts = f"+{len(evs) - n_t2t} m2t {n_t2t} t2t"
+        out.append(f"step {step:3d} block {evs[0]['block']:2d} {counts} | " + "".join(cells).replace("\n", "\\n"))
     return out
