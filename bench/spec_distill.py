@@ -3,6 +3,7 @@ drafts mode "spec" accepts and what that buys, beside the quality of the checkpo
 
     python bench/spec_distill.py [--models assets/tiny-bd,runs/spec-distill/final] [--tasks 200] [--seed 1]
                                  [--code 8] [--code-tokens 128] [--draft-len 3] [--threads 1]
+                                 [--block-modes threshold,S,Q] [--name spec-distill] [--tag seed1]
 
 Per checkpoint, in one process (1 torch thread):
   tasks  --tasks held-out prompts (generate_examples("heldout", n, seed)); EOS on, max 32 new tokens.
@@ -14,9 +15,13 @@ Per checkpoint, in one process (1 torch thread):
   code   --code held-out stdlib prompts of 64 tokens (files never trained on), --code-tokens generated, EOS ignored:
          spec TPF / acceptance (as for tasks), AR agreement with the first checkpoint as the mean fraction of the
          generated tokens before the first difference.
+  block  the same task prompts with each of --block-modes at the checkpoint's own block size (the B it records,
+         what threshold / S / Q use by default), --block-batch rows per call: accuracy (is_correct) and TPF, so a
+         post-training that serves spec does not quietly cost the block modes.
+  train  the run's training wall time, read from report.json beside the checkpoint folder when there is one.
   speed  batch 1, the same code prompts, default DecodeConfig: spec tokens/s and AR tokens/s (engine.ar_generate, KV cache) of the same
          model, wall time of each call (prefill included); `x AR` = spec / AR.
-Saves bench/results/spec-distill-<date>.{json,md}; prints the table, then one JSON line.
+Saves bench/results/<--name>-<date>[-<--tag>].{json,md}; prints the tables, then one JSON line.
 """
 
 from __future__ import annotations
@@ -74,6 +79,19 @@ def measure(path: str, args, examples, task_prompts, code_prompts) -> dict:
     code_ar = [ar_generate(model, p, max_new_tokens=args.code_tokens, eos_ids=()).tokens for p in code_prompts]
     res["code"] = {**st, "lossless": sum(g.tokens == t for g, t in zip(gens, code_ar)) / len(code_ar)}
     res["_code_ar"] = code_ar
+    # block modes at the checkpoint's block size
+    res["block"] = {}
+    for mode in [m for m in args.block_modes.split(",") if m]:
+        cfg = L.decode_config(mode=mode, max_new_tokens=32)
+        gens = []
+        for i in range(0, len(task_prompts), args.block_batch):
+            gens += L.generate(task_prompts[i:i + args.block_batch], cfg)
+        hits = sum(is_correct(ex, tok.decode(g.tokens)) for ex, g in zip(examples, gens))
+        res["block"][mode] = {"block_size": cfg.block_size, "accuracy": hits / len(examples),
+                              "ci95": list(wilson_interval(hits, len(examples))),
+                              "tpf": sum(g.n_generated for g in gens) / max(sum(g.forwards for g in gens), 1)}
+    report = Path(path).parent / "report.json"
+    res["train_wall_s"] = json.loads(report.read_text()).get("train_wall_s") if report.is_file() else None
     # speed, batch 1
     L.generate(code_prompts[:1], L.decode_config(mode="spec", max_new_tokens=8))  # warm-up
     t0 = time.perf_counter()
@@ -98,6 +116,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="rows per spec call (TPF / acceptance runs); the engine "
                     "shrinks drafts as the batch grows (DecodeConfig.spec_tokens), so 1 measures the drafts themselves")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--block-modes", default="threshold,S,Q",
+                    help="comma-separated block decoding modes whose task accuracy is measured at the checkpoint's "
+                    "block size ('' = none)")
+    ap.add_argument("--block-batch", type=int, default=50, help="rows per block-mode call")
+    ap.add_argument("--name", default="spec-distill", help="stem of the results file name (before the date)")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args()
 
@@ -147,16 +170,29 @@ def main() -> None:
                      f"[{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] | {t['agree']:.3f} | {t['lossless']:.3f} / "
                      f"{c['lossless']:.3f} | {c['tpf']:.2f} / {c['tpf_adaptive']:.2f} | {c['acceptance']:.3f} | {c['agree']:.3f} | "
                      f"{s['spec_tps']:.0f} | {s['ar_tps']:.0f} | {s['x_ar']:.2f}x |")
+    modes = list(rows[0]["block"])
+    if modes:
+        lines += ["", "Block modes on the same task prompts at each checkpoint's own block size (B), max 32 new "
+                  "tokens; training wall time from the run's report.json:", "",
+                  "| model | B | " + " | ".join(f"{m} acc [95% CI] / TPF" for m in modes) + " | training wall s |",
+                  "|---|---|" + "---|" * len(modes) + "---|"]
+        for r in rows:
+            b = r["block"]
+            cells = [f"{b[m]['accuracy']:.3f} [{b[m]['ci95'][0]:.3f}, {b[m]['ci95'][1]:.3f}] / {b[m]['tpf']:.2f}"
+                     for m in modes]
+            wall = "-" if r["train_wall_s"] is None else f"{r['train_wall_s']:.0f}"
+            lines.append(f"| {r['model']} | {b[modes[0]]['block_size']} | " + " | ".join(cells) + f" | {wall} |")
     table = "\n".join(lines)
     print(table)
-    out = REPO / "bench" / "results" / f"spec-distill-{date}{'-' + args.tag if args.tag else ''}"
+    out = REPO / "bench" / "results" / f"{args.name}-{date}{'-' + args.tag if args.tag else ''}"
     summary = {"date": date, "machine": machine, "args": vars(args), "rows": rows}
     out.with_suffix(".md").write_text(table + "\n")
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({"bench": "spec_distill", "seed": args.seed, **{
         Path(r["model"]).as_posix(): {"task_tpf": round(r["tasks"]["tpf"], 3), "task_accept": round(r["tasks"]["acceptance"], 3),
                                       "ar_acc": r["tasks"]["ar_accuracy"], "agree": r["tasks"]["agree"],
-                                      "code_tpf": round(r["code"]["tpf"], 3), "x_ar": round(r["speed"]["x_ar"], 2)}
+                                      "code_tpf": round(r["code"]["tpf"], 3), "x_ar": round(r["speed"]["x_ar"], 2),
+                                      **{f"{m}_acc": b["accuracy"] for m, b in r["block"].items()}}
         for r in rows}}))
 
 

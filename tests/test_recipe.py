@@ -248,14 +248,26 @@ BAD = [
     ("batch_size = 8", "batch_size = 0", r"\[train\] batch_size must be >= 1"),
     ("min_lr_ratio = 0.1", "min_lr_ratio = 1.5", r"\[train\] min_lr_ratio must be in \[0, 1\]"),
     ("warmup_steps = 4", "warmup_steps = -1", r"\[train\] warmup_steps"),
+    ("min_lr_ratio = 0.1", 'min_lr_ratio = 0.1\ntrainable = "mask"',
+     r"\[train\] trainable must be one of all, mask_embedding, got 'mask'"),
+    ('path = "../models/tiny"', 'path = "../models/tiny"\ndecode_block_size = -1',
+     r"\[model\] decode_block_size must be >= 0"),
+    ('kind = "diffusion"\n\n[diffusion]\nweighting = "token_mean"', 'kind = "ar"',
+     r"trainable = \"mask_embedding\" needs a block-diffusion objective", {"train.trainable": "mask_embedding",
+                                                                          "phases.2.block_size": 1,
+                                                                          "phases.3.block_size": 1}),
+    ('kind = "diffusion"\n\n[diffusion]\nweighting = "token_mean"', 'kind = "ar"',
+     r"\[model\] decode_block_size is for block-diffusion", {"model.decode_block_size": 32,
+                                                            "phases.2.block_size": 1, "phases.3.block_size": 1}),
 ]
 
 
-@pytest.mark.parametrize("old, new, fragment", BAD, ids=[b[2][:40] for b in BAD])
-def test_validation_error_names_file_and_field(tmp_path, old, new, fragment):
+@pytest.mark.parametrize("bad", BAD, ids=[b[2][:40] for b in BAD])
+def test_validation_error_names_file_and_field(tmp_path, bad):
+    old, new, fragment, *overrides = bad  # optional 4th item: --set overrides applied on top
     path = write(tmp_path, edit(VALID, old, new))
     with pytest.raises(RecipeError, match=fragment) as e:
-        load_recipe(path)
+        load_recipe(path, *overrides)
     assert str(e.value).startswith(str(path)), str(e.value)
 
 

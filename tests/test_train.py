@@ -16,6 +16,7 @@ import blockdiff.train.loop as loop
 import blockdiff.train.tasks as tasks
 from blockdiff.data.documents import DataError
 from blockdiff.data.tokenizer import load_tokenizer
+from blockdiff.decode.engine import ar_generate
 from blockdiff.load import load_checkpoint
 from blockdiff.model.hf_io import load_pretrained
 from blockdiff.train.checkpoint import list_checkpoints, load_resume_state, load_trainer_state
@@ -214,6 +215,39 @@ def test_mask_token_reused_when_present(tiny_bd_dir, tiny_data, tmp_path):
     tok, model = loaded.tokenizer, loaded.model
     assert tok.vocab_size == tok0.vocab_size and tok.mask_id == tok0.mask_id
     assert model.cfg.vocab_size == v0 and model.cfg.diffusion.mask_token_id == tok0.mask_id
+
+
+def test_trainable_mask_embedding_moves_only_the_mask_row(tiny_bd_dir, tiny_data, tmp_path):
+    """[train] trainable = "mask_embedding" (train/optim.py): after a few steps (weight decay on, a high lr) every
+    parameter but the [MASK] row of the tied embedding is bit-identical to the start, the row moved, so the AR
+    greedy output is identical; [model] decode_block_size is what the checkpoints record, not the trained B."""
+    recipe = make_recipe(tiny_bd_dir, tiny_data, [{"block_size": 4, "steps": 4, "lr": 1e-2}],
+                         train={"trainable": "mask_embedding", "weight_decay": 0.1}, model={"decode_block_size": 16})
+    train(recipe, tmp_path / "run", progress=False)
+    start, end = load_checkpoint(tiny_bd_dir), load_checkpoint(tmp_path / "run/final")
+    mask_id = start.model.cfg.diffusion.mask_token_id
+    p0, p1 = start.model.state_dict(), end.model.state_dict()
+    assert p0.keys() == p1.keys() and end.model.output.weight is end.model.tok_embeddings.weight  # tied
+    for k in p0:
+        if k not in ("tok_embeddings.weight", "output.weight"):
+            assert torch.equal(p0[k], p1[k]), f"{k} moved"
+    e0, e1 = p0["tok_embeddings.weight"], p1["tok_embeddings.weight"]
+    others = torch.arange(e0.shape[0]) != mask_id
+    assert torch.equal(e0[others], e1[others]) and not torch.equal(e0[mask_id], e1[mask_id])
+    for text in ("add 1+2=", "def f(x):", "reverse abc ->"):
+        ids = start.tokenizer.encode(text)
+        assert ar_generate(start.model.eval(), ids, max_new_tokens=12, eos_ids=()).tokens == \
+            ar_generate(end.model.eval(), ids, max_new_tokens=12, eos_ids=()).tokens
+    assert end.model.cfg.diffusion.block_size == 16
+    assert load_trainer_state(list_checkpoints(tmp_path / "run")[-1])["block_size"] == 4  # the merge reads this one
+
+
+def test_trainable_mask_embedding_needs_a_mask_token(tiny_ar_dir, tiny_data, tmp_path):
+    recipe = make_recipe(tiny_ar_dir, tiny_data, [{"block_size": 4, "steps": 1, "lr": 1e-2}],
+                         train={"trainable": "mask_embedding"})
+    with pytest.raises(ValueError, match=r"trainable = \"mask_embedding\" trains the \[MASK\] row .* has none"):
+        train(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------ metrics

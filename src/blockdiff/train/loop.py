@@ -29,6 +29,7 @@ from ..model.transformer import Transformer, resize_vocab
 from . import checkpoint as ckpt_io
 from . import parallel
 from .metrics import MetricsLog, plot_curves
+from .optim import apply_trainable, build_optimizer
 from .plan import print_run_plan
 from .recipe import Recipe
 from .schedule import Schedule
@@ -78,13 +79,18 @@ def prepare_model(recipe: Recipe, device: torch.device, task: Task | None = None
     task = task or make_task(recipe)
     loaded = load_checkpoint(recipe.model.path, device=device, train=True)
     model, tok = loaded.model, loaded.tokenizer
+    if recipe.train.trainable == "mask_embedding" and model.cfg.diffusion is None:
+        raise ValueError(f"{recipe.source}: [train] trainable = \"mask_embedding\" trains the [MASK] row of a "
+                         f"block-diffusion checkpoint, but {recipe.model.path} has none (no blockdiff section in its "
+                         "config.json); convert it first")
     if task.diffusion:
         tok = tok.with_mask_token(recipe.model.mask_token)
         if tok.mask_id >= model.cfg.vocab_size:
             resize_vocab(model, tok.mask_id + 1)
         if model.cfg.family == "bailing_moe_v2":
             as_llada2_moe(model.cfg)
-        model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id, block_size=task.final_block_size,
+        model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id,
+                                            block_size=recipe.model.recorded_block_size(task.final_block_size),
                                             **checkpoint_alignment(recipe, model.cfg.diffusion))
     return model, tok
 
@@ -112,17 +118,6 @@ def evaluate(model, task: Task, batches: list[dict], block_size: int, amp) -> fl
         nll = task.evaluate(model, batches, block_size)
     model.train(was_training)
     return nll
-
-
-def build_optimizer(model, recipe: Recipe) -> torch.optim.AdamW:
-    t = recipe.train
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embeddings" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=recipe.phases[0].lr, betas=(t.beta1, t.beta2), foreach=True)
 
 
 # What a run folder holds (train, convert); `overwrite` deletes a folder only when it holds nothing else.
@@ -205,6 +200,10 @@ def _train(
         stream, valid_batches = task.batches(device, run_dir)
     stream, valid_batches = parallel.shard_batches(stream, dist), parallel.global_eval_batches(valid_batches, dist)
     noise_std0 = task.noise_std0(model)
+    if recipe.train.trainable != "all" and dist.world > 1:
+        raise ValueError(f"{recipe.source}: [train] trainable = {recipe.train.trainable!r} runs on one device "
+                         "(its gradient hook needs the whole embedding); run it without torchrun")
+    apply_trainable(model, recipe.train.trainable, task.mask_id)
     parallel.parallelize_task(model, task, recipe, dist)
     optimizer = build_optimizer(model, recipe)
     start = 0
@@ -233,7 +232,7 @@ def _train(
     def save(step: int, phase_end: bool) -> Path:
         ph = schedule.phase_at(step - 1)
         if model.cfg.diffusion is not None:
-            model.cfg.diffusion.block_size = ph.block_size
+            model.cfg.diffusion.block_size = recipe.model.recorded_block_size(ph.block_size)
         state = {"step": step, "phase": ph.name, "block_size": ph.block_size, "phase_end": phase_end,
                  "data": stream.state_dict(), "evals": evals, "val_nll": evals[-1]["val_nll"] if evals and evals[-1]["step"] == step else None,
                  "wall_s": prior_wall + time.perf_counter() - t0, "tokens": prior_tokens + tokens_seen}

@@ -47,6 +47,7 @@ else:  # Python 3.10: the same parser, published as tomli (a dependency there on
     import tomli as tomllib
 
 OBJECTIVES = ("diffusion", "ar", "sft", "dpo", "rl")  # CPT, AR pretraining, post-training
+TRAINABLE = ("all", "mask_embedding")  # [train] trainable: which parameters a run updates (train/optim.py)
 # The objective sections each kind reads (train/tasks.py builds its objective from exactly these).
 KIND_SECTIONS: dict[str, tuple[str, ...]] = {
     "diffusion": ("diffusion", "noise"),
@@ -67,6 +68,19 @@ class RecipeError(ValueError):
 class ModelSection:
     path: str = ""  # HF-format folder of the starting checkpoint (config.json, *.safetensors, tokenizer files)
     mask_token: str = "<|mask|>"  # token string added when the tokenizer has no mask token
+    # Block size (tokens) the result records as its own (config.json blockdiff.block_size), the default B of the
+    # block decoders (threshold, S, Q, ...); 0 = the block size of the phase just trained. Set it when the last
+    # phase trains a block size other than the one to decode with (recipes/tiny_spec_mask_embed.toml trains B = 4
+    # spec drafts and keeps B = 32 for the block modes).
+    decode_block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.decode_block_size < 0:
+            raise ValueError(f"decode_block_size must be >= 0 (0 = the trained phase's), got {self.decode_block_size}")
+
+    def recorded_block_size(self, trained: int) -> int:
+        """The block size a checkpoint of a phase that trains `trained` records."""
+        return self.decode_block_size or trained
 
 
 @dataclass
@@ -112,8 +126,13 @@ class TrainSection:
     dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 autocast on CUDA), "float32", "bfloat16"
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N"
     threads: int = 0  # torch CPU threads (0 = torch's default, one per core; see blockdiff/machine.py under load)
+    # "all", or "mask_embedding": only the [MASK] token's embedding row is updated (train/optim.py
+    # apply_trainable); the causal stream never reads it, so the checkpoint's AR output stays bit-identical
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.grad_accum < 1:
@@ -429,6 +448,11 @@ def validate(r: Recipe) -> None:
              f"(e.g. {', '.join(str(d) for d in _divisors(L)[:8])}) or >= {L} for MDLM")
         if r.objective.kind == "ar":
             need(p.block_size == 1, f"{where}: the ar objective needs block_size = 1, got {p.block_size}")
+    if r.objective.kind == "ar":
+        need(r.train.trainable != "mask_embedding", "[train] trainable = \"mask_embedding\" needs a block-diffusion "
+             "objective; kind \"ar\" has no [MASK] token")
+        need(r.model.decode_block_size == 0, "[model] decode_block_size is for block-diffusion checkpoints; kind "
+             "\"ar\" records none")
 
 
 def _divisors(n: int) -> list[int]:
