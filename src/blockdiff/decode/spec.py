@@ -140,7 +140,8 @@ class SpecRow(Row):
             self.alpha = (1 - ALPHA_EMA) * self.alpha + ALPHA_EMA * a / m
         self.forwards += 1
         conf = None
-        if events or self.rule.tau > 0:
+        if events or self.rule.tau > 0:  # row i of the slice predicts new[i]; drafts exist only when a == m, so
+            # their rows (the masks', m + 1 ..) follow the new tokens' rows directly
             probs = torch.softmax(logits[c - 1:c + m + max(k - 1, 0)].float(), dim=-1)  # [m + 1 + k - 1, V]
             conf = probs.gather(-1, torch.tensor(new + drafts, device=logits.device)[:, None])[:, 0].tolist()
         if drafts and self.rule.tau > 0:  # cut at the first draft the noisy stream itself doubts
