@@ -116,6 +116,8 @@ def test_batch_rows_equal_rows_alone(bd, mode, labels, clean):
     for p, g in zip(prompts, batch):
         alone = generate(model, [p], cfg, mask_id=mask_id, eos_ids=[eos_id])[0]
         assert g.tokens == alone.tokens and g.n_generated == alone.n_generated
+        if mode == "spec":  # drafts per forward are the batch's decision (spec.DraftPolicy); the output is not
+            continue
         assert g.steps_per_block == alone.steps_per_block and g.forwards == alone.forwards
         assert g.edits == alone.edits and g.stop_reason == alone.stop_reason
 

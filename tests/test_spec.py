@@ -186,7 +186,8 @@ def sample_counts(model, n: int, draft_len: int, seed: int, spec: bool) -> dict[
     g = torch.Generator().manual_seed(seed)
     prompt, counts = [1, 2], {}
     if spec:
-        cfg = DecodeConfig(mode="spec", block_size=4, draft_len=draft_len, max_new_tokens=3, temperature=1.0, spec_tokens=4096,
+        cfg = DecodeConfig(mode="spec", block_size=4, draft_len=draft_len, max_new_tokens=3, temperature=1.0,
+                           spec_tokens=4096,
                            ignore_eos=True)
         outs = []
         for _ in range(n // 500):
@@ -242,7 +243,7 @@ def test_spec_sampling_matches_ar_distribution(monkeypatch):
 def test_spec_refuses_checkpoints_without_a_causal_ar_stream(bd, labels, clean):
     inner, mask_id, eos_id = bd
     model = with_alignment(inner, labels, clean)
-    with pytest.raises(ValueError, match='mode "spec" needs a checkpoint with labels "shift" and clean_stream "causal"'):
+    with pytest.raises(ValueError, match='mode "spec" needs a checkpoint with labels "shift" and clean_stream'):
         generate(model, [[1, 2, 3]], DecodeConfig(mode="spec", max_new_tokens=4), mask_id=mask_id, eos_ids=[eos_id])
 
 
@@ -350,3 +351,27 @@ def test_cli_spec_prints_the_ar_text_and_traces_drafts(tmp_path):
     assert code == 0, err
     steps = [line for line in shown.splitlines() if line.startswith("step")]
     assert steps and all(" ar | " in line for line in steps) and any("+0 draft" not in line for line in steps)
+
+
+def test_draft_policy_drafts_while_it_pays_and_backs_off_its_probes():
+    """One decision per forward: rows whose acceptance pays for the drafting forward draft (d = their share of
+    spec_tokens, capped by draft_len); otherwise AR steps, with probes after 8, 16, 32, 64, 64 ... AR steps; the
+    prior of new rows follows what was verified."""
+    from types import SimpleNamespace
+
+    def rows(alpha, n, **kw):
+        cfg = DecodeConfig(mode="spec", **kw)
+        return [SimpleNamespace(cfg=cfg, rule=cfg.decode_rule, alpha=alpha) for _ in range(n)]
+
+    pol = spec_mod.DraftPolicy()
+    assert pol.drafts(rows(0.9, 1)) == 3 and pol.drafts(rows(0.9, 4)) == 3  # 32 tokens: d = 3 up to 4 rows
+    assert pol.drafts(rows(0.9, 8)) == 1 and pol.drafts(rows(0.9, 16)) == 0
+    assert pol.drafts(rows(0.9, 1, draft_len=2)) == 2
+    low = rows(0.1, 2)
+    taken = [pol.drafts(low) for _ in range(300)]
+    probes = [i for i, d in enumerate(taken) if d]
+    assert [b - a for a, b in zip(probes, probes[1:])][:5] == [16, 32, 64, 64, 64] and probes[0] == 7
+    assert pol.drafts(rows(0.1, 2, draft_cost=0.0)) == 3  # draft_cost 0: always draft
+    for _ in range(20):
+        pol.observe(0, 3)
+    assert pol.alpha < 0.01

@@ -32,7 +32,7 @@ from .cache import KVCache
 from .config import MAX_DRAFT_LEN, DecodeConfig, Generation, StepUpdate, TokenEvent
 from .row import Row, canvas_length, find_stop, first_stop
 from .rules import choose_tokens, repeat_penalty_
-from .spec import SpecRow, batch_drafts, check_spec_model, draft_allowance
+from .spec import DraftPolicy, SpecRow, check_spec_model
 from .window import WindowRow, check_window_model
 
 
@@ -119,7 +119,7 @@ class Scheduler:
         # a forward writes up to max(B, a spec row's width) slots past a row's committed prefix (rows of one forward
         # are padded to its widest row): room for that past the longest decode
         self.max_len = max_len
-        self.spec_steps = 0  # forwards that carried spec rows (spec.batch_drafts probes on a schedule of them)
+        self.drafting = DraftPolicy()  # how many drafts the spec rows take per forward (decode/spec.py)
         self.cache = KVCache(model.cfg, max_rows, max_len + max(block_size, 2 * MAX_DRAFT_LEN + 2) + 1,
                              device=p.device, dtype=p.dtype)
         self.cache.keep([])  # start empty: rows join with `append`
@@ -169,7 +169,8 @@ class Scheduler:
         canvas = torch.full((L,), self.mask_id, dtype=torch.long, device=self.device)
         canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         return SpecRow(rid, list(prompt), cfg, cfg.decode_rule, frozenset() if cfg.ignore_eos else frozenset(eos_ids),
-                       self.mask_id, canvas, 0, generator, tuple(stop), decode, n=len(prompt))
+                       self.mask_id, canvas, 0, generator, tuple(stop), decode, n=len(prompt),
+                       alpha=self.drafting.alpha)
 
     def _window_row(self, rid, prompt, cfg, L, *, eos_ids, generator, stop, decode) -> WindowRow:
         check_window_model(self.model)
@@ -231,10 +232,8 @@ class Scheduler:
         the first generated token, the masks its first drafts. Returns the rows' cache and, per row, the spec
         outcome (None for block rows)."""
         B, dev = self.B, self.device
-        # the prompt's forward is wide already: its masks cost little, so a new row always drafts (within the
-        # batch's spec_tokens allowance)
         spec_rows = [r for r in new if r.spec] + [r for r in self.rows if r.spec]  # the batch it joins
-        allow = draft_allowance(spec_rows, min((r.cfg.spec_tokens for r in spec_rows), default=1))
+        allow = self.drafting.drafts(spec_rows) if any(r.spec for r in new) else 0
         plans = {k: r.plan(0, allow) for k, r in enumerate(new) if r.spec}
         n_pre = [plans[k][1] if k in plans else r.lo for k, r in enumerate(new)]
         width = [len(plans[k][0]) if k in plans else n_pre[k] for k in range(len(new))]
@@ -285,7 +284,11 @@ class Scheduler:
         logits[..., self.mask_id] = float("-inf")
         greedy = logits.argmax(-1).tolist()  # [a][T]
         for i in si:
-            outcome[i] = rows[i].after_forward(logits[i], n_cached[i], greedy[i], self.events)
+            r = rows[i]
+            before = (r.accepted, r.drafted) if r.spec else None
+            outcome[i] = r.after_forward(logits[i], n_cached[i], greedy[i], self.events)
+            if before is not None:
+                self.drafting.observe(r.accepted - before[0], r.drafted - before[1])
         return outcome
 
     def _step(self, rows: list[Row]) -> StepResult:
@@ -312,8 +315,7 @@ class Scheduler:
         si = [i for i, r in enumerate(rows) if r.segmented]
         lens = self.cache.lengths
         spec = [i for i in si if rows[i].spec]
-        self.spec_steps += bool(spec)
-        allow = batch_drafts([rows[i] for i in spec], self.spec_steps)
+        allow = self.drafting.drafts([rows[i] for i in spec])
         plans = {i: rows[i].plan(lens[i], allow) for i in si}
         T = max([self.B] * bool(bi) + [len(plans[i][0]) for i in si])
         ids = [plans[i][0] + [self.mask_id] * (T - len(plans[i][0])) if i in plans else [self.mask_id] * T

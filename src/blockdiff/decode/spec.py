@@ -50,7 +50,8 @@ from .rules import sampling_probs
 
 ALPHA_PRIOR = 0.7  # a new row's assumed per-draft acceptance (measured: 0.6-0.8 on task prompts)
 ALPHA_EMA = 0.3  # weight of the latest verifying forward in the moving average
-PROBE = 8  # a batch that stopped drafting drafts again every PROBE-th step (re-measures alpha)
+PROBE = 8  # AR steps before a batch that stopped drafting drafts again to re-measure alpha (doubles per failed probe)
+MAX_GAP = 64
 
 
 def draft_allowance(spec_rows: list, spec_tokens: int) -> int:
@@ -63,22 +64,45 @@ def draft_allowance(spec_rows: list, spec_tokens: int) -> int:
     return max(0, (spec_tokens // len(spec_rows) - 2) // 2)
 
 
-def batch_drafts(spec_rows: list, step: int) -> int:
-    """Drafts per row for this forward of the batch's spec rows (one number: a forward costs what its widest row
-    costs, so a row drafting alone would make every row pay). d = the rows' `spec_tokens` allowance, capped by
-    their draft_len, if the drafts pay: with per-draft acceptance alpha_r a row yields 1 + alpha_r + ... +
-    alpha_r^d tokens in expectation, and the drafting forward costs (1 + draft_cost) AR steps (draft_cost from the
-    cost curve at the spec_tokens knee). Below break-even the batch takes AR steps, and drafts every PROBE-th step
-    anyway to re-measure alpha."""
-    if not spec_rows:
+@dataclass
+class DraftPolicy:
+    """How many drafts the batch's spec rows take at each forward: the scheduler's one drafting state.
+
+    One number per forward, not per row: a forward costs what its widest row costs, so a row drafting alone makes
+    every row pay. d = the rows' `spec_tokens` allowance (`draft_allowance`), capped by their draft_len, taken when
+    the drafts pay: with per-draft acceptance alpha_r a row yields 1 + alpha_r + ... + alpha_r^d tokens per forward
+    in expectation, and a drafting forward costs (1 + draft_cost) AR steps (draft_cost: the cost curve at the
+    spec_tokens knee, bench/cost.py). Below break-even the batch takes AR steps and probes (drafts anyway) after
+    `gap` of them to re-measure alpha; a probe that does not pay doubles the gap (up to MAX_GAP). `alpha` is the
+    moving average over every verified draft of this scheduler: a new row's prior, so a server whose requests
+    draft badly learns it once, not once per request."""
+
+    alpha: float = ALPHA_PRIOR
+    gap: int = PROBE
+    since: int = 0  # AR-step forwards since the batch last drafted
+
+    def drafts(self, spec_rows: list) -> int:
+        if not spec_rows:
+            return 0
+        d = min(draft_allowance(spec_rows, min(r.cfg.spec_tokens for r in spec_rows)),
+                max(r.rule.draft_len for r in spec_rows))
+        if d == 0:
+            return 0
+        cost = min(r.cfg.draft_cost for r in spec_rows)
+        gain = sum(sum(r.alpha ** i for i in range(d + 1)) for r in spec_rows)
+        if cost <= 0 or gain >= len(spec_rows) * (1 + cost):
+            self.since, self.gap = 0, PROBE
+            return d
+        self.since += 1
+        if self.since >= self.gap:  # probe
+            self.since, self.gap = 0, min(2 * self.gap, MAX_GAP)
+            return d
         return 0
-    d = min(draft_allowance(spec_rows, min(r.cfg.spec_tokens for r in spec_rows)),
-            max(r.rule.draft_len for r in spec_rows))
-    cost = min(r.cfg.draft_cost for r in spec_rows)
-    if d == 0 or cost <= 0 or step % PROBE == 0:
-        return d
-    gain = sum(sum(r.alpha ** i for i in range(d + 1)) for r in spec_rows)
-    return d if gain >= len(spec_rows) * (1 + cost) else 0
+
+    def observe(self, accepted: int, drafted: int) -> None:
+        """A verifying forward's result (accepted of drafted drafts), for the prior of new rows."""
+        if drafted:
+            self.alpha = (1 - ALPHA_EMA) * self.alpha + ALPHA_EMA * accepted / drafted
 
 
 def check_spec_model(model) -> None:
@@ -108,7 +132,7 @@ class SpecRow(Row):
 
     def plan(self, n_cached: int, max_draft: int | None = None) -> tuple[list[int], int]:
         """This forward's tokens (pending, drafts, masks) and how many of them are causal; at most `max_draft`
-        new drafts (`batch_drafts`; the prefill: the `spec_tokens` allowance)."""
+        new drafts (`DraftPolicy.drafts`)."""
         left = self.P + self.budget - self.n  # tokens still to generate (>= 1 while the row runs)
         m = len(self.drafts)
         d = self.rule.draft_len if max_draft is None else min(self.rule.draft_len, max_draft)
