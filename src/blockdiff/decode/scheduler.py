@@ -332,7 +332,10 @@ class Scheduler:
         for i in si:
             toks, c = plans[i]
             n_causal[i], n_block[i] = c, len(toks) - c
-        mask = self.cache.segment_mask(T, torch.tensor(n_causal), torch.tensor(n_block))
+        if T == 1 and self.cache.uniform:  # one token per row at the same length: it sees everything (an AR step)
+            mask = None
+        else:
+            mask = self.cache.segment_mask(T, torch.tensor(n_causal), torch.tensor(n_block))
         logits = self.model(x, positions=pos, mask=mask, cache=self.cache)  # [a, T, V]
         outcome: list = [None] * a
         if bi:
