@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_name, describe
+from machine import cpu_name, describe, new_plot, save_plot
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -123,12 +123,7 @@ def tokens_to_reach(points: list[dict], target: float, mode: str = "Q") -> int |
 
 
 def plot(variants: dict, parent_acc: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = new_plot()
     for name, v in variants.items():
         xs = [p["tokens"] / 1e6 for p in v["points"]]
         ax.plot(xs, [p["accuracy"]["Q"] for p in v["points"]], marker="o", label=name)
@@ -138,11 +133,7 @@ def plot(variants: dict, parent_acc: float, path: Path) -> None:
     ax.set_ylabel("held-out task accuracy (Q mode)")
     ax.set_ylim(0, 1)
     ax.set_title("Conversion of assets/tiny-ar: accuracy vs conversion tokens")
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path, fontsize=7, loc="lower right")
 
 
 def main() -> None:

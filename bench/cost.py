@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_name, describe
+from machine import cpu_name, describe, new_plot, save_plot
 
 from blockdiff.load import load_checkpoint
 from blockdiff.model.masks import dense_mask
@@ -91,12 +91,7 @@ def fit(ms: dict[int, float]) -> tuple[float, float]:
 
 
 def plot(curves: dict[int, dict[int, float]], fits: dict[int, tuple[float, float]], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = new_plot()
     for b, ms in curves.items():
         ks = sorted(ms)
         line, = ax.plot(ks, [ms[k] for k in ks], marker="o", label=f"batch {b} (measured)")
@@ -107,11 +102,7 @@ def plot(curves: dict[int, dict[int, float]], fits: dict[int, tuple[float, float
     ax.set_xlabel("query tokens per forward (k)")
     ax.set_ylabel("ms per cached forward (median)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path, fontsize=7)
 
 
 def main() -> None:

@@ -36,3 +36,25 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def new_plot(figsize=(7.5, 4.5)):
+    """A matplotlib figure and axes on the file-only Agg backend (bench plots are written, never shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
+def save_plot(fig, ax, path, **legend) -> None:
+    """Legend (`legend` passed to ax.legend), light grid, tight layout, a 120-dpi PNG at `path`; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(**legend)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
