@@ -76,7 +76,8 @@ def check_context(model, n_prompt: int, cfg: DecodeConfig, *, ar: bool = False) 
     need = context_needed(model, n_prompt, cfg, ar=ar)
     limit = getattr(model.cfg, "max_position_embeddings", None)
     if limit and need > limit:
-        rounding = "" if ar or cfg.mode == "spec" or cfg.window else f", rounded up to whole blocks of {cfg.block_size},"
+        unrounded = ar or cfg.mode == "spec" or cfg.window
+        rounding = "" if unrounded else f", rounded up to whole blocks of {cfg.block_size},"
         raise ValueError(f"prompt of {n_prompt} tokens + max_new_tokens {cfg.max_new_tokens}{rounding} needs {need} "
                          f"positions, more than the model's context of {limit} (max_position_embeddings)")
     return need
@@ -153,8 +154,7 @@ class Scheduler:
         if cfg.window:
             return self._window_row(rid, prompt, cfg, L, eos_ids=eos_ids, generator=generator, stop=stop,
                                     decode=decode)
-        canvas = torch.full((L,), self.mask_id, dtype=torch.long, device=self.device)
-        canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        canvas = self._canvas(prompt, L)
         rule = cfg.decode_rule
         row = Row(rid, list(prompt), cfg, rule, frozenset() if cfg.ignore_eos else frozenset(eos_ids), self.mask_id,
                   canvas, len(prompt) % self.B if self.causal_clean else 0, generator, tuple(stop), decode)
@@ -164,18 +164,22 @@ class Scheduler:
             row.carry = torch.zeros(self.vocab, device=self.device)
         return row
 
-    def _spec_row(self, rid, prompt, cfg, L, *, eos_ids, generator, stop, decode) -> SpecRow:
-        check_spec_model(self.model)
+    def _canvas(self, prompt: list[int], L: int) -> Tensor:
+        """A row's [L] canvas: the prompt, then [MASK] slots."""
         canvas = torch.full((L,), self.mask_id, dtype=torch.long, device=self.device)
         canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        return canvas
+
+    def _spec_row(self, rid, prompt, cfg, L, *, eos_ids, generator, stop, decode) -> SpecRow:
+        check_spec_model(self.model)
+        canvas = self._canvas(prompt, L)
         return SpecRow(rid, list(prompt), cfg, cfg.decode_rule, frozenset() if cfg.ignore_eos else frozenset(eos_ids),
                        self.mask_id, canvas, 0, generator, tuple(stop), decode, n=len(prompt),
                        alpha=self.drafting.alpha)
 
     def _window_row(self, rid, prompt, cfg, L, *, eos_ids, generator, stop, decode) -> WindowRow:
         check_window_model(self.model)
-        canvas = torch.full((L,), self.mask_id, dtype=torch.long, device=self.device)
-        canvas[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        canvas = self._canvas(prompt, L)
         rule = cfg.decode_rule
         row = WindowRow(rid, list(prompt), cfg, rule, frozenset() if cfg.ignore_eos else frozenset(eos_ids),
                         self.mask_id, canvas, 0, generator, tuple(stop), decode, f=len(prompt))

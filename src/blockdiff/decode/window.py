@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .config import StepUpdate, TokenEvent
 from .row import Row, find_stop, first_stop
-from .rules import choose_tokens
+from .rules import choose_tokens, repeat_penalty_
 
 
 def check_window_model(model) -> None:
@@ -54,26 +54,29 @@ class WindowRow(Row):
         """The admission prefill encodes the whole prompt (the frontier then)."""
         return self.f
 
+    @property
+    def window_end(self) -> int:
+        """End of the window: W slots from the frontier, never past the budget."""
+        return min(self.f + self.cfg.window, self.P + self.budget)
+
     def plan(self, n_cached: int, max_draft: int | None = None) -> tuple[list[int], int]:
         """This forward's tokens: the decided prefix not yet cached (causal), then the window."""
-        end = min(self.f + self.cfg.window, self.P + self.budget)
         causal = self.canvas[n_cached:self.f].tolist()
-        return causal + self.canvas[self.f:end].tolist(), len(causal)
+        return causal + self.canvas[self.f:self.window_end].tolist(), len(causal)
 
     def after_forward(self, logits: Tensor, n_cached: int, argmax: list[int] | None,
                       events: bool) -> tuple[int, bool, StepUpdate | None]:
         c = self.f - n_cached
-        w = min(self.f + self.cfg.window, self.P + self.budget) - self.f
+        w = self.window_end - self.f
         if c > 0:
             self.carry = logits[c - 1].float()  # the causal logit that predicts the frontier
         x = self.canvas[self.f:self.f + w][None]  # [1, w]
-        wl = torch.cat([self.carry[None].to(logits.dtype), logits[c:c + w - 1]])[None].clone()  # [1, w, V]
+        wl = torch.cat([self.carry[None].to(logits.dtype), logits[c:c + w - 1]])[None]  # [1, w, V], a new tensor
         wl[..., self.mask_id] = float("-inf")
         if self.cfg.repeat_penalty:
-            from .rules import repeat_penalty_
             repeat_penalty_(wl, x, self.cfg.repeat_penalty)
         if self.state is not None:
-            wl = self.rule.adjust(wl, self.state[:w][None])[0][None]
+            wl = self.rule.adjust(wl, self.state[:w][None])
         tok, conf = choose_tokens(wl, self.cfg.temperature, self.generator, top_k=self.cfg.top_k, top_p=self.cfg.top_p)
         masked = x == self.mask_id
         editable = torch.ones_like(masked)
