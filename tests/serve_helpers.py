@@ -22,9 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def running_server(model_dir: Path, *flags, log: Path, threads: int = 1, startup_s: float = 120.0):
-    """Yield the base URL of a `blockdiff serve --model model_dir *flags` process."""
+def start_server(model_dir: Path, *flags, log: Path, threads: int = 1, startup_s: float = 120.0):
+    """Start `blockdiff serve --model model_dir *flags` on a free port and wait for /health: (process, base URL).
+    The caller stops it (`stop_server`, or a signal of its own)."""
     port = free_port()
     cmd = [sys.executable, "-m", "blockdiff.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(threads), *map(str, flags)]
@@ -44,14 +44,31 @@ def running_server(model_dir: Path, *flags, log: Path, threads: int = 1, startup
             if time.monotonic() > deadline:
                 raise RuntimeError(f"blockdiff serve did not answer /health within {startup_s} s:\n{log.read_text()}")
             time.sleep(0.2)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, url
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    """Ctrl-C (SIGINT) and wait; killed if it does not exit within `timeout` s. Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@contextmanager
+def running_server(model_dir: Path, *flags, log: Path, threads: int = 1, startup_s: float = 120.0):
+    """Yield the base URL of a `blockdiff serve --model model_dir *flags` process."""
+    proc, url = start_server(model_dir, *flags, log=log, threads=threads, startup_s=startup_s)
+    try:
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def metric(url: str, name: str) -> float:

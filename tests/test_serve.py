@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +23,7 @@ import pytest
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client (pip install -e '.[test]')")
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra (pip install -e '.[test]')")
 
-from serve_helpers import metric, running_server, wait_for  # noqa: E402
+from serve_helpers import metric, running_server, start_server, stop_server, wait_for  # noqa: E402
 
 SLOW = {"mode": "threshold", "threshold": 1.0, "ignore_eos": True}  # one token per step: a long-running row
 
@@ -209,7 +213,8 @@ def test_cli_refuses_bad_limits_and_oversize_decodes(tiny_bd_dir):
     `generate` its exit 2 naming both numbers (the server's 400 above comes from the same check)."""
     from cli_helpers import assert_usage_error, run_cli
 
-    for flag, value in (("--max-running", 0), ("--max-queue", 0), ("--request-timeout", 0), ("--port", 70000)):
+    for flag, value in (("--max-running", 0), ("--max-queue", 0), ("--request-timeout", 0), ("--port", 70000),
+                        ("--shutdown-grace", -1)):
         code, _, err = run_cli(["serve", "--model", tiny_bd_dir, flag, value])
         assert_usage_error(code, err, "serve", flag)
     code, _, err = run_cli(["serve", "--model", tiny_bd_dir.parent / "missing"])
@@ -287,3 +292,65 @@ def test_spec_on_a_checkpoint_without_a_causal_stream_is_refused_before_streamin
         assert r.status_code == 400, (stream, r.status_code, r.text[:300])
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and err["param"] == "mode", err
+
+
+def test_a_busy_port_is_one_line_before_the_model_loads(tiny_bd_dir, tmp_path):
+    """A second `serve` on a port that is taken: exit 2 and one line naming host:port, before loading (no banner;
+    a missing model folder is not even looked at)."""
+    from cli_helpers import assert_usage_error, run_cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "blockdiff.cli", "serve", "--model", str(tiny_bd_dir),
+                            "--port", str(port), "--threads", "1"], capture_output=True, text=True, timeout=120)
+        assert_usage_error(p.returncode, p.stderr, "serve", f"127.0.0.1:{port}", "in use")
+        assert p.stdout == ""
+        code, _, err = run_cli(["serve", "--model", tmp_path / "missing", "--port", port])
+        assert_usage_error(code, err, "serve", f"127.0.0.1:{port}")
+
+
+def test_ctrl_c_ends_every_request_and_exits_130(tiny_bd_dir, tmp_path):
+    """Ctrl-C with one stream decoding and two requests waiting (--max-running 1): the requests get the grace
+    period, then are cut -- each stream ends with an error chunk and [DONE], the waiting JSON request gets a 503 --
+    and the process prints one line and exits 130, with no traceback. The three requests need ~5 s of decoding;
+    the grace period is 0.5 s, so at least the last one is cut."""
+    log = tmp_path / "server.log"
+    proc, url = start_server(tiny_bd_dir, "--max-running", 1, "--shutdown-grace", 0.5, log=log)
+    slow = {"prompt": "count", "max_tokens": 480, **SLOW}
+    got: dict = {}
+
+    def stream(name):
+        with httpx.stream("POST", url + "/v1/completions", json={**slow, "stream": True}, timeout=60) as r:
+            got[name] = [line for line in r.iter_lines() if line]
+
+    def plain():
+        r = httpx.post(url + "/v1/completions", json=slow, timeout=60)
+        got["plain"] = (r.status_code, r.json())
+
+    try:
+        first = threading.Thread(target=stream, args=("first",))
+        first.start()
+        wait_for(lambda: metric(url, "blockdiff_running_rows") == 1, 20, "the first stream decodes")
+        waiting = [threading.Thread(target=stream, args=("second",)), threading.Thread(target=plain)]
+        for t in waiting:
+            t.start()
+        wait_for(lambda: metric(url, "blockdiff_queue_requests") == 2, 20, "two requests wait")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        for t in [first, *waiting]:
+            t.join(timeout=30)
+    finally:
+        stop_server(proc)
+    text = log.read_text()
+    assert code == 130, text
+    assert "Traceback" not in text and "CancelledError" not in text, text
+    assert text.strip().splitlines()[-1] == "blockdiff serve: interrupted", text
+    assert time.monotonic() - t0 < 10
+    for name in ("first", "second"):
+        assert got[name][-1] == "data: [DONE]", (name, got[name][-3:])
+    assert "shutting down" in got["second"][-2], got["second"][-3:]
+    status, body = got["plain"]
+    assert status == 503 and "shutting down" in body["error"]["message"], body

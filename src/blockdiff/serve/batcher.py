@@ -2,11 +2,12 @@
 steps.
 
 The HTTP handlers never touch the model. They `submit` a `Job` (one request: its prompts x n choices become rows)
-and read its events from an asyncio queue; `cancel` (client gone, timeout) is honoured before the next step. The
-thread's loop: take new jobs and cancellations from its inbox, drop jobs past their deadline, admit waiting jobs
-FIFO while the running rows stay within `max_running`, then one `step()` of each scheduler that has rows (one per
-block size in use: the forward is [rows, B]) and hand every row's StepUpdate / Generation to its job. A full
-waiting queue refuses new jobs at once (`Overloaded`: the server answers 503 with Retry-After).
+and read its events from an asyncio queue; `cancel` (client gone, timeout) is honoured before the next step, and
+`abort_all` (shutdown) ends every job with an error event. The thread's loop: take new jobs and cancellations from
+its inbox, drop jobs past their deadline, admit waiting jobs FIFO while the running rows stay within `max_running`,
+then one `step()` of each scheduler that has rows (one per block size in use: the forward is [rows, B]) and hand
+every row's StepUpdate / Generation to its job. A full waiting queue refuses new jobs at once (`Overloaded`: the
+server answers 503 with Retry-After).
 """
 
 from __future__ import annotations
@@ -104,6 +105,15 @@ class Batcher:
     def cancel(self, job: Job) -> None:
         self.inbox.put(("cancel", job))
 
+    def abort_all(self, status: int, message: str) -> None:
+        """End every job now (running, waiting, or still in the inbox ahead of this call) with an error event."""
+        self.inbox.put(("abort", (status, message)))
+
+    @property
+    def busy(self) -> bool:
+        """Jobs decoding or waiting for rows (read from the handlers' thread: a snapshot)."""
+        return bool(self.rows) or self._queued > 0
+
     # ------------------------------------------------------------------------------ the thread
     def _run(self) -> None:
         try:
@@ -127,11 +137,15 @@ class Batcher:
         except queue.Empty:
             return
         while item is not None:
-            kind, job = item
+            kind, arg = item
             if kind == "add":
-                self.waiting.append(job)
-            else:
-                self._drop(job, "cancelled")
+                self.waiting.append(arg)
+            elif kind == "cancel":
+                self._drop(arg, "cancelled")
+            else:  # "abort": arg is (status, message)
+                for job in {j for j, _, _ in self.rows.values()} | set(self.waiting):
+                    self._drop(job, "cancelled")
+                    job.emit(("error", *arg))
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:

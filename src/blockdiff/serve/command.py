@@ -1,8 +1,16 @@
-"""The `blockdiff serve` verb: flags, loading through `load.load_checkpoint`, uvicorn. Imported by cli.py's parser,
-so it imports nothing heavy at module level (fastapi and torch are imported when the verb runs)."""
+"""The `blockdiff serve` verb: flags, the listening socket, loading through `load.load_checkpoint`, uvicorn.
+Imported by cli.py's parser, so it imports nothing heavy at module level (fastapi and torch are imported when the
+verb runs).
+
+Order of a start: the flags are checked, then the port is bound (a busy port is one line and exit 2 at once, not
+after the model loaded), then the checkpoint loads and the server runs on that socket. Ctrl-C drains the batch
+(server.Server.drain: --shutdown-grace seconds to finish, then every request is ended properly) and exits 130."""
 
 from __future__ import annotations
 
+import errno
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -27,6 +35,9 @@ def add_serve_parser(sub, add_decoding_args, decode_config, formatter_class=None
     s.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a row; more are refused with 503 and Retry-After")
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take (then 504)")
+    s.add_argument("--shutdown-grace", type=float, default=3.0,
+                   help="seconds in-flight requests get to finish after Ctrl-C; then each is ended (a stream with an "
+                        "error chunk and [DONE], others with 503)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (bytes; larger: 413)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     add_decoding_args(s)
@@ -45,20 +56,46 @@ def _check_limits(args) -> None:
         raise ValueError(f"--port must be <= 65535, got {args.port}")
     if not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if not args.shutdown_grace >= 0:
+        raise ValueError(f"--shutdown-grace must be >= 0 seconds, got {args.shutdown_grace}")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket on host:port, bound before anything loads; a busy port or a bad --host is one line."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses a TIME_WAIT port
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"{host}:{port} is in use (another server?); stop it or pick another --port") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
 
 
 def cmd_serve(args, decode_config) -> int:
     _check_limits(args)
+    sock = listen(args.host, args.port)
     try:
-        import uvicorn
+        return _serve_on(sock, args, decode_config)
+    finally:
+        sock.close()
 
-        from .server import ServeSettings, create_app
+
+def _serve_on(sock: socket.socket, args, decode_config) -> int:
+    try:
+        from .server import ServeSettings, create_app, serve
     except ImportError as e:
         raise ValueError(f"blockdiff serve needs the serve extra: pip install -e '.[serve]' ({e})") from None
     import torch
 
     from ..load import load_checkpoint
-
     from ..machine import set_threads
 
     threads = set_threads(args.threads)
@@ -71,8 +108,10 @@ def cmd_serve(args, decode_config) -> int:
                              max_queue=args.max_queue, request_timeout=args.request_timeout,
                              max_body_bytes=args.max_body_bytes)
     kind = "AR" if ar else f"block diffusion, mode {base.mode}, B={base.block_size}"
+    port = sock.getsockname()[1]  # --port 0: the port the system chose
     print(f"[blockdiff serve] {args.model} as {name!r} ({kind}) on {device} ({threads} thread(s)), "
-          f"http://{args.host}:{args.port}/ (viewer), /v1 (OpenAI API)", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(loaded, settings), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+          f"http://{args.host}:{port}/ (viewer), /v1 (OpenAI API)", file=sys.stderr, flush=True)
+    stopped_by = serve(create_app(loaded, settings), sock, grace=args.shutdown_grace)
+    if stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt  # cli.main: one line, exit 130
     return 0

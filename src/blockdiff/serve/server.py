@@ -13,12 +13,18 @@ adds the provisional per-step state (masked slots, edits) for viewers, with empt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
+from typing import Callable
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +39,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, GenRequest, chat_messages, completion_prompts, parse_common
 from .text import ChoiceText, denoise_state
 
+SHUTTING_DOWN = "the server is shutting down"
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/", "/viz")
 
 
@@ -101,6 +108,7 @@ class Server:
         self.batcher = Batcher(self.model, mask_id=self.mask_id, ar=settings.ar, max_running=settings.max_running,
                                max_queue=settings.max_queue, max_len=self.max_len, metrics=self.metrics)
         self.template = ChatTemplate(self.tok)
+        self.closing = False  # set by `drain`: new requests get 503
 
     # ------------------------------------------------------------------------------ requests
     async def completion(self, request: Request, chat: bool):
@@ -147,6 +155,8 @@ class Server:
         job = Job(req.prompts, req.cfg, req.n, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
                   seed=req.seed, stop=stop, decode=self.tok.decode if stop else None, eos_ids=tuple(self.tok.eos_ids),
                   deadline=time.monotonic() + self.settings.request_timeout)
+        if self.closing:
+            raise APIError(503, SHUTTING_DOWN, type="server_error", code="shutting_down")
         try:
             self.batcher.submit(job)
         except Overloaded as e:
@@ -174,7 +184,7 @@ class Server:
                         return Response(status_code=499)
                     continue
                 if ev[0] == "error":
-                    raise APIError(ev[1], ev[2], type="timeout_error" if ev[1] == 504 else "server_error")
+                    raise event_error(ev)
                 if ev[0] == "done":
                     gens[ev[1]] = ev[2]
         except asyncio.CancelledError:
@@ -194,7 +204,7 @@ class Server:
             while len(done) < job.rows:
                 ev = await events.get()
                 if ev[0] == "error":
-                    yield sse(APIError(ev[1], ev[2], type="timeout_error").body())
+                    yield sse(event_error(ev).body())
                     break
                 kind, c, item = ev
                 delta = texts[c].update(item) if kind == "update" else texts[c].final(item)
@@ -216,6 +226,17 @@ class Server:
         finally:
             if len(done) < job.rows:  # client gone (or error): free the rows before the next step
                 self.batcher.cancel(job)
+
+    async def drain(self, grace: float, hurry: Callable[[], bool] = lambda: False) -> None:
+        """Shutdown (Ctrl-C): new requests get 503; the running and waiting ones get `grace` seconds (less if
+        `hurry()` turns true: a second Ctrl-C) to finish; the rest are ended -- a stream with an error chunk and
+        [DONE], a JSON request with a 503 -- so every connection closes cleanly before the server stops."""
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        while self.batcher.busy and loop.time() < end and not hurry():
+            await asyncio.sleep(0.05)
+        self.batcher.abort_all(503, f"{SHUTTING_DOWN}: the request was ended after the grace period of {grace:g} s")
 
     # ------------------------------------------------------------------------------ answers
     def chunk(self, req: GenRequest, rid: str, created: int, c: int, delta: str, reason, role=False) -> dict:
@@ -315,6 +336,47 @@ def create_app(loaded, settings: ServeSettings) -> FastAPI:
     return app
 
 
+class HTTPServer(uvicorn.Server):
+    """uvicorn's server on a socket bound beforehand, with blockdiff's shutdown: stop accepting connections, drain
+    the batch (`Server.drain`: finish or end every request within the grace period), then uvicorn's own shutdown,
+    which finds every response finished (nothing left to cancel, so no CancelledError tracebacks). The signal that
+    stopped it is kept in `stopped_by`, not re-raised: the CLI reports it in one line with its exit code."""
+
+    def __init__(self, app: FastAPI, grace: float):
+        # uvicorn's own wait only backs up the drain (a response still being written to a slow client)
+        super().__init__(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace + 5))
+        self.app, self.grace, self.stopped_by = app, grace, None
+
+    def handle_exit(self, sig, frame) -> None:
+        self.stopped_by = self.stopped_by or sig
+        super().handle_exit(sig, frame)  # a second Ctrl-C sets force_exit: `drain` stops waiting
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()  # no new connections while the batch drains
+        await self.app.state.server.drain(self.grace, hurry=lambda: self.force_exit)
+        await super().shutdown(sockets)
+
+
+def serve(app: FastAPI, sock: socket.socket, *, grace: float) -> int | None:
+    """Serve `app` on the listening socket until a signal; returns the signal (None if none stopped it)."""
+    server = HTTPServer(app, grace)
+    server.run(sockets=[sock])
+    return server.stopped_by
+
+
 def make_id(req: GenRequest) -> str:
     return ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
 
@@ -331,3 +393,9 @@ def sse(obj: dict) -> str:
 
 def finish_reason(g) -> str:
     return "length" if g.stop_reason == "length" else "stop"
+
+
+def event_error(ev: tuple) -> APIError:
+    """The batcher's ("error", status, message) event as the API's error."""
+    _, status, message = ev
+    return APIError(status, message, type={400: "invalid_request_error", 504: "timeout_error"}.get(status, "server_error"))
