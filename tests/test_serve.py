@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +25,8 @@ openai = pytest.importorskip("openai", reason="the serve tests need the openai c
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra (pip install -e '.[test]')")
 
 from serve_helpers import metric, running_server, start_server, stop_server, wait_for  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 SLOW = {"mode": "threshold", "threshold": 1.0, "ignore_eos": True}  # one token per step: a long-running row
 
@@ -38,6 +41,17 @@ def server(tiny_bd_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    """(Loaded, base URL): the bundled converted checkpoint (trained: confidences spread, so thresholds matter;
+    labels shift + causal clean stream, so spec and windows run), loaded here and served by a real process."""
+    from blockdiff.load import load_checkpoint
+
+    folder = REPO / "assets" / "tiny-bd"
+    with running_server(folder, log=tmp_path_factory.mktemp("serve-bundled") / "server.log") as url:
+        yield load_checkpoint(folder), url
 
 
 def streamed(client, **kw) -> tuple[str, str, list]:
@@ -240,18 +254,14 @@ def test_ar_checkpoint_is_served_autoregressively(tiny_ar_dir, tmp_path):
         assert r.choices[0].text == want[0] and r.model_extra["blockdiff"]["mode"] == "ar"
 
 
-def test_spec_mode_serves_the_text_of_loaded_generate(tmp_path):
+def test_spec_mode_serves_the_text_of_loaded_generate(bundled):
     """`"mode": "spec"` on the bundled converted checkpoint (labels shift, causal clean stream): each request gets the
     text of `Loaded.generate` in spec mode for the same prompt -- which is the checkpoint's own greedy AR text
     (lossless) -- whatever its draft_len, streamed or not, alone or sharing the batch with block-mode rows. A
     draft_len out of range gets a 400 naming the field."""
-    from pathlib import Path
-
     from blockdiff.decode.config import MAX_DRAFT_LEN
-    from blockdiff.load import load_checkpoint
 
-    bundled = Path(__file__).resolve().parents[1] / "assets" / "tiny-bd"
-    loaded = load_checkpoint(bundled)
+    loaded, url = bundled
     tok = loaded.tokenizer
     prompts = ["add 12+34=", "def f(x):", "sort 3 1 2 ="]
     text = lambda g: tok.decode(g.tokens)  # noqa: E731
@@ -259,22 +269,86 @@ def test_spec_mode_serves_the_text_of_loaded_generate(tmp_path):
             for p in prompts]
     ar = [text(loaded.generate([tok.encode(p)], ar=True, max_new_tokens=24)[0]) for p in prompts]
     assert spec == ar
-    with running_server(bundled, log=tmp_path / "server.log") as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        reqs = [dict(model="tiny-bd", prompt=p, max_tokens=24, extra_body={"mode": "spec", **extra})
-                for p in prompts for extra in ({}, {"draft_len": 1}, {"draft_len": 6})]
-        reqs.append(dict(model="tiny-bd", prompt=prompts[0], max_tokens=24, extra_body={"mode": "S"}))
-        with ThreadPoolExecutor(len(reqs)) as pool:  # spec rows and a block row share the forwards
-            got = list(pool.map(lambda r: streamed(client, **r)[0], reqs))
-        assert got[:-1] == [t for t in spec for _ in range(3)]
-        r = client.completions.create(model="tiny-bd", prompt=prompts[1], max_tokens=24, extra_body={"mode": "spec"})
-        assert r.choices[0].text == spec[1] and r.model_extra["blockdiff"]["mode"] == "spec"
-        for bad_value in (-1, MAX_DRAFT_LEN + 1, 2.5, "3", True):
-            resp = httpx.post(url + "/v1/completions", timeout=30,
-                              json={"prompt": "a", "max_tokens": 4, "mode": "spec", "draft_len": bad_value})
-            err = resp.json()["error"]
-            assert resp.status_code == 400 and err["param"] == "draft_len", (bad_value, resp.text)
-            assert err["message"].startswith("draft_len: ")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    reqs = [dict(model="tiny-bd", prompt=p, max_tokens=24, extra_body={"mode": "spec", **extra})
+            for p in prompts for extra in ({}, {"draft_len": 1}, {"draft_len": 6})]
+    reqs.append(dict(model="tiny-bd", prompt=prompts[0], max_tokens=24, extra_body={"mode": "S"}))
+    with ThreadPoolExecutor(len(reqs)) as pool:  # spec rows and a block row share the forwards
+        got = list(pool.map(lambda r: streamed(client, **r)[0], reqs))
+    assert got[:-1] == [t for t in spec for _ in range(3)]
+    r = client.completions.create(model="tiny-bd", prompt=prompts[1], max_tokens=24, extra_body={"mode": "spec"})
+    assert r.choices[0].text == spec[1] and r.model_extra["blockdiff"]["mode"] == "spec"
+    for bad_value in (-1, MAX_DRAFT_LEN + 1, 2.5, "3", True):
+        resp = httpx.post(url + "/v1/completions", timeout=30,
+                          json={"prompt": "a", "max_tokens": 4, "mode": "spec", "draft_len": bad_value})
+        err = resp.json()["error"]
+        assert resp.status_code == 400 and err["param"] == "draft_len", (bad_value, resp.text)
+        assert err["message"].startswith("draft_len: ")
+
+
+# (prompt, request fields): each one's last field changes what the engine decodes for that prompt (tokens or
+# forwards; checked below), so a server that ignored or mis-mapped that field would answer differently
+ENGINE_CASES = [
+    ("sort 3 1 2 =", {"threshold": 0.5}),
+    ("sort 3 1 2 =", {"threshold": 1.0, "steps": 4}),
+    ("sort 3 1 2 =", {"max_tokens": 7}),
+    ("sort 3 1 2 =", {"ignore_eos": True}),
+    ("sort 3 1 2 =", {"block_size": 4}),
+    ("sort 3 1 2 =", {"mode": "S"}),
+    ("sort 3 1 2 =", {"mode": "S", "max_post_steps": 0}),
+    ("sort 3 1 2 =", {"mode": "S", "block_size": 8}),
+    ("sort 3 1 2 =", {"mode": "Q"}),
+    ("def f(x):", {"mode": "Q", "edit_threshold": 0.1}),
+    ("def f(x):", {"mode": "Q", "threshold": 0.9}),
+    ("sort 3 1 2 =", {"mode": "joint", "threshold": 0.3, "edit_threshold": 0.2}),
+    ("def f(x):", {"mode": "S", "repeat_penalty": 5.0}),
+    ("def f(x):", {"mode": "S", "eos_fill": True}),
+    ("def f(x):", {"mode": "dinfer"}),
+    ("def f(x):", {"mode": "credit"}),
+    ("sort 3 1 2 =", {"mode": "factor"}),
+    ("sort 3 1 2 =", {"mode": "factor", "factor": 2.0}),
+    ("def f(x):", {"window": 4}),
+    ("sort 3 1 2 =", {"mode": "spec"}),
+    ("sort 3 1 2 =", {"mode": "spec", "draft_len": 0}),
+    ("def f(x):", {"mode": "S", "temperature": 1.0, "seed": 3}),
+    ("def f(x):", {"mode": "S", "temperature": 1.0, "seed": 3, "top_k": 3}),
+    ("def f(x):", {"mode": "S", "temperature": 1.0, "seed": 3, "top_p": 0.5}),
+]
+
+
+def engine(loaded, prompt: str, fields: dict):
+    """`Loaded.generate` for one prompt with the request's fields written as DecodeConfig fields by hand (not
+    through protocol.parse_decoding, which is what is checked); max_tokens 24 unless set."""
+    import torch
+
+    fields = {"max_tokens": 24, **fields}
+    seed = fields.pop("seed", None)
+    cfg = loaded.decode_config(**{"max_new_tokens" if k == "max_tokens" else k: v for k, v in fields.items()})
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return loaded.generate([loaded.tokenizer.encode(prompt)], cfg, generator=gen)[0], cfg
+
+
+@pytest.mark.parametrize("prompt,fields", ENGINE_CASES, ids=[json.dumps(f) for _, f in ENGINE_CASES])
+def test_served_text_equals_loaded_generate(bundled, prompt, fields):
+    """The server's answer (text, tokens, forwards, finish reason, mode, block size) is `Loaded.generate`'s under the
+    same settings -- and differs from the answer without the case's last field, so the field was honoured."""
+    loaded, url = bundled
+    g, cfg = engine(loaded, prompt, fields)
+    control = dict(list(fields.items())[:-1])
+    g0, _ = engine(loaded, prompt, control)
+    assert (g.tokens, g.forwards) != (g0.tokens, g0.forwards), f"{list(fields)[-1]} changes nothing here: pick another case"
+    r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 24, **fields}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    [choice] = body["choices"]
+    assert choice["text"] == loaded.tokenizer.decode(g.tokens)
+    assert choice["finish_reason"] == ("length" if g.stop_reason == "length" else "stop")
+    assert body["usage"]["completion_tokens"] == g.n_generated
+    if fields.get("mode") != "spec" or fields.get("draft_len") == 0:
+        # spec's drafting is decided per forward for the server's whole batch (spec.DraftPolicy, whose running
+        # acceptance outlives a request), so only plain AR steps (draft_len 0) have the forwards of the row alone
+        assert body["blockdiff"]["forwards"] == g.forwards
+    assert (body["blockdiff"]["mode"], body["blockdiff"]["block_size"]) == (cfg.mode, cfg.block_size)
 
 
 def test_spec_on_a_checkpoint_without_a_causal_stream_is_a_400(server):
@@ -354,3 +428,65 @@ def test_ctrl_c_ends_every_request_and_exits_130(tiny_bd_dir, tmp_path):
     assert "shutting down" in got["second"][-2], got["second"][-3:]
     status, body = got["plain"]
     assert status == 503 and "shutting down" in body["error"]["message"], body
+
+
+# request field -> (value, the DecodeConfig fields it sets)
+DECODING_FIELDS = {
+    "max_tokens": (7, {"max_new_tokens": 7}),
+    "max_completion_tokens": (9, {"max_new_tokens": 9}),
+    "mode": ("Q", {"mode": "Q"}),
+    "temperature": (0.7, {"temperature": 0.7}),
+    "top_p": (0.5, {"top_p": 0.5}),
+    "top_k": (5, {"top_k": 5}),
+    "threshold": (0.4, {"threshold": 0.4}),
+    "edit_threshold": (0.3, {"edit_threshold": 0.3}),
+    "steps": (5, {"steps": 5}),
+    "max_post_steps": (2, {"max_post_steps": 2}),
+    "factor": (2.5, {"factor": 2.5}),
+    "draft_len": (5, {"draft_len": 5}),
+    "window": (4, {"window": 4}),
+    "repeat_penalty": (1.5, {"repeat_penalty": 1.5}),
+    "block_size": (16, {"block_size": 16}),
+    "eos_fill": (True, {"eos_fill": True}),
+    "ignore_eos": (True, {"ignore_eos": True}),
+}
+SERVER_SIDE = {"window_ar", "draft_cost", "spec_tokens"}  # DecodeConfig fields a request cannot set
+
+
+def test_parse_decoding_maps_each_field_to_its_decode_config_field():
+    """protocol.parse_decoding: each request field sets its DecodeConfig field and nothing else; absent fields
+    keep the server's base; every DecodeConfig field is reachable from a request or listed as server-side."""
+    import dataclasses
+
+    from blockdiff.decode.config import DecodeConfig
+    from blockdiff.serve.protocol import parse_decoding
+
+    base = DecodeConfig(block_size=32, max_new_tokens=64)
+    assert parse_decoding({}, base, max_tokens_limit=512) == (base, {})
+    assert parse_decoding({"seed": 3, "n": 2, "stream": True, "stop": "x"}, base, max_tokens_limit=512)[0] == base
+    for name, (value, want) in DECODING_FIELDS.items():
+        cfg, fields = parse_decoding({name: value}, base, max_tokens_limit=512)
+        assert fields == want and cfg == dataclasses.replace(base, **want), name
+    cfg, _ = parse_decoding({"max_tokens": 7, "max_completion_tokens": 9}, base, max_tokens_limit=512)
+    assert cfg.max_new_tokens == 7  # max_tokens wins, as OpenAI's legacy field
+    every = {k: v for k, (v, _) in DECODING_FIELDS.items() if k != "max_completion_tokens"}
+    cfg, fields = parse_decoding(every, base, max_tokens_limit=512)
+    assert cfg == dataclasses.replace(base, **fields) and len(fields) == len(every)
+    reachable = {f for _, want in DECODING_FIELDS.values() for f in want}
+    assert reachable | SERVER_SIDE == {f.name for f in dataclasses.fields(DecodeConfig)}
+
+
+@pytest.mark.parametrize("name,value", [
+    ("max_tokens", 0), ("max_tokens", 513), ("max_completion_tokens", 0), ("mode", "turbo"), ("mode", 1),
+    ("temperature", -0.5), ("temperature", 2.5), ("top_p", 0), ("top_p", 1.01), ("top_k", -1), ("threshold", 1.1),
+    ("edit_threshold", -0.1), ("steps", 0), ("max_post_steps", -1), ("factor", 0), ("draft_len", 33),
+    ("window", -1), ("repeat_penalty", -1), ("block_size", 0), ("eos_fill", 1), ("ignore_eos", "yes"),
+    ("threshold", True), ("steps", 2.5), ("max_tokens", "8"),
+])
+def test_parse_decoding_refuses_a_bad_value_naming_the_field(name, value):
+    from blockdiff.decode.config import DecodeConfig
+    from blockdiff.serve.protocol import APIError, parse_decoding
+
+    with pytest.raises(APIError) as e:
+        parse_decoding({name: value}, DecodeConfig(block_size=32), max_tokens_limit=512)
+    assert e.value.status == 400 and e.value.param == name and e.value.message.startswith(f"{name}: ")
