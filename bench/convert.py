@@ -16,6 +16,16 @@ convert-<date>.png (Q-mode accuracy against conversion tokens, one line per vari
 line; threshold and S in the JSON). The last stdout line is the JSON, holding a `variants` object: per variant its
 curve points and the conversion tokens it needed to reach 90% of the parent's accuracy (null if never).
 Runs take a while (about 1.5 s per step on 2 cores plus evaluation): run it in the background.
+
+    python bench/convert.py --adapter [--prompts 200] [--threads 2] [--reuse]
+
+Full-weight vs mask-only adapter conversion (issue 19, docs/adapter.md) at one budget: the main job's recipe
+(`recipes/tiny_wsd.toml`) and `recipes/tiny_adapter.toml` (same data, batch, steps), each run as the real
+`blockdiff convert` in a fresh child process that reports its own peak RSS (VmHWM) and wall time; then both merged
+results and the parent are decoded on the same --prompts held-out prompts of a third split (seed 29: neither the
+development split above nor the main job's report draw): accuracy with 95% intervals for threshold, S, Q and
+spec, tokens per forward, tokens/s and the ratio to the parent's greedy AR in the same run, spec's agreement
+with the parent's greedy output, and trainable parameters. Results: convert-adapter-<date>.{md,json}.
 """
 
 from __future__ import annotations
@@ -136,7 +146,125 @@ def plot(variants: dict, parent_acc: float, path: Path) -> None:
     save_plot(fig, ax, path, fontsize=7, loc="lower right")
 
 
+ADAPTER_RUNS = {"full": "recipes/tiny_wsd.toml", "adapter": "recipes/tiny_adapter.toml"}
+FINAL_SEED = 29  # the adapter comparison's prompts: a split no recipe or decoder setting was chosen on
+
+
+def child_convert(recipe_path: str, out: str, threads: int) -> None:
+    """Run one conversion in this (fresh) process and print its measurements as the last line."""
+    import torch
+
+    from blockdiff.convert import run_conversion
+    from blockdiff.model import mask_adapter
+    from blockdiff.model.hf_io import load_config
+    from blockdiff.train.recipe import load_recipe
+
+    torch.set_num_threads(threads)
+    recipe = load_recipe(REPO / recipe_path, {"train.threads": threads, "eval.tasks": 0})
+    t0 = time.perf_counter()
+    res = run_conversion(recipe, REPO / out, overwrite=True, progress=False)
+    wall = time.perf_counter() - t0
+    from machine import peak_rss_mb
+
+    cfg = load_config(recipe.model.path)
+    trainable = (mask_adapter.adapter_parameters(cfg, recipe.adapter) if recipe.adapter.enabled
+                 else cfg.num_parameters() + cfg.hidden_size)  # + the added [MASK] row
+    print(json.dumps({"recipe": recipe_path, "model": str(res.model_dir), "wall_s": round(wall, 1),
+                      "train_tokens_per_s": res.report["train_tokens_per_s"], "steps": res.report["steps"],
+                      "peak_rss_mb": round(peak_rss_mb(), 1), "trainable_params": trainable,
+                      "parent_params": cfg.num_parameters()}))
+
+
+def compare_adapter(args) -> None:
+    import torch
+
+    from blockdiff.data.tasks import generate_examples
+    from blockdiff.eval.task_accuracy import evaluate_checkpoint
+    from blockdiff.load import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    if not (REPO / "runs/data/train.jsonl").is_file():
+        subprocess.run([sys.executable, "-m", "blockdiff.cli", "make-data", "--out", str(REPO / "runs/data")], check=True)
+    work = REPO / args.work
+    runs = {}
+    for name, recipe in ADAPTER_RUNS.items():
+        done = work / f"{name}.train.json"
+        if args.reuse and done.is_file():
+            runs[name] = json.loads(done.read_text())
+            print(f"[{name}] reusing {runs[name]['model']}", flush=True)
+            continue
+        print(f"[{name}] blockdiff convert --recipe {recipe} (child process)", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--_child", recipe, str((work / name).relative_to(REPO)),
+                               str(args.threads)], capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise SystemExit(f"[{name}] conversion failed:\n{proc.stderr[-3000:]}")
+        runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        work.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(runs[name]) + "\n")
+        print(f"[{name}] {runs[name]}", flush=True)
+    examples = generate_examples("heldout", args.prompts, seed=FINAL_SEED)
+    t0 = time.perf_counter()
+    parent = evaluate_checkpoint(REPO / "assets/tiny-ar", examples)["AR"]
+    print(f"AR parent: accuracy {parent['accuracy']:.3f} {parent['ci95']}, {parent['tps']:.0f} tokens/s", flush=True)
+    parent_loaded = load_checkpoint(REPO / "assets/tiny-ar")
+    prompts = [parent_loaded.tokenizer.encode(e.prompt) for e in examples]
+    parent_out = [g.tokens for g in parent_loaded.generate(prompts, max_new_tokens=32)]
+    rows = {}
+    for name, r in runs.items():
+        res = evaluate_checkpoint(REPO / r["model"], examples, modes=("threshold", "S", "Q", "spec"),
+                                  max_new_tokens=32, steps=32)
+        loaded = load_checkpoint(REPO / r["model"])
+        spec = loaded.generate(prompts, loaded.decode_config(mode="spec", max_new_tokens=32))
+        own_ar = [g.tokens for g in loaded.generate(prompts, ar=True, max_new_tokens=32)]
+        rows[name] = {"train": r, "modes": {m: {"accuracy": round(v["accuracy"], 4), "ci95": [round(x, 4) for x in v["ci95"]],
+                                                 "tpf": round(v["tpf"], 3), "tps": round(v["tps"], 1),
+                                                 "vs_parent": round(v["tps"] / parent["tps"], 3)}
+                                             for m, v in res.items()},
+                      "spec_agrees_with_parent": sum(g.tokens == p for g, p in zip(spec, parent_out)) / len(prompts),
+                      "own_ar_agrees_with_parent": sum(a == p for a, p in zip(own_ar, parent_out)) / len(prompts),
+                      "spec_accepted_per_forward": round(sum(g.accepted for g in spec) / max(1, sum(g.forwards for g in spec)), 3)}
+        m = rows[name]["modes"]
+        print(f"[{name}] " + ", ".join(f"{k} {v['accuracy']:.3f} TPF {v['tpf']:.2f} {v['vs_parent']:.2f}x"
+                                        for k, v in m.items()), flush=True)
+    date = dt.date.today().isoformat()
+    out = REPO / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"convert-adapter-{date}{'-' + args.tag if args.tag else ''}"
+    mach = describe(args.threads)
+    lines = [f"# Full-weight vs mask-only adapter conversion ({date})", "",
+             f"Machine: {cpu_name()}, {args.threads} torch threads, load {mach['load1']}, torch {torch.__version__}. "
+             f"{args.prompts} held-out prompts (seed {FINAL_SEED}), batch 1, max 32 new tokens. Evaluation wall: "
+             f"{time.perf_counter() - t0:.0f} s.", "",
+             f"AR parent (greedy): accuracy {parent['accuracy']:.3f} {parent['ci95']}, {parent['tps']:.0f} tokens/s", "",
+             "| conversion | trainable params | train wall | peak RSS | mode | accuracy | 95% CI | TPF | tokens/s | vs parent |",
+             "|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
+    for name, r in rows.items():
+        t = r["train"]
+        share = 100 * t["trainable_params"] / t["parent_params"]
+        for i, (mode, v) in enumerate(r["modes"].items()):
+            head = (f"| {name} | {t['trainable_params']:,} ({share:.1f}%) | {t['wall_s']:.0f} s | {t['peak_rss_mb']:.0f} MB"
+                    if i == 0 else "| | | | ")
+            lines.append(f"{head} | {mode} | {v['accuracy']:.3f} | [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | "
+                         f"{v['tpf']:.2f} | {v['tps']:.0f} | {v['vs_parent']:.2f}x |")
+    lines += ["", "| conversion | spec output == parent's greedy output | own AR == parent's | spec drafts accepted per forward |",
+              "|---|---:|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['spec_agrees_with_parent']:.3f} | {r['own_ar_agrees_with_parent']:.3f} | "
+                     f"{r['spec_accepted_per_forward']:.2f} |")
+    md = "\n".join(lines) + "\n"
+    (out / f"{stem}.md").write_text(md)
+    summary = {"date": date, "machine": cpu_name(), "threads": args.threads, "load1": mach["load1"],
+               "prompts": args.prompts, "seed": FINAL_SEED, "parent": {k: parent[k] for k in ("accuracy", "ci95", "tpf", "tps")},
+               "runs": rows}
+    (out / f"{stem}.json").write_text(json.dumps(summary) + "\n")
+    print(md)
+    print(json.dumps(summary))
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--_child":
+        child_convert(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400, help="optimiser steps per variant (16 x 256 tokens each)")
     ap.add_argument("--points", type=int, default=4, help="evaluated checkpoints per variant (evenly spaced)")
@@ -148,7 +276,12 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument("--reuse", action="store_true", help="evaluate runs an earlier invocation already trained (same "
                     "--steps and variant) instead of training them again")
+    ap.add_argument("--adapter", action="store_true", help="full-weight vs mask-only adapter conversion at one "
+                    "budget (recipes/tiny_wsd.toml vs recipes/tiny_adapter.toml)")
     args = ap.parse_args()
+    if args.adapter:
+        compare_adapter(args)
+        return
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     bad = [n for n in names if n not in VARIANTS]
     if bad:

@@ -24,6 +24,7 @@ import torch
 
 from .data.tokenizer import Tokenizer, load_tokenizer
 from .decode.engine import DecodeConfig, Generation, ar_generate, generate
+from .model import mask_adapter
 from .model.config import DiffusionInfo
 from .model.hf_io import load_pretrained
 from .model.transformer import Transformer
@@ -82,11 +83,17 @@ def check_mask_id(folder: Path, info: DiffusionInfo | None, tok: Tokenizer, voca
 
 
 def load_checkpoint(folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    train: bool = False) -> Loaded:
-    """Load an HF-format folder (ours, an AR parent, or an official LLaDA2 / Ling 2.0 one). The model is in
-    eval mode unless `train`."""
+                    train: bool = False, base: str | Path | None = None) -> Loaded:
+    """Load an HF-format folder (ours, an AR parent, or an official LLaDA2 / Ling 2.0 one), or a mask-only adapter
+    folder over its base (model/mask_adapter.py: the base's hash is checked; `base` overrides where the base is
+    looked for). The model is in eval mode unless `train`."""
     folder = Path(folder)
-    model = load_pretrained(folder, device=device, dtype=dtype)  # first: its errors name the folder and config.json
+    if base is not None or mask_adapter.is_adapter_folder(folder) and not (folder / "config.json").is_file():
+        if not mask_adapter.is_adapter_folder(folder):
+            raise ValueError(f"{folder}: base= is for adapter folders ({mask_adapter.ADAPTER_JSON}); this is not one")
+        model = mask_adapter.load(folder, device=device, dtype=dtype, base=base)
+    else:
+        model = load_pretrained(folder, device=device, dtype=dtype)  # first: its errors name the folder and config.json
     tok = load_tokenizer(folder)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "

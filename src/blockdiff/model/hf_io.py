@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import folder_for_replace, follow_umask, write_json
+from . import mask_adapter
 from .adapters import DENSE, StateDictAdapter
 from .attention import rope_inv_freq
 from .build import build_model
@@ -54,6 +55,8 @@ def load_config(folder: str | Path) -> ModelConfig:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: model folder not found")
+    if mask_adapter.is_adapter_folder(folder) and not (folder / "config.json").is_file():
+        return mask_adapter.load_config(folder)
     path = folder / "config.json"
     return ModelConfig.from_hf(read_json(path), source=str(path))
 
@@ -111,8 +114,11 @@ def _empty_model(cfg: ModelConfig, adapter: StateDictAdapter, dtype: torch.dtype
 
 def load_pretrained(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
     """Build our model from an HF folder: Llama / Qwen2 / Qwen3 dense (AR or blockdiff-converted), or
-    LLaDA2-MoE / Ling 2.0 (BailingMoeV2) with per-expert tensors."""
+    LLaDA2-MoE / Ling 2.0 (BailingMoeV2) with per-expert tensors; or a mask-only adapter folder over its base
+    (`mask_adapter.load`)."""
     folder = Path(folder)
+    if mask_adapter.is_adapter_folder(folder) and not (folder / "config.json").is_file():
+        return mask_adapter.load(folder, dtype=dtype, device=device)
     cfg = load_config(folder)
     files = _weight_files(folder)
     adapter = _adapter(cfg)
@@ -233,6 +239,16 @@ def save_pretrained(
     """Write `folder` atomically in the HF layout. `extra_files` maps file name -> JSON-able object;
     `write_extra(tmp_folder)` may write further files (optimizer state, ...) inside the same atomic swap."""
     folder = Path(folder)
+    if mask_adapter.attachment(model) is not None:  # the adapter files beside a reference to the frozen base
+        with folder_for_replace(folder) as tmp:
+            mask_adapter.save(model, tmp, folder)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            for name, obj in (extra_files or {}).items():
+                write_json(tmp / name, obj)
+            if write_extra is not None:
+                write_extra(tmp)
+        return folder
     with folder_for_replace(folder) as tmp:
         sd = hf_state_dict(model, dtype)
         hf_cfg = model.cfg.to_hf()

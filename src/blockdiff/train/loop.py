@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..data.tokenizer import Tokenizer
 from ..load import load_checkpoint
+from ..model import mask_adapter
 from ..model.config import DiffusionInfo
 from ..model.moe_config import as_llada2_moe
 from ..model.transformer import Transformer, resize_vocab
@@ -79,6 +80,14 @@ def prepare_model(recipe: Recipe, device: torch.device, task: Task | None = None
     task = task or make_task(recipe)
     loaded = load_checkpoint(recipe.model.path, device=device, train=True)
     model, tok = loaded.model, loaded.tokenizer
+    base_vocab = model.cfg.vocab_size
+    has_adapter = mask_adapter.attachment(model) is not None
+    if has_adapter and not recipe.adapter.enabled:
+        raise ValueError(f"{recipe.source}: {recipe.model.path} is a mask-only adapter over a frozen base; add the "
+                         "same [adapter] section to train it further (its weights cannot be trained without it)")
+    if has_adapter and recipe.adapter.settings() != mask_adapter.attachment(model).config.settings():
+        raise ValueError(f"{recipe.source}: [adapter] differs from the adapter of {recipe.model.path} "
+                         f"({mask_adapter.attachment(model).config.settings()}); give the same settings to continue it")
     if recipe.train.trainable == "mask_embedding" and model.cfg.diffusion is None:
         raise ValueError(f"{recipe.source}: [train] trainable = \"mask_embedding\" trains the [MASK] row of a "
                          f"block-diffusion checkpoint, but {recipe.model.path} has none (no blockdiff section in its "
@@ -92,6 +101,8 @@ def prepare_model(recipe: Recipe, device: torch.device, task: Task | None = None
         model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id,
                                             block_size=recipe.model.recorded_block_size(task.final_block_size),
                                             **checkpoint_alignment(recipe, model.cfg.diffusion))
+    if recipe.adapter.enabled and not has_adapter:
+        mask_adapter.attach(model, recipe.adapter, tok.mask_id, mask_adapter.fingerprint(recipe.model.path, base_vocab))
     return model, tok
 
 
@@ -204,6 +215,10 @@ def _train(
         raise ValueError(f"{recipe.source}: [train] trainable = {recipe.train.trainable!r} runs on one device "
                          "(its gradient hook needs the whole embedding); run it without torchrun")
     apply_trainable(model, recipe.train.trainable, task.mask_id)
+    if mask_adapter.attachment(model) is not None and dist.main:
+        n, total = mask_adapter.trainable_parameters(model), model.cfg.num_parameters()
+        print(f"[blockdiff] mask-only adapter: {n:,} trainable parameters ({100 * n / total:.2f}% of the parent's "
+              f"{total:,}); the parent's weights are frozen")
     parallel.parallelize_task(model, task, recipe, dist)
     optimizer = build_optimizer(model, recipe)
     start = 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..load import load_checkpoint
+from ..model import mask_adapter
 from ..model.hf_io import load_pretrained, save_pretrained
 from .checkpoint import list_checkpoints, load_trainer_state
 
@@ -47,6 +48,12 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
     """Parameter-wise mean of HF-layout checkpoints with identical shapes; tokenizer taken from the first."""
     if not paths:
         raise ValueError("nothing to average")
+    adapters = [mask_adapter.is_adapter_folder(p) for p in paths]
+    if any(adapters):
+        if not all(adapters):
+            raise ValueError(f"{paths[adapters.index(False)]}: a full checkpoint among adapter checkpoints; average "
+                             "adapters of one run only")
+        return mask_adapter.average(paths, Path(out))
     first = load_checkpoint(paths[0])
     base = first.model
     acc = {n: p.detach().to(torch.float64).clone() for n, p in base.named_parameters()}

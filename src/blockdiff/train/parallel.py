@@ -176,9 +176,12 @@ def apply_ac(model: nn.Module, cfg: ParallelConfig) -> None:
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    from ..model.mask_adapter import snapshot_for_ac
+
     layers = blocks(model)
     for i, block in enumerate(layers):
         layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+    snapshot_for_ac(model)  # a mask-adapter model: each recomputation sees its own forward's [MASK] positions
 
 
 def apply_compile(model: nn.Module, cfg: ParallelConfig) -> None:
@@ -335,8 +338,11 @@ def single_device_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.M
     """A plain CPU model with `model`'s config holding `state` (rank 0's export of a sharded model)."""
     from ..model.build import build_model
 
+    from ..model.mask_adapter import copy_attachment
+
     with torch.device("meta"):
         plain = build_model(model.cfg)
+        copy_attachment(model, plain)  # an adapter run: the same adapter modules, so their tensors load too
     plain.load_state_dict(state, assign=True, strict=False)
     if model.cfg.tie_word_embeddings:
         plain.output.weight = plain.tok_embeddings.weight

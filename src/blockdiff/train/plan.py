@@ -95,10 +95,13 @@ def _layer_elems_per_token(cfg: ModelConfig, moe_layer: bool) -> int:
 def plan_memory(cfg: ModelConfig, *, seq_len: int, batch_size: int, block_size: int, kind: str = "diffusion",
                 devices: int = 1, device: str = "cuda", device_memory: int | None = None, fsdp: bool | None = None,
                 ac: bool = False, param_bf16: bool | None = None, complementary: bool = False, decode_batch: int = 1,
-                model: str = "") -> MemoryPlan:
+                model: str = "", adapter=None) -> MemoryPlan:
     """The per-device plan. `kind`: recipe objective kind ("ar" has no [x_t ; x0] doubling; "dpo" runs chosen and
     rejected plus the frozen reference model); `complementary` masks double the rows. `fsdp` defaults to
-    devices > 1."""
+    devices > 1. `adapter` (a mask_adapter.AdapterConfig with kind "lora"): the parent is frozen, so gradients
+    and AdamW moments exist only for the adapter's parameters; the frozen weights are held as in a full run
+    (fp32, sharded under FSDP) and the activations are counted alike (backward still runs through every block to
+    reach the adapters of the earlier ones)."""
     cuda = device != "cpu"
     fsdp = devices > 1 if fsdp is None else fsdp
     bf16 = cuda if param_bf16 is None else param_bf16
@@ -109,9 +112,20 @@ def plan_memory(cfg: ModelConfig, *, seq_len: int, batch_size: int, block_size: 
     plan = MemoryPlan(model=model or cfg.family, devices=devices, device=device, device_memory=device_memory)
 
     gathered = (root_p + 2 * block_p) * (2 if bf16 else 4) if fsdp and devices > 1 else 0
-    plan.rows["weights"] = P * 4 // n + gathered
-    plan.rows["gradients"] = P * 4 // n + gathered
-    plan.rows["optimizer"] = P * 8 // n
+    if adapter is not None and adapter.enabled:
+        from ..model.mask_adapter import adapter_parameters
+
+        A = adapter_parameters(cfg, adapter)
+        plan.rows["weights"] = (P + A) * 4 // n + gathered
+        plan.rows["gradients"] = A * 4 // n
+        plan.rows["optimizer"] = A * 8 // n
+        plan.notes.append(f"mask-only adapter (rank {adapter.rank}, {len(adapter.targets)} projections): {A:,} "
+                          f"trainable parameters ({100 * A / P:.2f}% of {P:,}); gradients and AdamW state for "
+                          "those only")
+    else:
+        plan.rows["weights"] = P * 4 // n + gathered
+        plan.rows["gradients"] = P * 4 // n + gathered
+        plan.rows["optimizer"] = P * 8 // n
 
     L, b = seq_len, batch_size
     B = effective_block_size(block_size, seq_len=L)
@@ -154,7 +168,8 @@ def plan_for_recipe(recipe, cfg: ModelConfig, *, devices: int, device: str, devi
                        kind=recipe.objective.kind, devices=devices, device=device, device_memory=device_memory,
                        fsdp=fsdp, ac=par.ac == "full", complementary=recipe.objective.kind in ("diffusion", "sft")
                        and recipe.diffusion.complementary,
-                       param_bf16=None if par.param_dtype == "auto" else par.param_dtype == "bfloat16", model=model)
+                       param_bf16=None if par.param_dtype == "auto" else par.param_dtype == "bfloat16", model=model,
+                       adapter=recipe.adapter)
 
 
 def device_memory_bytes(device: str, memory_gib: float | None) -> int | None:
@@ -229,6 +244,8 @@ def cmd_plan(args) -> int:
                     ("--block-size", args.block_size)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
+    if args.adapter_rank < 0:
+        raise ValueError(f"--adapter-rank must be >= 1 (0 = no adapter), got {args.adapter_rank}")
     recipe = None
     if args.recipe:
         overrides = {"model.path": str(Path(args.model).resolve())} if args.model else {}
@@ -244,13 +261,27 @@ def cmd_plan(args) -> int:
     if args.device == "cpu" and args.device_memory is None and mem is not None:
         mem //= args.devices  # the ranks of one machine share its memory
     if recipe is not None:
+        if args.adapter_rank:
+            raise ValueError("--adapter-rank is for plans without --recipe; a recipe says it in its [adapter] section")
         plan = plan_for_recipe(recipe, cfg, devices=args.devices, device=args.device, device_memory=mem,
                                model=str(folder))
+        full = None
     else:
-        plan = plan_memory(cfg, seq_len=args.seq_len, batch_size=args.batch_size, block_size=args.block_size,
-                           devices=args.devices, device=args.device, device_memory=mem, model=str(folder))
+        kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, block_size=args.block_size, devices=args.devices,
+                  device=args.device, device_memory=mem, model=str(folder), ac=args.ac)
+        full = plan = plan_memory(cfg, **kw)
+        if args.adapter_rank:
+            from ..model.mask_adapter import AdapterConfig
+
+            plan = plan_memory(cfg, **kw, adapter=AdapterConfig(kind="lora", rank=args.adapter_rank))
     print(format_plan(plan))
-    print(json.dumps(plan.to_dict()))
+    if full is not None and full is not plan:
+        verdict = "" if full.fits is None else f" (fits: {'yes' if full.fits else 'no'})"
+        print(f"  full-weight training of the same run: {_gib(full.total)}{verdict}")
+    out = plan.to_dict()
+    if full is not None and full is not plan:
+        out["full_total_bytes"], out["full_fits"] = full.total, full.fits
+    print(json.dumps(out))
     return 0
 
 
@@ -270,4 +301,7 @@ def add_plan_parser(sub, formatter_class) -> None:
     p.add_argument("--seq-len", type=int, default=4096, help="L, tokens per row, without --recipe")
     p.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch per device, without --recipe")
     p.add_argument("--block-size", type=int, default=32, help="block size B, without --recipe")
+    p.add_argument("--adapter-rank", type=int, default=0, help="plan a mask-only adapter conversion of this LoRA "
+                                                               "rank (every projection) beside the full one, without --recipe")
+    p.add_argument("--ac", action="store_true", help="full activation checkpointing, without --recipe")
     p.set_defaults(func=cmd_plan)

@@ -12,6 +12,7 @@ config is), so every field, its default, its unit and its check are stated once,
     [rollout]    train/rollout.py RolloutConfig                    kind rl ([rollout.decode]: decode/config.py DecodeConfig)
     [ebpo]       objectives/policy.py EBPOConfig                   kind rl
     [parallel]   train/parallel.py ParallelConfig                  FSDP2, activation checkpointing, compile (torchrun)
+    [adapter]    model/mask_adapter.py AdapterConfig               mask-only LoRA over a frozen parent (kinds diffusion, sft, dpo, rl)
 
 Fields the run fills from the checkpoint or the phase (the [MASK] id, the block size, the label alignment) are
 marked `fields.runtime` and refused here. A section the chosen kind does not read is refused too (it would be
@@ -33,6 +34,7 @@ from typing import Any
 from ..data.post_data import OVER_LENGTH
 from ..fields import is_runtime
 from ..model.config import CLEAN_STREAMS, LABELS
+from ..model.mask_adapter import AdapterConfig
 from ..objectives.cap import CAPConfig
 from ..objectives.diffusion import DiffusionLossConfig
 from ..objectives.noise import EmbedNoiseConfig
@@ -239,6 +241,7 @@ class Recipe:
     merge: MergeSection = field(default_factory=MergeSection)
     eval: EvalSection = field(default_factory=EvalSection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     source: str = "<recipe>"  # file the recipe came from (for messages)
 
     def to_dict(self) -> dict[str, Any]:
@@ -453,6 +456,17 @@ def validate(r: Recipe) -> None:
              "objective; kind \"ar\" has no [MASK] token")
         need(r.model.decode_block_size == 0, "[model] decode_block_size is for block-diffusion checkpoints; kind "
              "\"ar\" records none")
+    if r.adapter.enabled:
+        need(r.objective.kind != "ar", "[adapter] acts only at [MASK] positions; kind \"ar\" has none (train the "
+             "weights, without [adapter])")
+        need(r.train.trainable == "all", "[adapter] trains the adapter (and its own [MASK] embedding vector: "
+             "[adapter] mask_embedding); remove [train] trainable")
+        if r.objective.kind in ("diffusion", "sft"):
+            need(r.diffusion.ar_weight == 0, "[diffusion] ar_weight trains the clean stream, which a mask-only "
+                 "adapter leaves to the parent (its gradient would be zero); set it to 0 with [adapter]")
+            need(r.diffusion.t2t_ratio == 0, "[diffusion] t2t_ratio: the editing stream trains predictions at "
+                 "real tokens, which a mask-only adapter leaves to the parent; set it to 0 with [adapter] or train "
+                 "the weights")
 
 
 def _divisors(n: int) -> list[int]:
