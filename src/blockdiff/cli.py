@@ -8,6 +8,7 @@
     blockdiff generate   decode prompts (one batch) with the engine: threshold, S/Q editing, ...; --stream, --trace
     blockdiff chat       interactive chat with the chat template, decoded by the same engine
     blockdiff show-trace replay a --trace file step by step (unmasking and edits)
+    blockdiff import-gguf import a GGUF checkpoint (llama.cpp) once into an HF folder (docs/real-model.md)
 """
 
 from __future__ import annotations
@@ -352,6 +353,16 @@ def cmd_show_trace(args) -> int:
     return 0
 
 
+def cmd_import_gguf(args) -> int:
+    from .model.gguf_import import import_gguf
+
+    res = import_gguf(args.src, args.out, overwrite=args.overwrite)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(res.tensor_types.items()))
+    print(f"imported {res.source} ({res.architecture}, {res.num_parameters:,} parameters; tensors: {types}) "
+          f"-> {res.out}")
+    return 0
+
+
 def _add_run_args(p, recipe_example: str, out_help: str, model_help: str, set_example: str) -> None:
     """The flags every recipe-running command shares (convert, train)."""
     p.add_argument("--recipe", required=True, help=f"recipe file (TOML), e.g. {recipe_example}")
@@ -485,6 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("trace", help="JSONL file written by generate --trace")
     t.add_argument("--row", type=int, default=0, help="prompt index in the batch")
     t.set_defaults(func=cmd_show_trace)
+
+    gg = sub.add_parser("import-gguf", help="import a GGUF checkpoint into an HF folder", formatter_class=fmt,
+                        description="Dequantise a llama / qwen2 / qwen3 GGUF file once into an HF folder (fp32 "
+                                    "safetensors, tokenizer.json with the chat template, generation_config.json) that "
+                                    "every blockdiff command reads. Needs the gguf extra. See docs/real-model.md.")
+    gg.add_argument("src", help="a .gguf file, or a folder holding exactly one")
+    gg.add_argument("--out", required=True, help="output HF folder (must not exist)")
+    gg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    gg.set_defaults(func=cmd_import_gguf)
 
     from .eval.command import add_eval_parser
 
