@@ -13,7 +13,8 @@ Masked slots (and real tokens inside a noisy block, which attend to them) see th
 
 How it is wired, keeping the transformer plain (docs STYLE 1): forward hooks, no new module classes in the
 decoder. `attach` adds a `mask_lora` child (A [r, in], B [out, r], B = 0 at start, so the adapted model starts
-as the parent) to each target `nn.Linear` and hooks it; a hook on the token embedding records which positions of
+as the parent) to each target `nn.Linear` and hooks it (the hook gathers the [MASK] rows, adapts them and adds the
+result back: cost and saved activations scale with the masked tokens); a hook on the token embedding records which positions of
 the current forward hold [MASK] (the gate) and adds the [MASK] delta; a pre-hook on the model records the
 `logits_slice` (the last layer computes only those rows, so the gate is sliced the same way). The adapter's
 parameters live inside the blocks, so FSDP2 shards them with their block and DCP saves them as usual.
@@ -103,24 +104,35 @@ class MaskGate:
         self.any = False
         self.logits_slice: slice | None = None
         self.fresh = False  # set by an embedding call, consumed by the next forward (inputs_embeds path)
+        self._rows: dict[int, Tensor] = {}
 
     def set_from_ids(self, ids: Tensor) -> Tensor:
-        self.gate = (ids == self.mask_id).unsqueeze(-1)
-        self.any = bool(self.gate.any())
+        self.restore(((ids == self.mask_id).unsqueeze(-1), None, self.logits_slice))
         self.fresh = True
         return self.gate
 
-    def for_rows(self, n: int) -> Tensor | None:
-        """The gate for an activation with `n` positions: the whole forward, or the last layer's logits slice."""
+    def snapshot(self) -> tuple:
+        return self.gate, self.any, self.logits_slice
+
+    def restore(self, snap: tuple) -> None:
+        self.gate, any_, self.logits_slice = snap
+        self.any = bool(self.gate.any()) if any_ is None else any_
+        self._rows = {}
+
+    def rows(self, n: int) -> Tensor | None:
+        """Flat indices (into [b * n]) of the [MASK] positions of an activation with `n` positions -- the whole
+        forward, or the last layer's logits slice; None when the forward holds no [MASK]. Cached per forward."""
         if not self.any:
             return None
-        if self.gate.shape[1] == n:
-            return self.gate
-        if self.logits_slice is not None:
-            g = self.gate[:, self.logits_slice]
-            if g.shape[1] == n:
-                return g
-        raise RuntimeError(f"mask adapter: an activation has {n} positions, the forward's tokens {self.gate.shape[1]}")
+        if n not in self._rows:
+            g = self.gate
+            if g.shape[1] != n and self.logits_slice is not None:
+                g = g[:, self.logits_slice]
+            if g.shape[1] != n:
+                raise RuntimeError(f"mask adapter: an activation has {n} positions, the forward's tokens "
+                                   f"{self.gate.shape[1]}")
+            self._rows[n] = g.reshape(-1).nonzero().squeeze(1)
+        return self._rows[n]
 
 
 class MaskLoRA(nn.Module):
@@ -138,11 +150,14 @@ class MaskLoRA(nn.Module):
         self.__dict__["_gate"] = gate  # a plain attribute, not a submodule (shared by every adapter of the model)
 
     def hook(self, linear: nn.Linear, args, out: Tensor) -> Tensor:
-        g = self._gate.for_rows(out.shape[1])
-        if g is None:
+        idx = self._gate.rows(out.shape[1])
+        if idx is None:
             return out
-        delta = F.linear(F.linear(self.dropout(args[0]), self.A.to(out.dtype)), self.B.to(out.dtype))
-        return out + (self.scale * delta) * g.to(out.dtype)
+        # only the [MASK] rows: gathered, adapted, added back (compute and saved activations scale with the
+        # masked tokens, not the sequence; every other row of `out` is returned untouched)
+        x = args[0].reshape(-1, args[0].shape[-1]).index_select(0, idx)
+        delta = F.linear(F.linear(self.dropout(x), self.A.to(out.dtype)), self.B.to(out.dtype)) * self.scale
+        return out.reshape(-1, out.shape[-1]).index_add(0, idx, delta).view_as(out)
 
 
 class MaskEmbedding(nn.Module):
@@ -197,8 +212,7 @@ def _block_pre_hook(block, args, kwargs):
     """Inside a block: take the gate snapshot an activation-checkpoint wrapper passed (see `snapshot_for_ac`)."""
     snap = kwargs.pop("_mask_gate", None)
     if snap is not None:
-        gate = block.__dict__["_mask_gate"]
-        gate.gate, gate.any, gate.logits_slice = snap
+        block.__dict__["_mask_gate"].restore(snap)
     return args, kwargs
 
 
@@ -213,7 +227,7 @@ def snapshot_for_ac(model) -> None:
     gate = att.gate
 
     def outer(wrapper, args, kwargs):
-        return args, {**kwargs, "_mask_gate": (gate.gate, gate.any, gate.logits_slice)}
+        return args, {**kwargs, "_mask_gate": gate.snapshot()}
 
     for layer in model.layers:
         if layer is not getattr(layer, "_checkpoint_wrapped_module", layer):
