@@ -19,16 +19,26 @@ def same(g, alone) -> None:
 
 
 def run_staggered(sched, requests, join_after, eos_ids):
-    """Add requests[k] after join_after[k] steps; step until idle. Returns {rid: Generation}."""
+    """Add requests[k] after join_after[k] steps; step until idle. Returns {rid: Generation}. A request added
+    after step 0 must find rows mid-decode (else it would not test joining a running batch), and every row must
+    share at least one forward with another row."""
     done, step = {}, 0
     todo = sorted(zip(join_after, range(len(requests))))
+    shared: set[int] = set()  # rows that took part in a forward with another row
     while todo or not sched.idle:
         while todo and todo[0][0] <= step:
             _, k = todo.pop(0)
             prompt, cfg = requests[k]
+            if step > 0:
+                assert sched.rows, f"request {k} joins at step {step} but no row is decoding: nothing mid-flight"
             sched.add(k, prompt, cfg, eos_ids=eos_ids)
-        done.update(dict(sched.step().finished))
+        finished = dict(sched.step().finished)
+        batch = {r.rid for r in sched.rows} | set(finished)  # the rows of this step's forward
+        if len(batch) > 1:
+            shared |= batch
+        done.update(finished)
         step += 1
+    assert shared == set(range(len(requests))), f"rows {set(range(len(requests))) - shared} decoded alone"
     return done
 
 

@@ -90,16 +90,26 @@ def test_chat_and_stop(server, client):
     text, reason, chunks = streamed(client, model="model", messages=msgs, max_tokens=16, extra_body={"mode": "S"})
     assert text == r.choices[0].message.content and reason == r.choices[0].finish_reason
     assert chunks[0].choices[0].delta.role == "assistant"
-    full = client.completions.create(model="model", prompt="x = ", max_tokens=24, extra_body={"ignore_eos": True})
-    t = full.choices[0].text
-    stop = t[5:8] if len(t) > 8 else None
-    if stop and stop.strip():
-        cut = client.completions.create(model="model", prompt="x = ", max_tokens=24, stop=[stop],
-                                        extra_body={"ignore_eos": True})
-        assert cut.choices[0].text == t[:t.index(stop)] and cut.choices[0].finish_reason == "stop"
-        text, reason, _ = streamed(client, model="model", prompt="x = ", max_tokens=24, stop=[stop],
-                                   extra_body={"ignore_eos": True})
-        assert (text, reason) == (cut.choices[0].text, "stop")
+
+
+def test_stop_strings_cut_the_text(bundled):
+    """The bundled checkpoint continues "def f(x):" with a fixed greedy text (S mode) that holds " and" twice and
+    "return" once: a stop string cuts before its first occurrence, streamed or not; of two stop strings the earlier
+    occurrence wins; a stop string that never occurs changes nothing. Unconditional: the text is checked first."""
+    loaded, url = bundled
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    kw = dict(model="tiny-bd", prompt="def f(x):", max_tokens=24, extra_body={"mode": "S"})
+    full = client.completions.create(**kw).choices[0].text
+    g, _ = engine(loaded, "def f(x):", {"mode": "S"})
+    assert full == loaded.tokenizer.decode(g.tokens)
+    assert full.count(" and") == 2 and full.index("return") < full.index(" and"), full
+    for stop, cut_at in (([" and"], full.index(" and")), ([" and", "return"], full.index("return")),
+                         (["return", " and"], full.index("return"))):
+        r = client.completions.create(stop=stop, **kw).choices[0]
+        assert (r.text, r.finish_reason) == (full[:cut_at], "stop"), stop
+        assert streamed(client, stop=stop, **kw)[:2] == (full[:cut_at], "stop"), stop
+    r = client.completions.create(stop=["never occurs"], **kw).choices[0]
+    assert r.text == full
 
 
 def test_sampling_with_seed_is_reproducible(client):

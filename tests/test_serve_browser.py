@@ -6,10 +6,12 @@ where Chromium is not installed."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra (pip install -e '.[test]')")
 
@@ -18,13 +20,21 @@ from cli_helpers import run_cli  # noqa: E402
 from serve_helpers import running_server  # noqa: E402
 
 CHROMIUM = find_chromium()
+DRAWN_SLOTS = """(() => {
+  const slots = [...document.querySelectorAll('#canvas .slot')];
+  const end = slots.findIndex((s) => s.classList.contains('eos'));
+  return slots.slice(0, end < 0 ? slots.length : end).map((s) => s.textContent).join('');
+})()"""
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium); "
                                                          "the live-view browser test needs a headless browser")
 
 
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "tiny-bd"  # trained: its tokens are whole characters
+
+
 @pytest.fixture(scope="module")
-def server(tiny_bd_dir, tmp_path_factory):
-    with running_server(tiny_bd_dir, log=tmp_path_factory.mktemp("serve") / "server.log") as url:
+def server(tmp_path_factory):
+    with running_server(BUNDLED, log=tmp_path_factory.mktemp("serve") / "server.log") as url:
         yield url
 
 
@@ -42,20 +52,28 @@ def test_page_decodes_a_prompt_like_the_api(server, browser, tmp_path, mode):
     browser.wait("document.getElementById('status').textContent.startsWith('done')", 60)
     shown = browser.evaluate("document.getElementById('final').textContent")
     api = httpx.post(server + "/v1/completions", json={"prompt": prompt, "mode": mode, "max_tokens": n}, timeout=30)
-    assert shown == api.json()["choices"][0]["text"]
+    text = api.json()["choices"][0]["text"]
+    assert shown == text and text.strip()
     steps = int(browser.evaluate("document.getElementById('step').textContent"))
     assert steps == api.json()["blockdiff"]["forwards"] and steps > 0
-    assert browser.evaluate("document.querySelectorAll('#canvas .slot').length") > 0
+    # the canvas as drawn: its slots up to the first EOS spell the API's text (newlines drawn as a return arrow),
+    # none of them still masked
+    drawn = browser.evaluate(DRAWN_SLOTS)
+    assert "\u2592" not in drawn and drawn.replace("\u21b5", "\n") == text, (drawn, text)
     shot = tmp_path / f"viz-{mode}.png"
     browser.screenshot(shot)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+    box = browser.evaluate("(() => { const r = document.getElementById('canvas').getBoundingClientRect(); "
+                           "return [r.left, r.top, r.right, r.bottom].map(Math.round); })()")
+    with Image.open(shot) as img:  # the slots are painted: many colours (glyphs, confidence shades), not a blank box
+        colours = img.convert("RGB").crop(tuple(box)).getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 20, colours
     assert browser.evaluate("document.getElementById('errors').textContent") == "0"
     assert browser.errors() == []
 
 
-def test_page_replays_a_trace(server, browser, tiny_bd_dir, tmp_path):
+def test_page_replays_a_trace(server, browser, tmp_path):
     trace = tmp_path / "trace.jsonl"
-    code, _, err = run_cli(["generate", "--model", tiny_bd_dir, "--prompt", "add 1+2=", "--mode", "S",
+    code, _, err = run_cli(["generate", "--model", BUNDLED, "--prompt", "add 1+2=", "--mode", "S",
                             "--max-new-tokens", 12, "--trace", trace])
     assert code == 0, err
     done = [json.loads(x) for x in trace.read_text().splitlines() if '"done"' in x][0]
