@@ -15,8 +15,9 @@ pref: held-out preference pairs; accuracy = fraction with ELBO(chosen) > ELBO(re
 shared noise draws (fixed seed), full t range; also with the ELBO over the answer up to its first EOS only.
 reward: mean exact-answer reward on held-out prompts, greedy (= accuracy) and sampled (G = 4 at temperature 0.8,
 what EBPO optimises).
-Each model is evaluated on the same prompts in the same run. Writes bench/results/posttrain-NAME-DATE.{md,json},
-prints the table, then one JSON line.
+Each model is evaluated on the same prompts in the same run. Prints the table, then one JSON line, and writes
+posttrain-NAME-DATE.{md,json} to --out: runs/bench by default (git-ignored: a rerun leaves nothing untracked in the
+repository); `--out bench/results` records a result to commit beside the others, `--no-save` writes nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
 
 from blockdiff.data.chat_template import ChatTemplate, answer_text, encode_prompt  # noqa: E402
 from blockdiff.data.post_data import read_pairs, task_prompt  # noqa: E402
@@ -94,6 +96,9 @@ def main() -> None:
     p.add_argument("--mode", default="threshold", help="decoding mode: threshold (LLaDA2.0), S or Q (LLaDA2.1 M2T+T2T)")
     p.add_argument("--pairs", default="runs/post-data/pairs_valid.jsonl")
     p.add_argument("--name", default=None, help="results file name (default: the metric)")
+    p.add_argument("--out", default=str(REPO / "runs" / "bench"),
+                   help="folder for posttrain-NAME-DATE.{md,json} (bench/results: a result to commit)")
+    p.add_argument("--no-save", action="store_true", help="print only, write no result files")
     p.add_argument("--note", default="", help="a line for the markdown (what the models are)")
     p.add_argument("--split", default="heldout", choices=("heldout", "train"),
                    help="prompts: held-out tasks (default) or the train-split tasks an RL run trained on")
@@ -156,12 +161,14 @@ def main() -> None:
             lines.append(f"| {name} | `{models[name]}` | {r['greedy_reward']:.3f} | {r['sampled_reward']:.3f} | {r['tpf']:.2f} |")
     md = "\n".join(lines) + "\n"
     print(md)
-    out = Path(__file__).parent / "results" / f"posttrain-{a.name or a.metric}-{date}"
-    out.parent.mkdir(exist_ok=True)
     record = {"bench": "posttrain", "metric": a.metric, "name": a.name or a.metric, "date": date, "machine": machine,
               "threshold": a.threshold, "mode": a.mode, "n": a.n, "models": models, "results": rows}
-    out.with_suffix(".md").write_text(md)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    if not a.no_save:
+        out = Path(a.out) / f"posttrain-{a.name or a.metric}-{date}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(md)
+        out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}", file=sys.stderr)
     print(json.dumps(record))
 
 

@@ -506,3 +506,33 @@ def test_parse_decoding_refuses_a_bad_value_naming_the_field(name, value):
     with pytest.raises(APIError) as e:
         parse_decoding({name: value}, DecodeConfig(block_size=32), max_tokens_limit=512)
     assert e.value.status == 400 and e.value.param == name and e.value.message.startswith(f"{name}: ")
+
+
+def test_an_unknown_field_is_a_400_naming_it_and_the_openai_fields_are_accepted(server, client):
+    """A misspelt field (`max_token`) is refused naming it, with the closest known field, as OpenAI answers; every
+    field the openai client can send is either honoured, accepted as a no-op (user, metadata, ...) or refused only
+    when it asks for something this server does not do."""
+    for path, body, name in (("/v1/completions", {"prompt": "a", "max_token": 4}, "max_token"),
+                             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                                       "temprature": 0.5}, "temprature"),
+                             ("/v1/completions", {"prompt": "a", "blocksize": 4}, "blocksize")):
+        r = httpx.post(server + path, json=body, timeout=30)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == name and err["message"].startswith(f"{name}: unrecognized"), err
+    assert "did you mean max_tokens" in httpx.post(server + "/v1/completions", json={"prompt": "a", "max_token": 4},
+                                                   timeout=30).json()["error"]["message"]
+    r = client.completions.create(model="model", prompt="add 1+2=", max_tokens=3, user="u", seed=1, n=1, best_of=1,
+                                  echo=False, frequency_penalty=0, presence_penalty=0, logit_bias={}, temperature=0,
+                                  top_p=1, stream_options=None, suffix=None)
+    assert r.usage.completion_tokens <= 3
+    msgs = [{"role": "user", "content": "add 1+2="}]
+    r = client.chat.completions.create(model="model", messages=msgs, max_completion_tokens=3, user="u",
+                                       metadata={"k": "v"}, store=False, service_tier="auto", n=1, seed=2,
+                                       parallel_tool_calls=False, tool_choice="none", reasoning_effort="low",
+                                       response_format={"type": "text"}, modalities=["text"], verbosity="low",
+                                       safety_identifier="s", prompt_cache_key="k", top_logprobs=0, logprobs=False)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    r = httpx.post(server + "/v1/chat/completions", timeout=30,
+                   json={"messages": msgs, "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"

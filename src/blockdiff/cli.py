@@ -7,21 +7,61 @@
     blockdiff merge      average the top-k checkpoints of a run by validation ELBO
     blockdiff generate   decode prompts (one batch) with the engine: threshold, S/Q editing, ...; --stream, --trace
     blockdiff chat       interactive chat with the chat template, decoded by the same engine
+    blockdiff serve      OpenAI-compatible HTTP server with continuous batching and the live denoising view
+    blockdiff eval       several checkpoints side by side on held-out prompts: accuracy, TPF, the frontier plot
+    blockdiff plan       per-device memory of a training run on N devices, from config.json and the recipe
     blockdiff show-trace replay a --trace file step by step (unmasking and edits)
     blockdiff import-gguf import a GGUF checkpoint (llama.cpp) once into an HF folder (docs/real-model.md)
+
+`blockdiff <command> --help` lists a command's flags. Nothing heavy is imported before the arguments parse (torch
+loads when a command runs), so help and a mistyped path answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Callable
+
+from . import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+class _LazyHelp(str):
+    """A help text computed only when help is printed, because computing it needs a heavy import."""
+
+    def __new__(cls, make: Callable[[], str]):
+        text = super().__new__(cls, "(computed when help is printed)")
+        text.make = make
+        return text
+
+
+class _LazySubParsers(argparse._SubParsersAction):
+    """Subcommands whose parser is built only when chosen: a verb whose flags need a heavy import at build time (eval's
+    module imports torch) is a stub until then, so `blockdiff --help` and the other verbs never pay for it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy: dict[str, Callable] = {}
+
+    def add_lazy(self, name: str, help: str, build: Callable) -> None:
+        self.add_parser(name, help=help)
+        self.lazy[name] = build
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        build = self.lazy.pop(values[0], None)
+        if build is not None:  # replace the stub by the real parser
+            del self._name_parser_map[values[0]]
+            self._choices_actions = [a for a in self._choices_actions if a.dest != values[0]]
+            build(self)
+        super().__call__(parser, namespace, values, option_string)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -29,7 +69,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     switches, or help texts that already state their default."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
+        text = action.help.make() if isinstance(action.help, _LazyHelp) else action.help or ""
         if (action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text
                 or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))):
             return text
@@ -78,8 +118,19 @@ def cmd_make_data(args) -> int:
     return 0
 
 
+def _existing(path: str, what: str) -> Path:
+    """A path a command reads, checked before its heavy imports so that a mistyped path is one line at once (the
+    loaders check the contents)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(errno.ENOENT, f"{what} not found", path)
+    return Path(path)
+
+
 def _run_recipe(args):
     """The recipe of a recipe-running command (convert, train): --recipe with --set and --model applied."""
+    _existing(args.recipe, "recipe file")
+    if args.model:
+        _existing(args.model, "model folder")
     from .train.recipe import load_recipe
 
     overrides = _parse_set(args.set)
@@ -89,9 +140,9 @@ def _run_recipe(args):
 
 
 def cmd_convert(args) -> int:
+    recipe = _run_recipe(args)
     from .convert import print_report, run_conversion
 
-    recipe = _run_recipe(args)
     res = run_conversion(recipe, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if res.report:  # empty on torchrun ranks other than 0
         print_report(res.report)
@@ -100,10 +151,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
+    recipe = _run_recipe(args)
     from .train.loop import train
     from .train.recipe import RecipeError
 
-    recipe = _run_recipe(args)
     if recipe.objective.kind != args.kind:
         raise RecipeError(f"{args.recipe}: [objective] kind is {recipe.objective.kind!r} but the command is "
                           f"`blockdiff train {args.kind}`; use a {args.kind} recipe")
@@ -117,12 +168,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .train.merge import merge_top_k
-
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     if args.block_size is not None and args.block_size < 1:
         raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
+    _existing(args.run, "run folder")
+    from .train.merge import merge_top_k
+
     res = merge_top_k(args.run, args.k, args.out, block_size=args.block_size)
     for c, nll in res.chosen:
         print(f"  {c.name}: val NLL {nll:.4f} nats/token")
@@ -133,16 +185,20 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _decode_config(args, loaded):
-    """The decoding flags as a DecodeConfig for this checkpoint; errors name the flag, not the field."""
+def _decode_config(args):
+    """The decoding flags as a DecodeConfig, checked before anything loads; errors name the flag, not the field.
+    --block-size 0 leaves the block size to the checkpoint: the caller resolves it with `.for_model(model)`."""
     import dataclasses
 
-    from .decode.engine import DecodeConfig
+    from .decode.config import MODES, DecodeConfig
 
-    if args.mode == "joint" and (args.threshold is None or args.edit_threshold is None):
+    mode = {m.lower(): m for m in MODES}.get(args.mode.lower())  # any case: --mode s is S
+    if mode is None:
+        raise ValueError(f"--mode {args.mode}: not a decoding mode; choose one of {', '.join(MODES)}")
+    if mode == "joint" and (args.threshold is None or args.edit_threshold is None):
         raise ValueError("--mode joint takes your thresholds: give --threshold and --edit-threshold "
                          "(S and Q are the presets)")
-    fields = dict(mode=args.mode, block_size=args.block_size, steps=args.steps, threshold=args.threshold,
+    fields = dict(mode=mode, block_size=args.block_size or None, steps=args.steps, threshold=args.threshold,
                   edit_threshold=args.edit_threshold, max_post_steps=args.max_post_steps,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, ignore_eos=args.ignore_eos, repeat_penalty=args.repeat_penalty,
@@ -154,7 +210,7 @@ def _decode_config(args, loaded):
     if args.block_size is not None and args.block_size < 0:
         raise ValueError(f"--block-size must be >= 0 (0 = the model's), got {args.block_size}")
     try:
-        return loaded.decode_config(**fields)
+        return DecodeConfig(**fields)
     except ValueError as e:
         raise ValueError(_flags(str(e), [f.name for f in dataclasses.fields(DecodeConfig)])) from None
 
@@ -210,11 +266,6 @@ class _StreamPrinter:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from .decode.engine import find_stop
-    from .load import load_checkpoint
-
     texts = list(args.prompt or [])
     if args.prompt_file:
         texts += _read_prompt_file(args.prompt_file)
@@ -223,6 +274,13 @@ def cmd_generate(args) -> int:
     if args.stream and len(texts) > 1:
         raise ValueError(f"--stream prints one prompt as it decodes; got {len(texts)} prompts (drop --stream to "
                          "decode them as one batch)")
+    _existing(args.model, "model folder")
+    cfg = _decode_config(args)
+    import torch
+
+    from .decode.engine import find_stop
+    from .load import load_checkpoint
+
     threads = _threads(args)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -233,7 +291,7 @@ def cmd_generate(args) -> int:
         if not ids:
             raise ValueError(f"prompt {k + 1} is empty after tokenisation")
     info = loaded.info
-    cfg = _decode_config(args, loaded)
+    cfg = cfg.for_model(loaded.model)
     try:
         gens, seconds = _generate(args, loaded, prompts, cfg, gen)
     except ValueError as e:  # the engine's checks (context length, prompt tokens) speak of fields: say the flags
@@ -305,6 +363,8 @@ def cmd_chat(args) -> int:
     """Interactive chat: each user line is appended to the conversation, the conversation is rendered with the
     tokenizer's chat template (the documented default when it has none, data/chat_template.py) and decoded with the engine;
     the reply is cut at the template's end-of-turn marker. /reset clears the history, /exit (or EOF) quits."""
+    _existing(args.model, "model folder")
+    cfg = _decode_config(args)
     import torch
 
     from .data.chat_template import ChatTemplate, answer_text
@@ -315,7 +375,7 @@ def cmd_chat(args) -> int:
     loaded = load_checkpoint(args.model)
     tok = loaded.tokenizer
     template = ChatTemplate(tok)
-    cfg = _decode_config(args, loaded)
+    cfg = cfg.for_model(loaded.model)
     _note_decoding_kind(args, loaded)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
@@ -343,11 +403,11 @@ def cmd_chat(args) -> int:
 
 
 def cmd_show_trace(args) -> int:
-    from .decode.trace import read_trace, render_trace
-
     path = Path(args.trace)
     if not path.is_file():
         raise FileNotFoundError(f"trace file {path} does not exist")
+    from .decode.trace import read_trace, render_trace
+
     for line in render_trace(read_trace(path), args.row):
         print(line)
     return 0
@@ -376,20 +436,25 @@ def _add_run_args(p, recipe_example: str, out_help: str, model_help: str, set_ex
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _add_decoding_args(g) -> None:
-    from .decode.engine import MODES
+def _mode_help() -> str:
+    """--mode's help: every mode with its default thresholds, read from MODES (the one place they are declared;
+    imported only when help is printed, as it imports torch)."""
+    from .decode.config import MODES
 
     about = {"threshold": "LLaDA2.0", "S": "LLaDA2.1 speed", "Q": "LLaDA2.1 quality", "joint": "LLaDA2.1, your thresholds",
              "dinfer": "dInfer threshold", "factor": "Fast-dLLM factor rule", "credit": "dInfer credit",
              "spec": "lossless self-speculation, the checkpoint's own AR output; threshold cuts its drafts"}
 
-    def defaults(mode: str) -> str:  # the thresholds come from MODES, the one place they are declared
+    def defaults(mode: str) -> str:
         _, m2t, t2t = MODES[mode]
         return f"M2T {m2t}" + (f", T2T {t2t}" if t2t is not None else "")
 
-    g.add_argument("--mode", default="threshold", choices=list(MODES),
-                   help="decoding rule (default thresholds): " + "; ".join(
-                       f"{m} = {about.get(m, m)} ({defaults(m)})" for m in MODES))
+    return "decoding rule, any case (default thresholds): " + "; ".join(
+        f"{m} = {about.get(m, m)} ({defaults(m)})" for m in MODES)
+
+
+def _add_decoding_args(g) -> None:
+    g.add_argument("--mode", default="threshold", metavar="MODE", help=_LazyHelp(_mode_help))
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per prompt (tokens)")
     g.add_argument("--block-size", type=int, default=0,
                    help="block size B in tokens; 0 = the model's trained block size (default: 0)")
@@ -421,7 +486,8 @@ def _add_decoding_args(g) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_LazySubParsers)
     fmt = _HelpFormatter
 
     d = sub.add_parser("make-data", help="write the bundled corpus as jsonl", formatter_class=fmt,
@@ -506,9 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     gg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gg.set_defaults(func=cmd_import_gguf)
 
-    from .eval.command import add_eval_parser
+    def add_eval(sub_):
+        from .eval.command import add_eval_parser  # imports torch (eval/frontier.py): only for `blockdiff eval`
 
-    add_eval_parser(sub, fmt)
+        add_eval_parser(sub_, fmt)
+
+    sub.add_lazy("eval", "evaluate checkpoints side by side (accuracy, TPF, frontier plot)", add_eval)
 
     from .serve.command import add_serve_parser
 
@@ -524,18 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input -> one line `blockdiff <cmd>: error: ...` and exit 2; Ctrl-C -> one line (with how
     to continue a training run) and exit 130; a closed pipe (`... | head`) -> stop quietly."""
     args = build_parser().parse_args(argv)
-    from .data.documents import DataError
-    from .train.loop import TrainingDiverged, TrainingInterrupted
-    from .train.recipe import RecipeError
-
     try:
         return args.func(args)
-    except TrainingInterrupted as e:
-        verb = f"{args.command} {args.kind}" if args.command == "train" else args.command
-        extra = "".join(f" --set {x}" for x in args.set or [])
-        print(f"blockdiff {args.command}: interrupted: {e}; continue with: blockdiff {verb} --recipe {args.recipe} "
-              f"--out {args.out}{' --model ' + args.model if args.model else ''}{extra} --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"blockdiff {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -544,10 +603,28 @@ def main(argv: list[str] | None = None) -> int:
         # about the closed stdout while it shuts down
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (RecipeError, DataError, TrainingDiverged, ValueError, OSError) as e:
-        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-        print(f"blockdiff {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+    except (ValueError, OSError) as e:  # RecipeError and DataError are ValueErrors
+        return _usage_error(args, e)
+    except RuntimeError as e:
+        # training's own ends; imported only here (train.loop imports torch) so that parsing and bad input stay fast
+        from .train.loop import TrainingDiverged, TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):
+            verb = f"{args.command} {args.kind}" if args.command == "train" else args.command
+            extra = "".join(f" --set {x}" for x in args.set or [])
+            print(f"blockdiff {args.command}: interrupted: {e}; continue with: blockdiff {verb} --recipe "
+                  f"{args.recipe} --out {args.out}{' --model ' + args.model if args.model else ''}{extra} --resume",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(e, TrainingDiverged):
+            return _usage_error(args, e)
+        raise
+
+
+def _usage_error(args, e: Exception) -> int:
+    message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+    print(f"blockdiff {args.command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

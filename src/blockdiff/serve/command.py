@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def add_serve_parser(sub, add_decoding_args, decode_config, formatter_class=None) -> None:
-    """Register `blockdiff serve`. `add_decoding_args` / `decode_config` are the CLI's decoding flags and their
-    DecodeConfig (one owner): here they set the defaults of a request that does not set a field."""
+    """Register `blockdiff serve`. `add_decoding_args` / `decode_config(args)` are the CLI's decoding flags and
+    their DecodeConfig (one owner): here they set the defaults of a request that does not set a field."""
     import argparse
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
@@ -83,12 +83,15 @@ def cmd_serve(args, decode_config) -> int:
     _check_limits(args)
     sock = listen(args.host, args.port)
     try:
-        return _serve_on(sock, args, decode_config)
+        if not Path(args.model).exists():
+            raise FileNotFoundError(errno.ENOENT, "model folder not found", args.model)
+        base = decode_config(args)  # the decoding flags, checked before the model loads
+        return _serve_on(sock, args, base)
     finally:
         sock.close()
 
 
-def _serve_on(sock: socket.socket, args, decode_config) -> int:
+def _serve_on(sock: socket.socket, args, base) -> int:
     try:
         from .server import ServeSettings, create_app, serve
     except ImportError as e:
@@ -101,7 +104,7 @@ def _serve_on(sock: socket.socket, args, decode_config) -> int:
     threads = set_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     loaded = load_checkpoint(args.model, device=device)
-    base = decode_config(args, loaded)
+    base = base.for_model(loaded.model)
     ar = args.ar or not loaded.is_diffusion
     name = args.served_model_name or Path(args.model).resolve().name
     settings = ServeSettings(model_name=name, base=base, ar=ar, max_running=args.max_running,

@@ -5,18 +5,40 @@ the error JSON OpenAI clients expect: {"error": {"message", "type", "param", "co
 OpenAI API (`max_tokens`, `temperature`, `top_p`, `stop`, `stream`, `stream_options.include_usage`, `seed`, `n`);
 the block-diffusion ones are extra body fields (`mode`, `threshold`, `edit_threshold`, `block_size`, `steps`,
 `max_post_steps`, `factor`, `draft_len`, `top_k`, `repeat_penalty`, `eos_fill`, `ignore_eos`, `stream_denoise`), each
-defaulting to the server's DecodeConfig (docs/serving.md). Unknown fields are ignored, as the OpenAI API does.
+defaulting to the server's DecodeConfig (docs/serving.md). A field no API knows (`max_token`) is a 400 naming it,
+as the OpenAI API answers; OpenAI fields that do not change the output here (`user`, `metadata`, ...) are accepted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 
 from ..decode.config import MAX_DRAFT_LEN, MODES, DecodeConfig
 
 MAX_STOP = 16  # stop strings per request
 MAX_N = 16  # choices per request (rows)
+
+# the numeric decoding fields: (request field = DecodeConfig field, low, high, integer); top_p and factor exclude low
+DECODING_NUMBERS = (("temperature", 0, 2, False), ("top_p", 0, 1, False), ("threshold", 0, 1, False),
+                    ("edit_threshold", 0, 1, False), ("top_k", 0, 1 << 20, True), ("steps", 1, 4096, True),
+                    ("max_post_steps", 0, 1024, True), ("factor", 0, 1e6, False),
+                    ("draft_len", 0, MAX_DRAFT_LEN, True), ("window", 0, 4096, True),
+                    ("repeat_penalty", 0, 1e4, False), ("block_size", 1, 4096, True))
+DECODING_SWITCHES = ("eos_fill", "ignore_eos")
+# OpenAI fields refused when set to anything but their "off" value, and those accepted because they do not change
+# the output here (metadata, routing and caching hints)
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "tools", "functions", "audio",
+               "prediction", "web_search_options")
+TEXT_ONLY = {"response_format": {"type": "text"}, "modalities": ["text"]}  # accepted with this value only
+IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_options",
+           "prompt_cache_retention", "safety_identifier", "moderation", "parallel_tool_calls", "tool_choice",
+           "function_call", "reasoning_effort", "verbosity")
+KNOWN_FIELDS = frozenset(("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "mode", "n", "seed",
+                          "stop", "stream", "stream_options", "stream_denoise", "presence_penalty", "frequency_penalty",
+                          *(name for name, *_ in DECODING_NUMBERS), *DECODING_SWITCHES, *UNSUPPORTED, *TEXT_ONLY,
+                          *IGNORED))
 
 
 class APIError(Exception):
@@ -102,20 +124,11 @@ def parse_decoding(body: dict, base: DecodeConfig, *, max_tokens_limit: int) -> 
         if mode not in MODES:
             raise bad("mode", f"unknown decoding mode {mode!r}; allowed: {', '.join(MODES)}")
         f["mode"] = mode
-    for name, key, lo, hi, integer in (("temperature", "temperature", 0, 2, False), ("top_p", "top_p", 0, 1, False),
-                                       ("threshold", "threshold", 0, 1, False),
-                                       ("edit_threshold", "edit_threshold", 0, 1, False),
-                                       ("top_k", "top_k", 0, 1 << 20, True), ("steps", "steps", 1, 4096, True),
-                                       ("max_post_steps", "max_post_steps", 0, 1024, True),
-                                       ("factor", "factor", 0, 1e6, False),
-                                       ("draft_len", "draft_len", 0, MAX_DRAFT_LEN, True),
-                                       ("window", "window", 0, 4096, True),
-                                       ("repeat_penalty", "repeat_penalty", 0, 1e4, False),
-                                       ("block_size", "block_size", 1, 4096, True)):
+    for name, lo, hi, integer in DECODING_NUMBERS:
         v = _number(body, name, lo, hi, integer=integer, lo_open=name in ("top_p", "factor"))
         if v is not None:
-            f[key] = v
-    for name in ("eos_fill", "ignore_eos"):
+            f[name] = v
+    for name in DECODING_SWITCHES:
         v = _typed(body, name, bool, "a boolean")
         if v is not None:
             f[name] = v
@@ -128,12 +141,19 @@ def parse_decoding(body: dict, base: DecodeConfig, *, max_tokens_limit: int) -> 
 
 def parse_common(body: dict, base: DecodeConfig, *, max_tokens_limit: int, chat: bool) -> GenRequest:
     """The fields completions and chat share (the prompt is set by the caller)."""
-    for name in ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "tools", "functions"):
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], KNOWN_FIELDS, n=1)
+        raise bad(unknown[0], "unrecognized request argument" + (f" (did you mean {close[0]}?)" if close else ""))
+    for name in UNSUPPORTED:
         v = body.get(name)
         if name == "best_of" and v == 1 and v is not True:
             continue
         if v is True or v not in (None, False, 0, [], {}):  # only the "off" values
             raise bad(name, "is not supported by this server")
+    for name, only in TEXT_ONLY.items():
+        if body.get(name) not in (None, only):
+            raise bad(name, f"only {only} is supported by this server")
     for name in ("presence_penalty", "frequency_penalty"):
         v = _number(body, name, -2, 2)
         if v:
