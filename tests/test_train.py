@@ -305,6 +305,28 @@ def test_divergence_stops_before_saving(what, tiny_ar_dir, tiny_data, tmp_path, 
 
 
 # ------------------------------------------------------------------------------ refusals
+def test_resume_without_a_run_refuses_and_a_finished_run_trains_nothing(run_a, tiny_ar_dir, tiny_data, tmp_path, capsys):
+    """Issue 21 item 13: `--resume` with nothing to resume used to start the whole run from step 0 after one line;
+    now it refuses (saying how to start) and creates nothing. A finished run resumed again trains no step and
+    says so."""
+    from cli_helpers import assert_usage_error, run_cli
+    from test_cli_errors import write_recipe
+
+    recipe, run_dir, _ = run_a
+    with pytest.raises(FileNotFoundError, match="without --resume"):
+        train(recipe, tmp_path / "none", progress=False, resume=True)
+    assert not (tmp_path / "none").exists()
+    toml = write_recipe(tmp_path, tiny_ar_dir, tiny_data)
+    code, _, err = run_cli(["convert", "--recipe", toml, "--out", tmp_path / "none", "--resume", "--no-progress"])
+    assert_usage_error(code, err, "convert", "holds no checkpoint", "without --resume")
+    assert not (tmp_path / "none").exists()
+    lines = (run_dir / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert train(recipe, run_dir, progress=False, resume=True).steps == recipe.total_steps
+    assert "already finished its 10 steps: nothing to train" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").read_bytes() == lines
+
+
 def test_refuses_to_overwrite_a_run(run_a):
     recipe, run_dir, _ = run_a
     before = (run_dir / "metrics.jsonl").read_bytes()

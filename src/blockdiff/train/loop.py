@@ -153,6 +153,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, overwrite: bool = False, **kw)
     checkpoint a --resume continues from (the step in progress is lost, nothing half-written is kept); a run that
     fails before its first checkpoint removes the folder it created. `overwrite` first deletes a previous run there."""
     run_dir = Path(run_dir)
+    if kw.get("resume") and (not run_dir.is_dir() or ckpt_io.latest_checkpoint(run_dir) is None):
+        raise FileNotFoundError(f"--resume: {run_dir} holds no checkpoint to continue (no {run_dir}/checkpoints/"
+                                "step_*); to start the run, give the same command without --resume")
     if overwrite:
         if kw.get("resume"):
             raise ValueError("--overwrite deletes the run that --resume would continue: give one of them")
@@ -225,14 +228,15 @@ def _train(
     evals: list[dict] = []
     prior_wall, prior_tokens = 0.0, 0  # wall time and tokens of the steps before a resume (the report covers all)
     latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
-    if resume and latest is None:
-        print(f"[blockdiff] no checkpoint in {run_dir}/checkpoints: starting from step 0")
     if latest is not None:
         state = ckpt_io.load_resume_state(latest, model, optimizer, generator, dist)
         stream.load_state_dict(state["data"])
         start, evals = state["step"], state.get("evals", [])
         prior_wall, prior_tokens = state.get("wall_s", 0.0), state.get("tokens", 0)
-        print(f"[blockdiff] resumed from {latest} at step {start}")
+        if start >= schedule.total_steps and dist.main:
+            print(f"[blockdiff] {run_dir} already finished its {schedule.total_steps} steps: nothing to train")
+        else:
+            print(f"[blockdiff] resumed from {latest} at step {start}")
     elif any((run_dir / "checkpoints").glob("step_*")):
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue or choose a new --out")
     log = MetricsLog(run_dir / "metrics.jsonl", truncate_from_step=start) if dist.main else parallel.Discard()
