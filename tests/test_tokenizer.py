@@ -163,3 +163,40 @@ def test_errors_name_folder_and_file(raw, tmp_path):
         load_tokenizer(tmp_path / "empty")
     with pytest.raises(ValueError, match="not in the tokenizer"):
         save_tokenizer(raw, tmp_path / "x", eos_token="</s>")
+
+
+# Special tokens as Qwen2.5 / Qwen3 and Llama 3 add them after the byte-level BPE vocabulary (a subset of each).
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>", "<|fim_pad|>"]
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|reserved_special_token_1|>"]
+
+
+@pytest.mark.parametrize("family", ["qwen", "llama"])
+def test_with_mask_token_on_qwen_and_llama_layouts(family, texts, tmp_path):
+    """A byte-level BPE with its special tokens added after the merges (ids past the BPE vocabulary, as in Qwen and
+    Llama 3) and no mask token: `<|mask|>` is appended after the last special, every existing id and encoding is
+    unchanged, and the mask encodes as one special token. A token string that already exists is reused, not added
+    (so its row is a trained one: train/loop.py prepare_model leaves it alone)."""
+    import tokenizers
+
+    specials = QWEN_SPECIALS if family == "qwen" else LLAMA_SPECIALS
+    t = train_bpe_tokenizer(texts, 300, [])
+    t.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in specials])
+    eos, bos = ("<|endoftext|>", None) if family == "qwen" else ("<|eot_id|>", "<|begin_of_text|>")
+    save_tokenizer(t, tmp_path / "t", eos_token=eos, bos_token=bos)
+    tok = load_tokenizer(tmp_path / "t")
+    assert tok.mask_id is None and tok.vocab_size == 300 + len(specials)
+    assert [tok.token_to_id(s) for s in specials] == list(range(300, 300 + len(specials)))
+
+    masked = tok.with_mask_token()
+    assert masked.mask_id == tok.vocab_size and masked.vocab_size == tok.vocab_size + 1
+    assert (masked.eos_id, masked.bos_id, masked.pad_id, masked.eos_ids) == (tok.eos_id, tok.bos_id, tok.pad_id,
+                                                                             tok.eos_ids)
+    text = "".join(specials) + SAMPLES[0] + specials[1] + SAMPLES[4]
+    assert masked.encode(text) == tok.encode(text)
+    ids = masked.encode("a<|mask|>b")
+    assert ids == tok.encode("a") + [masked.mask_id] + tok.encode("b")
+    assert masked.decode(ids, skip_special_tokens=True) == "ab"
+
+    assert tok.with_mask_token(specials[-1]).mask_id == tok.token_to_id(specials[-1])  # reused: no new id
+    assert tok.with_mask_token(specials[-1]).vocab_size == tok.vocab_size

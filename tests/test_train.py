@@ -342,3 +342,65 @@ def test_bad_data_fails_before_any_checkpoint(tiny_ar_dir, tiny_data, tmp_path):
     with pytest.raises(DataError, match=rf"{bad}:3: invalid JSON"):
         train(recipe, tmp_path / "run", progress=False)
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+# ------------------------------------------------------------------ the [MASK] row of a tokenizer without one
+def _model_dir_with_specials_last(folder, *, padding_rows: int, tied: bool):
+    """A random tiny model whose tokenizer is laid out like Qwen's / Llama 3's (byte-level BPE, then the special
+    tokens added after it) and has no mask token; its table has `padding_rows` rows past the tokenizer (Qwen:
+    151,936 rows for 151,669 tokens), filled with values far from the trained rows' mean."""
+    from tokenizers import AddedToken
+    from conftest import tiny_texts
+
+    from blockdiff.data.tokenizer import save_tokenizer, train_bpe_tokenizer
+    from blockdiff.model.config import ModelConfig
+    from blockdiff.model.hf_io import save_pretrained
+    from blockdiff.model.transformer import Transformer
+
+    raw = train_bpe_tokenizer(tiny_texts(100, 5_000), 300, [])
+    raw.add_special_tokens([AddedToken(s, special=True, normalized=False)
+                            for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    save_tokenizer(raw, folder, eos_token="<|endoftext|>")
+    n = raw.get_vocab_size()
+    cfg = ModelConfig(family="llama", vocab_size=n + padding_rows, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=tied, max_position_embeddings=64)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for w in {id(p): p for p in (model.tok_embeddings.weight, model.output.weight)}.values():
+            w[n:] = 5.0  # untrained padding rows: not what a [MASK] row should start from
+    save_pretrained(model, folder, tokenizer=load_tokenizer(folder))
+    return n
+
+
+@pytest.mark.parametrize("padding_rows, tied", [(8, False), (8, True), (0, True), (0, False)],
+                         ids=["qwen-padding-untied", "qwen-padding-tied", "llama-tied", "llama-untied"])
+def test_new_mask_row_is_the_mean_of_trained_rows(tmp_path, tiny_data, padding_rows, tied):
+    """The tokenizer has no mask token: `<|mask|>` gets the next id, which lies inside the table when the table has
+    padding rows (no row is added) and past it otherwise (the table grows). Either way its embedding (and untied
+    head) row is the mean of the rows below the tokenizer's size, and every other row is unchanged."""
+    n = _model_dir_with_specials_last(tmp_path / "m", padding_rows=padding_rows, tied=tied)
+    before = load_pretrained(tmp_path / "m")
+    model, tok = loop.prepare_model(make_recipe(tmp_path / "m", tiny_data), torch.device("cpu"))
+    assert tok.mask_id == n and tok.vocab_size == n + 1
+    assert model.cfg.vocab_size == max(n + padding_rows, n + 1)
+    assert (model.output.weight is model.tok_embeddings.weight) == tied
+    for name in ("tok_embeddings", "output"):
+        old, new = getattr(before, name).weight, getattr(model, name).weight
+        torch.testing.assert_close(new[tok.mask_id], old[:n].mean(0), rtol=0, atol=1e-6)
+        others = torch.arange(len(old)) != tok.mask_id
+        assert torch.equal(new[:len(old)][others], old[others])
+
+
+def test_existing_mask_row_is_kept(tiny_bd_dir, tiny_data, tmp_path):
+    """A checkpoint whose tokenizer has a mask token (a converted one) keeps its [MASK] row as trained."""
+    from blockdiff.model.hf_io import save_pretrained
+
+    model = load_pretrained(tiny_bd_dir)
+    mask_id = model.cfg.diffusion.mask_token_id
+    with torch.no_grad():
+        model.tok_embeddings.weight[mask_id] = 3.0  # a trained row, not the mean of the others
+    save_pretrained(model, tmp_path / "bd", tokenizer=load_tokenizer(tiny_bd_dir))
+    got, tok = loop.prepare_model(make_recipe(tmp_path / "bd", tiny_data), torch.device("cpu"))
+    assert tok.mask_id == mask_id
+    assert torch.equal(got.tok_embeddings.weight, model.tok_embeddings.weight)

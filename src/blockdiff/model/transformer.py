@@ -165,14 +165,8 @@ class Transformer(DecoderLM):
 
 
 def resize_vocab(model: Transformer, new_size: int) -> None:
-    """Grow the embedding (and untied head) to `new_size` rows, e.g. to add a [MASK] token.
-
-    New rows are initialised to the mean of the existing rows (embedding and head alike): a token that starts
-    "average" perturbs no existing logit ranking much and has a non-degenerate norm. LLaDA2 found that
-    re-initialising the mask embedding hurt (forgetting); for an added token there is nothing to keep, so the
-    mean is the neutral choice (the same default as HF's `resize_token_embeddings(mean_resizing=True)` uses for
-    its mean).
-    """
+    """Grow the embedding (and untied head) to `new_size` rows, e.g. to add a [MASK] token; the new rows start at
+    the mean of the existing ones (`init_rows_to_mean`)."""
     old = model.tok_embeddings.weight
     n_old, d = old.shape
     if new_size < n_old:
@@ -183,7 +177,6 @@ def resize_vocab(model: Transformer, new_size: int) -> None:
     emb = nn.Embedding(new_size, d, device=old.device, dtype=old.dtype)
     with torch.no_grad():
         emb.weight[:n_old] = old
-        emb.weight[n_old:] = old.mean(0, keepdim=True)
     model.tok_embeddings = emb
     if tied:
         model.output.weight = emb.weight
@@ -191,6 +184,24 @@ def resize_vocab(model: Transformer, new_size: int) -> None:
         head = nn.Linear(d, new_size, bias=False, device=old.device, dtype=old.dtype)
         with torch.no_grad():
             head.weight[:n_old] = model.output.weight
-            head.weight[n_old:] = model.output.weight.mean(0, keepdim=True)
         model.output = head
     model.cfg.vocab_size = new_size
+    init_rows_to_mean(model, range(n_old, new_size), n_old)
+
+
+def init_rows_to_mean(model: Transformer, rows, n_trained: int) -> None:
+    """Set embedding (and untied head) rows `rows` to the mean of rows [0, n_trained), the trained ones.
+
+    A token that starts "average" perturbs no existing logit ranking much and has a non-degenerate norm. LLaDA2
+    found that re-initialising the mask embedding hurt (forgetting); for an added token there is nothing to keep,
+    so the mean is the neutral choice (HF's `resize_token_embeddings(mean_resizing=True)` uses it too). Rows past
+    the tokenizer's size (Qwen's table has ~270 padding rows beyond its 151,6xx tokens) were never trained, so
+    `n_trained` is the tokenizer's size when a new token lands in such a row, not the table's.
+    """
+    rows = torch.as_tensor(list(rows), dtype=torch.long, device=model.tok_embeddings.weight.device)
+    if len(rows) == 0:
+        return
+    tied = model.output.weight is model.tok_embeddings.weight
+    with torch.no_grad():
+        for w in (model.tok_embeddings.weight,) if tied else (model.tok_embeddings.weight, model.output.weight):
+            w[rows] = w[:n_trained].mean(0, keepdim=True)

@@ -26,7 +26,7 @@ from ..load import load_checkpoint
 from ..model import mask_adapter
 from ..model.config import DiffusionInfo
 from ..model.moe_config import as_llada2_moe
-from ..model.transformer import Transformer, resize_vocab
+from ..model.transformer import Transformer, init_rows_to_mean, resize_vocab
 from . import checkpoint as ckpt_io
 from . import parallel
 from .metrics import MetricsLog, plot_curves
@@ -73,8 +73,9 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 def prepare_model(recipe: Recipe, device: torch.device, task: Task | None = None) -> tuple[Transformer, Tokenizer]:
     """Load the starting checkpoint (load.load_checkpoint: tokenizer and mask id checked); for a block-diffusion
-    task, make sure a [MASK] token exists (adding it to the tokenizer and growing embedding + head when absent,
-    see `resize_vocab` for the initialisation) and record the checkpoint's diffusion facts.
+    task, make sure a [MASK] token exists (adding it to the tokenizer and growing embedding + head when the new
+    id lies past the table; a new [MASK] row starts at the mean of the trained rows, `init_rows_to_mean`) and
+    record the checkpoint's diffusion facts.
     A Ling 2.0 (bailing_moe_v2) parent becomes a llada2_moe model (`as_llada2_moe`); its router expert_bias
     is a buffer, so training leaves it frozen (README "Choices")."""
     task = task or make_task(recipe)
@@ -93,9 +94,15 @@ def prepare_model(recipe: Recipe, device: torch.device, task: Task | None = None
                          f"block-diffusion checkpoint, but {recipe.model.path} has none (no blockdiff section in its "
                          "config.json); convert it first")
     if task.diffusion:
+        n_trained = tok.vocab_size  # rows past the tokenizer (Qwen's ~270 padding rows) were never trained
         tok = tok.with_mask_token(recipe.model.mask_token)
         if tok.mask_id >= model.cfg.vocab_size:
             resize_vocab(model, tok.mask_id + 1)
+        if tok.mask_id >= n_trained and not (recipe.adapter.enabled and tok.mask_id < base_vocab):
+            # a new token, in a new row or in an untrained padding row: the mean of the trained rows either way.
+            # Not in the base table under a mask-only adapter: that table is frozen and the adapter folder keeps
+            # only the rows past it (model/mask_adapter.py), so a changed padding row would not be saved.
+            init_rows_to_mean(model, [tok.mask_id], n_trained)
         if model.cfg.family == "bailing_moe_v2":
             as_llada2_moe(model.cfg)
         model.cfg.diffusion = DiffusionInfo(mask_token_id=tok.mask_id,
