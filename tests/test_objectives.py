@@ -57,10 +57,12 @@ def gen(seed: int) -> torch.Generator:
 
 
 class Recorder:
-    """Wraps a model: records the token ids given to `.embed` and each forward's kwargs and logits."""
+    """Wraps a model: records the token ids given to `.embed` and each forward's kwargs and logits (the head applied
+    to the hidden states when the chunked loss asks for those)."""
 
     def __init__(self, model):
         self.model = model
+        self.output = model.output
         self.ids: list[torch.Tensor] = []
         self.calls: list[dict] = []
 
@@ -70,7 +72,8 @@ class Recorder:
 
     def __call__(self, *args, **kw):
         out = self.model(*args, **kw)
-        self.calls.append({**kw, "logits": out.detach().clone()})
+        logits = self.model.output(out) if kw.get("return_hidden") else out
+        self.calls.append({**kw, "logits": logits.detach().clone()})
         return out
 
 
@@ -104,18 +107,21 @@ def ce_of(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ hand-computed loss
 class FakeModel:
-    """Returns fixed logits for the noisy half, records what it was given."""
+    """Returns fixed logits for the noisy half, records what it was given. Its head is the identity, so the
+    chunked loss (which asks for hidden states and applies the head itself) reads the same logits."""
 
     def __init__(self, logits):
         self.logits = logits
         self.ids = None
         self.kw = None
+        self.output = torch.nn.Identity()
 
     def embed(self, ids):
         self.ids = ids.clone()
         return torch.zeros(*ids.shape, 4)
 
-    def __call__(self, input_ids=None, positions=None, mask=None, *, inputs_embeds=None, logits_slice=None):
+    def __call__(self, input_ids=None, positions=None, mask=None, *, inputs_embeds=None, logits_slice=None,
+                 return_hidden=False):
         self.kw = dict(positions=positions, mask=mask, inputs_embeds=inputs_embeds, logits_slice=logits_slice)
         return self.logits
 
@@ -523,3 +529,122 @@ def test_block_size_not_dividing_seq_len_is_rejected():
     cfg = DiffusionLossConfig(mask_token_id=MASK, block_size=5)
     with pytest.raises(ValueError, match="block_size 5 does not divide"):
         diffusion_loss(tiny_model(), {"input_ids": X0}, cfg, generator=gen(0))
+
+
+# ------------------------------------------------------------------------------------ chunked loss head
+CHUNK_CASES = {  # name: DiffusionLossConfig fields; together they cover every term the loss reads logits for
+    "bd": dict(block_size=4),
+    "mdlm": dict(block_size=L),
+    "shift-causal-ar": dict(block_size=4, shift=True, clean_causal=True, ar_weight=0.5),
+    "shift-ar-extra-forward": dict(block_size=4, shift=True, ar_weight=0.5),
+    "t2t-complementary-token-mean": dict(block_size=4, t2t_ratio=1.0, t2t_max_rate=0.5, t2t_vocab=MASK,
+                                         complementary=True, weighting="token_mean"),
+}
+
+
+def _loss_and_grads(loss_fn, seed=8, tied=False):
+    model = tiny_model(seed=seed, tied=tied)
+    loss, metrics = loss_fn(model)
+    loss.backward()
+    return float(loss.detach()), metrics, _grads(model)
+
+
+def _assert_same(a, b):
+    assert a[0] == pytest.approx(b[0], rel=1e-6, abs=1e-7)
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        assert a[1][k] == pytest.approx(b[1][k], rel=1e-5, abs=1e-7), k
+    for n, g in a[2].items():  # fp32, summed in another order: within 1e-5 of the gradient's largest entry
+        err, scale = float((g - b[2][n]).abs().max()), float(b[2][n].abs().max())
+        assert scale > 0 and err <= 1e-5 * scale, f"{n}: max |diff| {err:.2e} vs max |grad| {scale:.2e}"
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 10_000])
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_chunked_loss_equals_full_logits(case, chunk):
+    """Loss, metrics and every parameter's gradient with the head applied `chunk` scored tokens at a time (5 does
+    not divide the ~30 scored tokens; 10_000 is one chunk) equal the full [b, L, V] logits path (chunk 0)."""
+    batch = {"input_ids": X0, "doc_ids": DOC_IDS, "positions": positions_of(DOC_IDS), "loss_mask": LOSS_MASK}
+
+    def run(c):
+        cfg = DiffusionLossConfig(mask_token_id=MASK, t_lo=0.2, t_hi=0.9, loss_chunk_tokens=c, **CHUNK_CASES[case])
+        return _loss_and_grads(lambda m: diffusion_loss(m, batch, cfg, generator=gen(3)), tied=case == "bd")
+
+    _assert_same(run(chunk), run(0))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_chunked_ar_cap_and_elbo_equal_full_logits(chunk):
+    from blockdiff.objectives.cap import CAPConfig, cap_loss
+    from blockdiff.objectives.diffusion import sequence_elbo
+
+    batch = {"input_ids": X0, "doc_ids": DOC_IDS, "positions": positions_of(DOC_IDS)}
+    _assert_same(_loss_and_grads(lambda m: ar_loss(m, batch, chunk_tokens=chunk)),
+                 _loss_and_grads(lambda m: ar_loss(m, batch, chunk_tokens=0)))
+
+    def cap(c):
+        d = DiffusionLossConfig(mask_token_id=MASK, block_size=4, t_lo=0.5, t_hi=1.0, loss_chunk_tokens=c)
+        return lambda m: cap_loss(m, batch, CAPConfig(diffusion=d, lam=2.0), generator=gen(4))
+    _assert_same(_loss_and_grads(cap(chunk)), _loss_and_grads(cap(0)))
+
+    masked = torch.rand(2, L, generator=gen(5)) < 0.5
+    t = torch.full((2, L), 0.5)
+
+    def elbo(c):
+        x_t = torch.where(masked, MASK, X0)
+        return lambda m: (-sequence_elbo(m, X0, x_t, masked, t, block_size=4, shift=True, chunk_tokens=c).sum(), {})
+    _assert_same(_loss_and_grads(elbo(chunk)), _loss_and_grads(elbo(0)))
+
+
+def test_chunked_head_never_sees_more_than_a_chunk():
+    """The memory claim: no [b, L, V] logits. The head is called on at most `chunk` tokens at a time, once per chunk
+    in forward and once more in backward (the recomputation), and only on scored (masked) tokens."""
+    model = tiny_model()
+    seen = []
+    model.output.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    cfg = DiffusionLossConfig(mask_token_id=MASK, block_size=4, t_lo=0.5, t_hi=0.5, loss_chunk_tokens=3)
+    x0, x_t, masked, *_ = noised_inputs({"input_ids": X0}, cfg, gen(2))
+    loss, _ = diffusion_loss(model, {"input_ids": X0}, cfg, generator=gen(2))
+    n_fwd = len(seen)
+    loss.backward()
+    n = int(masked.sum())
+    assert max(seen) <= 3 and sum(seen[:n_fwd]) == n and n_fwd == -(-n // 3)
+    assert len(seen) == 2 * n_fwd  # each chunk recomputed once in backward
+
+
+def test_loss_chunk_tokens_must_be_non_negative():
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        DiffusionLossConfig(loss_chunk_tokens=-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 0])
+def test_scored_ce_equals_full_logits_with_entropy(chunk):
+    """chunked_ce.scored_ce alone: ce, argmax and entropy at the scored positions, and the gradients of a weighted
+    sum of ce and entropy (CAP's two terms) on the hidden states and the head, equal the full-logits computation."""
+    from blockdiff.objectives.chunked_ce import scored_ce, token_entropy
+
+    g = gen(40)
+    head = torch.nn.Linear(8, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, 8, generator=g))
+    h = torch.randn(2, 6, 8, generator=g, requires_grad=True)
+    y, where = torch.randint(0, V, (2, 6), generator=g), torch.rand(2, 6, generator=g) < 0.6
+    w1, w2 = torch.rand(2, 6, generator=g), torch.rand(2, 6, generator=g)
+
+    def grads(ce, ent):
+        head.zero_grad(set_to_none=True)
+        h.grad = None
+        ((ce * w1).sum() + (ent * w2).sum()).backward()
+        return h.grad.clone(), head.weight.grad.clone()
+
+    ce, pred, ent = scored_ce(head, h, y, where, chunk_tokens=chunk, entropy=True)
+    got = grads(ce, ent)
+    logits = head(h)
+    ce0 = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="none").view(2, 6) * where
+    ent0 = token_entropy(logits) * where
+    want = grads(ce0, ent0)
+    torch.testing.assert_close(ce, ce0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent, ent0, rtol=1e-6, atol=1e-6)
+    assert torch.equal(pred, torch.where(where, logits.argmax(-1), -1))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

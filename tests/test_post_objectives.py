@@ -39,9 +39,13 @@ class Toy(torch.nn.Module):
     def embed(self, ids):
         return F.one_hot(ids, V).float()
 
-    def forward(self, ids=None, *, inputs_embeds=None, positions=None, mask=None, logits_slice=None, cache=None):
+    def forward(self, ids=None, *, inputs_embeds=None, positions=None, mask=None, logits_slice=None, cache=None,
+                return_hidden=False):
         h = inputs_embeds if inputs_embeds is not None else self.embed(ids)
         h = h[:, logits_slice] if logits_slice is not None else h
+        return h if return_hidden else self.output(h)
+
+    def output(self, h):  # the head the chunked loss applies itself (objectives/chunked_ce.py)
         return h @ self.W
 
 

@@ -131,11 +131,14 @@ class DecoderLM(nn.Module):
         inputs_embeds: Tensor | None = None,
         cache=None,
         logits_slice: slice | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
         """input_ids [b, T] (or inputs_embeds [b, T, d]), positions [b, T] (default arange),
         mask: bool [b|1, 1, T, K] / BlockMask / None (all visible). Returns logits [b, T, V].
         `logits_slice` limits the head to those positions (e.g. the noisy half of [x_t ; x0]): the head is the
-        largest matmul at real vocab sizes, so skipping positions whose logits are never read saves time."""
+        largest matmul at real vocab sizes, so skipping positions whose logits are never read saves time.
+        `return_hidden` returns the normed final hidden states [b, T, d] instead, for a loss that applies
+        `self.output` itself a chunk at a time (objectives/chunked_ce.py: [b, T, V] logits never exist at once)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -154,7 +157,8 @@ class DecoderLM(nn.Module):
             x = layer(x, cos, sin, mask, cache, out_slice=logits_slice if fused and i == last else None)
         if logits_slice is not None and not fused:
             x = x[:, logits_slice]
-        return self.output(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.output(x)
 
 
 class Transformer(DecoderLM):

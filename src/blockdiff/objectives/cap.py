@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..fields import runtime
+from .chunked_ce import token_entropy
 from .diffusion import DiffusionLossConfig, bdlm_loss_from_terms, diffusion_terms
 
 
@@ -37,16 +37,20 @@ class CAPConfig:
 def cap_entropy(logits: Tensor, x0: Tensor, masked: Tensor) -> Tensor:
     """Mean entropy (nats) of softmax(logits) over masked positions whose argmax equals x0; 0 if none.
     logits [b, L, V], x0 / masked [b, L]. The selection is not differentiated (argmax)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    ent = -(logp.exp() * logp).sum(-1)  # [b, L]
-    sel = (masked & (logits.detach().argmax(-1) == x0)).float()
+    return correct_entropy(token_entropy(logits), logits.detach().argmax(-1), x0, masked)
+
+
+def correct_entropy(ent: Tensor, pred: Tensor, x0: Tensor, masked: Tensor) -> Tensor:
+    """H_correct from per-token entropies and argmax predictions [b, L] (what the chunked loss head returns)."""
+    sel = (masked & (pred == x0)).float()
     return (ent * sel).sum() / sel.sum().clamp_min(1)
 
 
 def cap_loss(model, batch: dict[str, Tensor], cfg: CAPConfig, *, generator=None, embed_noise_std: float = 0.0):
-    terms = diffusion_terms(model, batch, cfg.diffusion, generator=generator, embed_noise_std=embed_noise_std)
+    terms = diffusion_terms(model, batch, cfg.diffusion, generator=generator, embed_noise_std=embed_noise_std,
+                            entropy=True)
     loss, metrics = bdlm_loss_from_terms(terms, cfg.diffusion)
-    ent = cap_entropy(terms.logits, terms.x0, terms.masked)
+    ent = correct_entropy(terms.entropy, terms.pred, terms.x0, terms.masked)
     loss = loss + cfg.lam * ent
     metrics.update(loss=float(loss.detach()), sft_loss=metrics["loss"], cap_entropy=float(ent.detach()))
     return loss, metrics

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..fields import require_bound, runtime
 from ..model.masks import dense_mask, flex_block_mask, positions_from_doc_ids
+from .chunked_ce import LOSS_CHUNK_TOKENS, scored_ce, token_entropy
 from .noise import T_PER, edit_corruption, mask_positions, sample_t
 
 WEIGHTINGS = ("elbo", "token_mean")
@@ -59,6 +60,10 @@ class DiffusionLossConfig:
     mask_suffix: float = 0.0  # fraction of blocks masked as a suffix: a cut drawn uniformly inside the block, slots
     #                           before it kept clean, slots from it on masked at rate t (the decoder's usual state:
     #                           a clean prompt or committed prefix, masks after it); 0 = off
+    # Memory: the loss applies the output head to this many scored tokens at a time, recomputing each chunk's
+    # logits in backward (objectives/chunked_ce.py), so its memory is O(chunk x V), not O(b x L x V); same loss
+    # and gradients. 0 = off: the whole [b, L, V] logits at once (no recompute; fine for small vocabularies).
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # tokens per chunk (scored tokens of the micro-batch, all rows)
     # Filled at run time from the checkpoint and the phase (fields.runtime), never by a recipe.
     mask_token_id: int | None = runtime()  # id of [MASK]
     block_size: int | None = runtime()  # B, tokens per block of the phase (B >= L means MDLM)
@@ -88,6 +93,8 @@ class DiffusionLossConfig:
             raise ValueError(f"mask_slope must be in [0, 1], got {self.mask_slope}")
         if not 0.0 <= self.mask_suffix <= 1.0:
             raise ValueError(f"mask_suffix must be in [0, 1], got {self.mask_suffix}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens must be >= 0 (0 = off), got {self.loss_chunk_tokens}")
 
 
 def build_mask(mode: str, *, seq_len: int, device, block_size=None, doc_ids=None, positions=None, batch=1):
@@ -167,33 +174,42 @@ def clean_prefix(positions: Tensor, block_size: int, frac: float, generator=None
 
 @dataclass
 class BDLMTerms:
-    """What one noised forward produced; shared by the BDLM loss, CAP and the ELBO of DPO."""
-    logits: Tensor  # [b, L, V] aligned noisy-half logits: logits[:, i] predicts token i (whatever the alignment)
+    """What one noised forward produced; shared by the BDLM loss and CAP."""
+    logits: Tensor | None  # [b, L, V] aligned noisy-half logits: logits[:, i] predicts token i (whatever the
+    #                        alignment); None when the loss is chunked (cfg.loss_chunk_tokens > 0)
+    pred: Tensor  # [b, L] argmax of those logits (-1 where not scored when chunked), not differentiated
     x0: Tensor  # [b, L] labels
     masked: Tensor  # [b, L] bool, M2T positions ([MASK] in x_t) that have a prediction
     corrupted: Tensor  # [b, L] bool, T2T positions (a wrong token in x_t), all False without the editing stream
     edit_region: Tensor  # [b, L] bool, visible eligible tokens of rows carrying the editing stream
     t: Tensor  # [b, L] mask ratio per token
     eligible: Tensor  # [b, L] bool, tokens that may be noised
-    ce: Tensor  # [b, L] float32 cross-entropy of x0 under logits
+    ce: Tensor  # [b, L] float32 cross-entropy of x0 under logits (0 where not scored when chunked)
+    entropy: Tensor | None = None  # [b, L] float32 entropy of softmax(logits), when asked for (CAP)
     ar_loss: Tensor | None = None  # scalar AR next-token loss on the clean stream (when cfg.ar_weight > 0)
     ar_acc: float = 0.0
 
 
 @dataclass
 class BDLMForward:
-    logits: Tensor  # [b, L, V] aligned: logits[:, i] predicts token i
+    logits: Tensor | None  # [b, L, V] aligned: logits[:, i] predicts token i (None with hidden=True)
     scorable: Tensor  # [b, L] bool: token i has a prediction (False at a document's first token when shifted)
     clean_logits: Tensor | None = None  # [b, L, V] clean-stream logits (shift or causal clean stream), raw
+    hidden: Tensor | None = None  # with hidden=True: [b, L, d] aligned normed hidden states, model.output(hidden)
+    #                               gives `logits`
+    clean_hidden: Tensor | None = None  # with hidden=True: [b, L, d] clean-stream hidden states, raw
 
 
 def bdlm_forward(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=None, positions=None,
                  noise_at: Tensor | None = None, embed_noise_std: float = 0.0, generator=None, shift: bool = False,
-                 clean_causal: bool = False, need_clean: bool = False, block_positions=None) -> BDLMForward:
+                 clean_causal: bool = False, need_clean: bool = False, block_positions=None,
+                 hidden: bool = False) -> BDLMForward:
     """One forward of [x_t ; x0] under the block-diffusion training mask (x_t alone with full attention inside
     each document when B >= L); one forward gives every block's conditional. Returns logits aligned so that
     logits[:, i] predicts token i under either label alignment (see the module docstring). `block_positions`
-    (default: the positions) place the block boundaries; RoPE always uses the positions."""
+    (default: the positions) place the block boundaries; RoPE always uses the positions. `hidden`: return the
+    final normed hidden states instead of logits (aligned alike: the head is applied per position), for a loss
+    that applies the head in chunks (chunked_ce.py)."""
     b, L = x0.shape
     device = x0.device
     positions = _positions(x0, doc_ids, positions)
@@ -214,17 +230,21 @@ def bdlm_forward(model, x_t: Tensor, x0: Tensor, *, block_size: int, doc_ids=Non
         noise = torch.randn(h.shape, generator=generator).to(device=device, dtype=h.dtype)
         h = h + noise * embed_noise_std * at[..., None]
     want_clean = two_halves and (shift or need_clean)
-    out = model(inputs_embeds=h, positions=pos, mask=mask, logits_slice=None if want_clean else slice(0, L))
+    out = model(inputs_embeds=h, positions=pos, mask=mask, logits_slice=None if want_clean else slice(0, L),
+                return_hidden=hidden)
     noisy, clean = (out[:, :L], out[:, L:]) if want_clean else (out, None)
-    if not shift:
-        return BDLMForward(noisy, torch.ones_like(x0, dtype=torch.bool), clean)
-    # shift: token i from logit i-1 -- the noisy one inside a block, the clean one at a block's first slot
-    aligned = torch.zeros_like(noisy)
-    aligned[:, 1:] = noisy[:, :-1]
-    if clean is not None:
-        first = (bpos % block_size == 0)[:, 1:, None]
-        aligned[:, 1:] = torch.where(first, clean[:, :-1], aligned[:, 1:])
-    return BDLMForward(aligned, positions > 0, clean)
+    scorable = torch.ones_like(x0, dtype=torch.bool)
+    if shift:
+        # token i from logit i-1 -- the noisy one inside a block, the clean one at a block's first slot
+        aligned = torch.zeros_like(noisy)
+        aligned[:, 1:] = noisy[:, :-1]
+        if clean is not None:
+            first = (bpos % block_size == 0)[:, 1:, None]
+            aligned[:, 1:] = torch.where(first, clean[:, :-1], aligned[:, 1:])
+        noisy, scorable = aligned, positions > 0
+    if hidden:
+        return BDLMForward(None, scorable, hidden=noisy, clean_hidden=clean)
+    return BDLMForward(noisy, scorable, clean)
 
 
 def token_ce(logits: Tensor, x0: Tensor) -> Tensor:
@@ -232,11 +252,18 @@ def token_ce(logits: Tensor, x0: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().reshape(b * L, -1), x0.reshape(-1), reduction="none").view(b, L)
 
 
-def next_token_ce(logits: Tensor, x0: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, float]:
-    """AR loss from logits [b, L, V] of a causal stream over x0: (mean CE over in-document targets, accuracy)."""
+def next_token_ce(logits: Tensor, x0: Tensor, doc_ids: Tensor | None, *, head=None,
+                  chunk_tokens: int = 0) -> tuple[Tensor, float]:
+    """AR loss from logits [b, L, V] of a causal stream over x0: (mean CE over in-document targets, accuracy).
+    With `head` (the model's output layer), `logits` are the normed hidden states [b, L, d] and the head is
+    applied `chunk_tokens` targets at a time (chunked_ce.scored_ce)."""
     b, L = x0.shape
     target = x0[:, 1:]
     valid = torch.ones_like(target, dtype=torch.bool) if doc_ids is None else doc_ids[:, 1:] == doc_ids[:, :-1]
+    if head is not None:
+        ce, pred = scored_ce(head, logits[:, :-1], target, valid, chunk_tokens=chunk_tokens)
+        n = valid.sum().clamp_min(1)
+        return ce.sum() / n, float((pred == target).sum() / n)  # pred is -1 off `valid`
     lg = logits[:, :-1]
     ce = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), target.reshape(-1), reduction="none").view(b, L - 1)
     loss = (ce * valid).sum() / valid.sum().clamp_min(1)
@@ -246,8 +273,9 @@ def next_token_ce(logits: Tensor, x0: Tensor, doc_ids: Tensor | None) -> tuple[T
 
 
 def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *, generator=None,
-                    embed_noise_std: float = 0.0) -> BDLMTerms:
-    """Noise the batch (masks; the editing corruption when cfg.t2t_ratio > 0) and run one forward."""
+                    embed_noise_std: float = 0.0, entropy: bool = False) -> BDLMTerms:
+    """Noise the batch (masks; the editing corruption when cfg.t2t_ratio > 0) and run one forward. `entropy`:
+    also the per-token entropy of the predictions (CAP)."""
     x0, x_t, masked, t, eligible, doc_ids, positions, bpos = noised_inputs(batch, cfg, generator)
     corrupted = region = torch.zeros_like(masked)
     if cfg.t2t_ratio > 0:
@@ -255,17 +283,26 @@ def diffusion_terms(model, batch: dict[str, Tensor], cfg: DiffusionLossConfig, *
                                          vocab_size=cfg.t2t_vocab, exclude=cfg.t2t_exclude, generator=generator)
     L = x0.shape[1]
     ar_in_forward = cfg.ar_weight > 0 and cfg.clean_causal and cfg.block_size < L
+    chunk = cfg.loss_chunk_tokens
     fw = bdlm_forward(model, x_t, x0, block_size=cfg.block_size, doc_ids=doc_ids, positions=positions,
                       noise_at=masked, embed_noise_std=embed_noise_std, generator=generator, shift=cfg.shift,
-                      clean_causal=cfg.clean_causal, need_clean=ar_in_forward, block_positions=bpos)
+                      clean_causal=cfg.clean_causal, need_clean=ar_in_forward, block_positions=bpos, hidden=chunk > 0)
     sc = fw.scorable  # shifted labels: a document's first token has no prediction, so it is neither scored nor counted
-    terms = BDLMTerms(fw.logits, x0, masked & sc, corrupted & sc, region & sc, t, eligible & sc,
-                      token_ce(fw.logits, x0))
+    masked, corrupted, region = masked & sc, corrupted & sc, region & sc
+    if chunk > 0:  # only the tokens some term reads (bdlm_loss_from_terms, CAP) go through the head
+        ce, pred, *ent = scored_ce(model.output, fw.hidden, x0, masked | corrupted | region, chunk_tokens=chunk,
+                                   entropy=entropy)
+    else:
+        ce, ent = token_ce(fw.logits, x0), [token_entropy(fw.logits)] if entropy else []
+        with torch.no_grad():
+            pred = fw.logits.argmax(-1)
+    terms = BDLMTerms(fw.logits, pred, x0, masked, corrupted, region, t, eligible & sc, ce, *ent)
     if cfg.ar_weight > 0:
         if ar_in_forward:
-            terms.ar_loss, terms.ar_acc = next_token_ce(fw.clean_logits, x0, doc_ids)
+            terms.ar_loss, terms.ar_acc = next_token_ce(fw.clean_logits if chunk == 0 else fw.clean_hidden, x0, doc_ids,
+                                                        head=model.output if chunk > 0 else None, chunk_tokens=chunk)
         else:  # block-causal clean half (or none): one extra causal forward over the clean batch
-            terms.ar_loss, m = ar_loss(model, batch)
+            terms.ar_loss, m = ar_loss(model, batch, chunk_tokens=chunk)
             terms.ar_acc = m["next_token_acc"]
     return terms
 
@@ -278,7 +315,7 @@ def bdlm_loss_from_terms(terms: BDLMTerms, cfg: DiffusionLossConfig) -> tuple[Te
     else:
         loss = (ce * m).sum() / n_masked.clamp_min(1)
     with torch.no_grad():
-        pred = terms.logits.argmax(-1)
+        pred = terms.pred
         correct = (pred == terms.x0) & terms.masked
         metrics = {
             "masked_nll": float((ce * m).sum() / n_masked.clamp_min(1)),
@@ -325,22 +362,38 @@ def diffusion_loss(
 
 
 def sequence_elbo(model, x0: Tensor, x_t: Tensor, masked: Tensor, t: Tensor, *, block_size: int, doc_ids=None,
-                  positions=None, shift: bool = False, clean_causal: bool = False) -> Tensor:
+                  positions=None, shift: bool = False, clean_causal: bool = False,
+                  chunk_tokens: int = LOSS_CHUNK_TOKENS) -> Tensor:
     """One-sample ELBO estimate per row, [b]: -sum over masked i of CE_i / t_i (a lower bound on log p(x0 | the
     unnoised tokens) in expectation over t and the mask). Used by DPO as the likelihood surrogate."""
+    return -(masked_ce(model, x0, x_t, masked, block_size=block_size, doc_ids=doc_ids, positions=positions,
+                       shift=shift, clean_causal=clean_causal, chunk_tokens=chunk_tokens) / t.clamp_min(1e-3)).sum(-1)
+
+
+def masked_ce(model, x0: Tensor, x_t: Tensor, masked: Tensor, *, block_size: int, doc_ids=None, positions=None,
+              shift: bool = False, clean_causal: bool = False, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> Tensor:
+    """[b, L] float32 cross-entropy of x0 at the masked positions that have a prediction (0 elsewhere) from one
+    forward of [x_t ; x0]; the head is applied `chunk_tokens` tokens at a time (0 = all logits at once)."""
     fw = bdlm_forward(model, x_t, x0, block_size=block_size, doc_ids=doc_ids, positions=positions, shift=shift,
-                      clean_causal=clean_causal)
-    return -(token_ce(fw.logits, x0) * (masked & fw.scorable) / t.clamp_min(1e-3)).sum(-1)
+                      clean_causal=clean_causal, hidden=chunk_tokens > 0)
+    where = masked & fw.scorable
+    if chunk_tokens > 0:
+        return scored_ce(model.output, fw.hidden, x0, where, chunk_tokens=chunk_tokens)[0]
+    return token_ce(fw.logits, x0) * where
 
 
-def ar_loss(model, batch: dict[str, Tensor], cfg=None, **_) -> tuple[Tensor, dict[str, float]]:
+def ar_loss(model, batch: dict[str, Tensor], cfg=None, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+            **_) -> tuple[Tensor, dict[str, float]]:
     """Next-token cross-entropy with a causal mask inside each packed document (pretraining the AR parent).
-    The last token of each document has no target inside its document and is excluded."""
+    The last token of each document has no target inside its document and is excluded. The head is applied
+    `chunk_tokens` targets at a time (chunked_ce.py; 0 = all logits at once)."""
     x = batch["input_ids"]
     b, L = x.shape
     doc_ids, positions = batch.get("doc_ids"), batch.get("positions")
     mask = build_mask("causal", seq_len=L, device=x.device, doc_ids=doc_ids, positions=positions, batch=b)
-    loss, acc = next_token_ce(model(x, positions=positions, mask=mask), x, doc_ids)
+    chunked = chunk_tokens > 0
+    out = model(x, positions=positions, mask=mask, return_hidden=chunked)
+    loss, acc = next_token_ce(out, x, doc_ids, head=model.output if chunked else None, chunk_tokens=chunk_tokens)
     return loss, {"loss": float(loss.detach()), "next_token_acc": acc}
 
 

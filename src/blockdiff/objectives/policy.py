@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..fields import require_bound, runtime
-from .diffusion import bdlm_forward, token_ce
+from .diffusion import masked_ce
 
 
 @dataclass
@@ -87,9 +87,8 @@ def elbo_logp(model, batch: dict[str, Tensor], cfg: EBPOConfig) -> Tensor:
     total = torch.zeros(x0.shape[0], device=x0.device)
     for n in range(t.shape[0]):
         x_t = torch.where(masked[n], torch.full_like(x0, cfg.mask_token_id), x0)
-        fw = bdlm_forward(model, x_t, x0, block_size=cfg.block_size, positions=batch.get("positions"),
-                          shift=cfg.shift, clean_causal=cfg.clean_causal)
-        logp = -(token_ce(fw.logits, x0) * (masked[n] & fw.scorable)).sum(-1)
+        logp = -masked_ce(model, x0, x_t, masked[n], block_size=cfg.block_size, positions=batch.get("positions"),
+                          shift=cfg.shift, clean_causal=cfg.clean_causal).sum(-1)
         total = total + logp / (t.shape[0] * t[n])
     return total / n_resp
 

@@ -13,9 +13,10 @@ Per device, in bytes:
   the SwiGLU inputs and products);
   both fused SDPA (CPU) and FlexAttention (CUDA) keep only the output and log-sum-exp; on CPU the dense mask
   (b x T x T) comes on top. MoE layers keep the k routed experts' SwiGLU per token.
-  Activation checkpointing keeps only each block's input, plus one block recomputed in backward. The loss keeps
-  the [b, L, V] logits and their log-softmax in fp32;
-- transient: the largest temporary of backward (the logits' gradient);
+  Activation checkpointing keeps only each block's input, plus one block recomputed in backward. The loss head
+  holds logits and their fp32 log-softmax for `loss_chunk_tokens` tokens at a time (objectives/chunked_ce.py:
+  each chunk's logits are recomputed in backward), or for all b x L tokens when chunking is off (0);
+- transient: the largest temporary of backward (the logits' gradient, of one chunk when chunked);
 - KV cache for decoding: 2 x layers x kv_heads x head_dim x bytes per token, for `decode_batch` rows of the
   model's context (max_position_embeddings) -- what serving the trained model on one device needs.
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..model.config import ModelConfig, effective_block_size
+from ..objectives.chunked_ce import LOSS_CHUNK_TOKENS
 
 GIB = 1024**3
 # CPU: the autograd intermediates the per-token count leaves out (dtype casts, views made contiguous) and what glibc's
@@ -95,13 +97,13 @@ def _layer_elems_per_token(cfg: ModelConfig, moe_layer: bool) -> int:
 def plan_memory(cfg: ModelConfig, *, seq_len: int, batch_size: int, block_size: int, kind: str = "diffusion",
                 devices: int = 1, device: str = "cuda", device_memory: int | None = None, fsdp: bool | None = None,
                 ac: bool = False, param_bf16: bool | None = None, complementary: bool = False, decode_batch: int = 1,
-                model: str = "", adapter=None) -> MemoryPlan:
+                model: str = "", adapter=None, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS) -> MemoryPlan:
     """The per-device plan. `kind`: recipe objective kind ("ar" has no [x_t ; x0] doubling; "dpo" runs chosen and
     rejected plus the frozen reference model); `complementary` masks double the rows. `fsdp` defaults to
     devices > 1. `adapter` (a mask_adapter.AdapterConfig with kind "lora"): the parent is frozen, so gradients
     and AdamW moments exist only for the adapter's parameters; the frozen weights are held as in a full run
     (fp32, sharded under FSDP) and the activations are counted alike (backward still runs through every block to
-    reach the adapters of the earlier ones)."""
+    reach the adapters of the earlier ones). `loss_chunk_tokens`: tokens per chunk of the loss head (0 = off)."""
     cuda = device != "cpu"
     fsdp = devices > 1 if fsdp is None else fsdp
     bf16 = cuda if param_bf16 is None else param_bf16
@@ -139,11 +141,13 @@ def plan_memory(cfg: ModelConfig, *, seq_len: int, batch_size: int, block_size: 
         layers = rows * T * cfg.hidden_size * act_b * cfg.num_layers + rows * T * max(per_tok) * act_b
     else:
         layers = rows * T * sum(per_tok) * act_b
-    head = rows * L * cfg.vocab_size * (act_b + 4)  # logits (bf16 on CUDA) + fp32 log-softmax of the scored half
+    # tokens whose logits exist at once: a chunk of the scored (noisy-half) tokens, or all of them unchunked
+    head_tokens = rows * L if loss_chunk_tokens <= 0 else min(loss_chunk_tokens, rows * L)
+    head = head_tokens * cfg.vocab_size * (act_b + 4)  # logits (bf16 on CUDA) + fp32 log-softmax
     acts = layers + head + rows * T * cfg.hidden_size * act_b * 2  # + embedding output, final norm
     mask = 0 if cuda else rows * T * T * 5  # CPU: the dense bool mask and SDPA's float copy of it
     plan.rows["activations"] = int(acts * (CPU_OVERHEAD if not cuda else 1.0)) + mask
-    plan.rows["transient"] = rows * L * cfg.vocab_size * 4  # the logits' gradient
+    plan.rows["transient"] = head_tokens * cfg.vocab_size * 4  # the logits' gradient
     if kind == "dpo":
         plan.rows["reference model"] = P * (2 if bf16 else 4) // n
         plan.notes.append("dpo: the frozen reference model is held too (sharded like the weights under FSDP)")
@@ -153,6 +157,9 @@ def plan_memory(cfg: ModelConfig, *, seq_len: int, batch_size: int, block_size: 
         plan.notes.append(f"cpu: fp32 activations x {CPU_OVERHEAD} (intermediates and allocator, measured), dense mask")
     if T == 2 * L:
         plan.notes.append(f"block diffusion B={B} < L={L}: the forward runs [x_t ; x0], T = 2L = {T}")
+    if head_tokens < rows * L:
+        plan.notes.append(f"loss head in chunks of {head_tokens} tokens (logits recomputed in backward) instead of "
+                          f"all {rows * L}")
     return plan
 
 
@@ -169,7 +176,8 @@ def plan_for_recipe(recipe, cfg: ModelConfig, *, devices: int, device: str, devi
                        fsdp=fsdp, ac=par.ac == "full", complementary=recipe.objective.kind in ("diffusion", "sft")
                        and recipe.diffusion.complementary,
                        param_bf16=None if par.param_dtype == "auto" else par.param_dtype == "bfloat16", model=model,
-                       adapter=recipe.adapter)
+                       adapter=recipe.adapter, loss_chunk_tokens=recipe.diffusion.loss_chunk_tokens
+                       if recipe.objective.kind in ("diffusion", "sft") else LOSS_CHUNK_TOKENS)
 
 
 def device_memory_bytes(device: str, memory_gib: float | None) -> int | None:
@@ -244,6 +252,8 @@ def cmd_plan(args) -> int:
                     ("--block-size", args.block_size)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
+    if args.loss_chunk_tokens < 0:
+        raise ValueError(f"--loss-chunk-tokens must be >= 0 (0 = off), got {args.loss_chunk_tokens}")
     if args.adapter_rank < 0:
         raise ValueError(f"--adapter-rank must be >= 1 (0 = no adapter), got {args.adapter_rank}")
     recipe = None
@@ -268,7 +278,8 @@ def cmd_plan(args) -> int:
         full = None
     else:
         kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, block_size=args.block_size, devices=args.devices,
-                  device=args.device, device_memory=mem, model=str(folder), ac=args.ac)
+                  device=args.device, device_memory=mem, model=str(folder), ac=args.ac,
+                  loss_chunk_tokens=args.loss_chunk_tokens)
         full = plan = plan_memory(cfg, **kw)
         if args.adapter_rank:
             from ..model.mask_adapter import AdapterConfig
@@ -304,4 +315,7 @@ def add_plan_parser(sub, formatter_class) -> None:
     p.add_argument("--adapter-rank", type=int, default=0, help="plan a mask-only adapter conversion of this LoRA "
                                                                "rank (every projection) beside the full one, without --recipe")
     p.add_argument("--ac", action="store_true", help="full activation checkpointing, without --recipe")
+    p.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
+                   help="tokens per chunk of the loss head (0 = all logits at once), without --recipe "
+                        "(a recipe says it in [diffusion] loss_chunk_tokens)")
     p.set_defaults(func=cmd_plan)
