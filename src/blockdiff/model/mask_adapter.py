@@ -336,6 +336,8 @@ def save(model, tmp: Path, final: Path) -> None:
     `final`; the base's relative path is computed from `final`)."""
     from safetensors.torch import save_file
 
+    from ..atomic import follow_umask
+
     att = attachment(model)
     base = att.base
     V0, V = base["vocab_size"], model.cfg.vocab_size
@@ -345,6 +347,7 @@ def save(model, tmp: Path, final: Path) -> None:
         if not model.cfg.tie_word_embeddings:
             tensors["added.output"] = model.output.weight.detach()[V0:].contiguous().cpu()
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
+    follow_umask(tmp / ADAPTER_WEIGHTS)
     meta = {"format": FORMAT, "version": VERSION, "adapter": att.config.settings(),
             "base": {"path": os.path.relpath(base["path"], Path(final).resolve()), "abs_path": base["path"],
                      "sha256": base["sha256"], "vocab_size": V0},
@@ -472,7 +475,7 @@ def average(paths: list[Path], out: Path) -> Path:
     first folder's."""
     from safetensors.torch import load_file, save_file
 
-    from ..atomic import folder_for_replace
+    from ..atomic import folder_for_replace, follow_umask
     from ..data.tokenizer import load_tokenizer
 
     metas = [read_meta(p) for p in paths]
@@ -493,4 +496,5 @@ def average(paths: list[Path], out: Path) -> Path:
         meta["base"] = {**meta["base"], "path": os.path.relpath(base_abs, out.resolve())}
         (tmp / ADAPTER_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         save_file(mean, str(tmp / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
+        follow_umask(tmp / ADAPTER_WEIGHTS)
     return out
