@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..model.config import ModelConfig, effective_block_size
-from ..objectives.chunked_ce import LOSS_CHUNK_TOKENS
 
 GIB = 1024**3
 # CPU: the autograd intermediates the per-token count leaves out (dtype casts, views made contiguous) and what glibc's
@@ -97,13 +96,16 @@ def _layer_elems_per_token(cfg: ModelConfig, moe_layer: bool) -> int:
 def plan_memory(cfg: ModelConfig, *, seq_len: int, batch_size: int, block_size: int, kind: str = "diffusion",
                 devices: int = 1, device: str = "cuda", device_memory: int | None = None, fsdp: bool | None = None,
                 ac: bool = False, param_bf16: bool | None = None, complementary: bool = False, decode_batch: int = 1,
-                model: str = "", adapter=None, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS) -> MemoryPlan:
+                model: str = "", adapter=None, loss_chunk_tokens: int | None = None) -> MemoryPlan:
     """The per-device plan. `kind`: recipe objective kind ("ar" has no [x_t ; x0] doubling; "dpo" runs chosen and
     rejected plus the frozen reference model); `complementary` masks double the rows. `fsdp` defaults to
     devices > 1. `adapter` (a mask_adapter.AdapterConfig with kind "lora"): the parent is frozen, so gradients
     and AdamW moments exist only for the adapter's parameters; the frozen weights are held as in a full run
     (fp32, sharded under FSDP) and the activations are counted alike (backward still runs through every block to
-    reach the adapters of the earlier ones). `loss_chunk_tokens`: tokens per chunk of the loss head (0 = off)."""
+    reach the adapters of the earlier ones). `loss_chunk_tokens`: tokens per chunk of the loss head (0 = off, None =
+    the losses' default, objectives/chunked_ce.py LOSS_CHUNK_TOKENS)."""
+    if loss_chunk_tokens is None:  # imported here: chunked_ce imports torch, and `blockdiff --help` reads this module
+        from ..objectives.chunked_ce import LOSS_CHUNK_TOKENS as loss_chunk_tokens
     cuda = device != "cpu"
     fsdp = devices > 1 if fsdp is None else fsdp
     bf16 = cuda if param_bf16 is None else param_bf16
@@ -177,7 +179,7 @@ def plan_for_recipe(recipe, cfg: ModelConfig, *, devices: int, device: str, devi
                        and recipe.diffusion.complementary,
                        param_bf16=None if par.param_dtype == "auto" else par.param_dtype == "bfloat16", model=model,
                        adapter=recipe.adapter, loss_chunk_tokens=recipe.diffusion.loss_chunk_tokens
-                       if recipe.objective.kind in ("diffusion", "sft") else LOSS_CHUNK_TOKENS)
+                       if recipe.objective.kind in ("diffusion", "sft") else None)
 
 
 def device_memory_bytes(device: str, memory_gib: float | None) -> int | None:
@@ -252,7 +254,7 @@ def cmd_plan(args) -> int:
                     ("--block-size", args.block_size)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
-    if args.loss_chunk_tokens < 0:
+    if args.loss_chunk_tokens is not None and args.loss_chunk_tokens < 0:
         raise ValueError(f"--loss-chunk-tokens must be >= 0 (0 = off), got {args.loss_chunk_tokens}")
     if args.adapter_rank < 0:
         raise ValueError(f"--adapter-rank must be >= 1 (0 = no adapter), got {args.adapter_rank}")
@@ -315,7 +317,7 @@ def add_plan_parser(sub, formatter_class) -> None:
     p.add_argument("--adapter-rank", type=int, default=0, help="plan a mask-only adapter conversion of this LoRA "
                                                                "rank (every projection) beside the full one, without --recipe")
     p.add_argument("--ac", action="store_true", help="full activation checkpointing, without --recipe")
-    p.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
-                   help="tokens per chunk of the loss head (0 = all logits at once), without --recipe "
-                        "(a recipe says it in [diffusion] loss_chunk_tokens)")
+    p.add_argument("--loss-chunk-tokens", type=int, default=None,
+                   help="tokens per chunk of the loss head (0 = all logits at once; default: the losses' own, "
+                        "objectives/chunked_ce.py), without --recipe (a recipe says it in [diffusion] loss_chunk_tokens)")
     p.set_defaults(func=cmd_plan)
