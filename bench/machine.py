@@ -58,3 +58,16 @@ def save_plot(fig, ax, path, **legend) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def write_results(out, stem: str, md: str, summary: dict) -> None:
+    """A benchmark's result files: `<stem>.md` (the tables) and `<stem>.json` (one line) under `out`, and both on
+    stdout, the JSON last."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps(summary) + "\n")
+    print(md)
+    print(json.dumps(summary))

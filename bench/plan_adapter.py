@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from machine import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
@@ -57,14 +59,9 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['run']} | {cell(r['x1'])} | {cell(r['x8'])} |")
     md = "\n".join(lines) + "\n"
-    out = REPO / args.out
-    out.mkdir(parents=True, exist_ok=True)
     summary = {"date": date, "config": args.config, "parameters": cfg.num_parameters(), "adapter_parameters": n_adapter,
                "seq_len": args.seq_len, "rows": rows}
-    (out / f"plan-adapter-{date}.md").write_text(md)
-    (out / f"plan-adapter-{date}.json").write_text(json.dumps(summary) + "\n")
-    print(md)
-    print(json.dumps(summary))
+    write_results(REPO / args.out, f"plan-adapter-{date}", md, summary)
 
 
 if __name__ == "__main__":

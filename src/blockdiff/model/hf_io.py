@@ -239,24 +239,16 @@ def save_pretrained(
     """Write `folder` atomically in the HF layout. `extra_files` maps file name -> JSON-able object;
     `write_extra(tmp_folder)` may write further files (optimizer state, ...) inside the same atomic swap."""
     folder = Path(folder)
-    if mask_adapter.attachment(model) is not None:  # the adapter files beside a reference to the frozen base
-        with folder_for_replace(folder) as tmp:
-            mask_adapter.save(model, tmp, folder)
-            if tokenizer is not None:
-                tokenizer.save(tmp)
-            for name, obj in (extra_files or {}).items():
-                write_json(tmp / name, obj)
-            if write_extra is not None:
-                write_extra(tmp)
-        return folder
     with folder_for_replace(folder) as tmp:
-        sd = hf_state_dict(model, dtype)
-        hf_cfg = model.cfg.to_hf()
-        # transformers >= 4.56 reads `dtype` before `torch_dtype`: overwrite both, or a `dtype` kept in hf_extra
-        # from the source folder would mislabel the weights we write.
-        hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-        write_json(tmp / "config.json", hf_cfg)
-        _write_weights(sd, tmp, max_shard_bytes)
+        if mask_adapter.attachment(model) is not None:  # the adapter files beside a reference to the frozen base
+            mask_adapter.save(model, tmp, folder)
+        else:
+            hf_cfg = model.cfg.to_hf()
+            # transformers >= 4.56 reads `dtype` before `torch_dtype`: overwrite both, or a `dtype` kept in hf_extra
+            # from the source folder would mislabel the weights we write.
+            hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+            write_json(tmp / "config.json", hf_cfg)
+            _write_weights(hf_state_dict(model, dtype), tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
         for name, obj in (extra_files or {}).items():
