@@ -123,7 +123,6 @@ def main() -> None:
         "fsdp_overhead": round(plain["tokens_per_s"] / one["tokens_per_s"] - 1, 4),  # extra time per token at 1 rank
         "scaling_2ranks": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
         "mean_loss": {r["name"]: round(r["loss"], 4) for r in results},
-        "gpu": "not measured: no GPU lent to this run",
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
