@@ -11,11 +11,13 @@ document ids) for each mode:
   mdlm  `diffusion_loss` with B = L: MDLM, clean half dropped, full attention inside each document.
 
 tokens/s counts L tokens per row for every mode (the 2L of the bd layout is the cost being measured). Each mode runs
-in a fresh subprocess so that peak memory is its own: on CPU the growth of the process's peak RSS (ru_maxrss) from
-just before the first step to after the last (params/grads/AdamW state/activations/allocator caching, not the
+in a fresh subprocess so that peak memory is its own: on CPU the growth of the process's peak RSS (VmHWM,
+`machine.peak_rss_mb`; not ru_maxrss, which Linux carries over from the forking parent) from just before the first
+step to after the last (params/grads/AdamW state/activations/allocator caching, not the
 imported libraries), on CUDA `torch.cuda.max_memory_allocated` above what was allocated before the first step.
 Time is the median over --steps timed steps after --warmup steps. Goals (issue): bd throughput >= 0.45x AR, bd peak
-memory <= 2.5x AR. Prints a table, then one JSON line.
+memory <= 2.5x AR. Prints a table, then one JSON line; both saved as bench/results/train-<date>.{md,json}
+(`--out`).
 
 Without the model folder (the bundled model not built yet) a random model of the bundled shape (hidden 256, 4 layers,
 BPE vocab 1024, tied embeddings) is built in the temp folder: step cost does not depend on the weights.
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name, describe, peak_rss_mb
+from machine import cpu_name, describe, peak_rss_mb, write_results
 
 from blockdiff.data.bundled import write_bundled_corpus
 from blockdiff.data.documents import read_documents
@@ -160,6 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    ap.add_argument("--out", default="bench/results", help="folder for train-<date>.{md,json} (default: bench/results)")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--batch", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -185,15 +188,15 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     device = torch.cuda.get_device_name() if cuda else f"{cpu_name()} ({os.cpu_count()} logical CPUs)"
     mem_kind = "cuda max_memory_allocated" if cuda else "peak RSS growth"
-    print(f"\nmodel {label} | {args.batch_size} x {args.seq_len} tokens | B={args.block_size} | {device}, "
-          f"{ar['threads']} threads | median of {args.steps} steps after {args.warmup} warm-up\n")
-    print(f"| mode | tokens/s | step ms | peak MB ({mem_kind}) | throughput vs AR | memory vs AR | loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    lines = [f"model {label} | {args.batch_size} x {args.seq_len} tokens | B={args.block_size} | {device}, "
+             f"{ar['threads']} threads | median of {args.steps} steps after {args.warmup} warm-up", "",
+             f"| mode | tokens/s | step ms | peak MB ({mem_kind}) | throughput vs AR | memory vs AR | loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     names = {"ar": "AR (causal+doc)", "bd": f"BD B={args.block_size} (x_t+x0, 2L)", "mdlm": "MDLM (B=L, x_t only)"}
     for m, r in rows.items():
-        print(f"| {names[m]} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {r['peak_mb']:.1f} | "
-              f"{r['tokens_per_s'] / ar['tokens_per_s']:.2f}x | {r['peak_mb'] / max(ar['peak_mb'], 1e-9):.2f}x | "
-              f"{r['loss']:.3f} |")
+        lines.append(f"| {names[m]} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {r['peak_mb']:.1f} | "
+                     f"{r['tokens_per_s'] / ar['tokens_per_s']:.2f}x | {r['peak_mb'] / max(ar['peak_mb'], 1e-9):.2f}x | "
+                     f"{r['loss']:.3f} |")
     result = {
         "bench": "train_step", "model": label, "device": device, "torch": torch.__version__,
         "date": dt.date.today().isoformat(), "batch": args.batch_size, "seq_len": args.seq_len,
@@ -214,7 +217,7 @@ def main() -> None:
     if "bd" in rows:
         result["goals_met"] = {"bd_throughput_ge_0.45x": result["bd_vs_ar_throughput"] >= 0.45,
                                "bd_memory_le_2.5x": result["bd_vs_ar_memory"] <= 2.5}
-    print(json.dumps(result))
+    write_results(REPO / args.out, f"train-{result['date']}", "\n".join(lines) + "\n", result)
 
 
 if __name__ == "__main__":
