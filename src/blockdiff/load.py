@@ -88,12 +88,12 @@ def load_checkpoint(folder: str | Path, *, device: str | torch.device = "cpu", d
     folder over its base (model/mask_adapter.py: the base's hash is checked; `base` overrides where the base is
     looked for). The model is in eval mode unless `train`."""
     folder = Path(folder)
-    if base is not None or mask_adapter.is_adapter_folder(folder) and not (folder / "config.json").is_file():
-        if not mask_adapter.is_adapter_folder(folder):
-            raise ValueError(f"{folder}: base= is for adapter folders ({mask_adapter.ADAPTER_JSON}); this is not one")
+    if base is None:
+        model = load_pretrained(folder, device=device, dtype=dtype)  # first: its errors name the folder and config.json
+    elif mask_adapter.is_adapter_folder(folder):
         model = mask_adapter.load(folder, device=device, dtype=dtype, base=base)
     else:
-        model = load_pretrained(folder, device=device, dtype=dtype)  # first: its errors name the folder and config.json
+        raise ValueError(f"{folder}: base= is for adapter folders ({mask_adapter.ADAPTER_JSON}); this is not one")
     tok = load_tokenizer(folder)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{folder}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "

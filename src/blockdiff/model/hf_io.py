@@ -55,7 +55,7 @@ def load_config(folder: str | Path) -> ModelConfig:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: model folder not found")
-    if mask_adapter.is_adapter_folder(folder) and not (folder / "config.json").is_file():
+    if mask_adapter.is_adapter_folder(folder):
         return mask_adapter.load_config(folder)
     path = folder / "config.json"
     return ModelConfig.from_hf(read_json(path), source=str(path))
@@ -117,7 +117,7 @@ def load_pretrained(folder: str | Path, *, dtype: torch.dtype = torch.float32, d
     LLaDA2-MoE / Ling 2.0 (BailingMoeV2) with per-expert tensors; or a mask-only adapter folder over its base
     (`mask_adapter.load`)."""
     folder = Path(folder)
-    if mask_adapter.is_adapter_folder(folder) and not (folder / "config.json").is_file():
+    if mask_adapter.is_adapter_folder(folder):
         return mask_adapter.load(folder, dtype=dtype, device=device)
     cfg = load_config(folder)
     files = _weight_files(folder)

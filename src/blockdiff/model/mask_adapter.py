@@ -92,7 +92,7 @@ class AdapterConfig:
         return self.alpha / self.rank
 
     def settings(self) -> dict:
-        return {k: v for k, v in asdict(self).items()}
+        return asdict(self)
 
 
 class MaskGate:
@@ -321,14 +321,14 @@ def _check_base(adapter_dir: Path, base_dir: Path, want: dict) -> None:
         got = _sha256(base_dir / name)
         if got != digest:
             raise ValueError(f"{adapter_dir} was trained on another base: {base_dir / name} has SHA-256 {got[:16]}..., "
-                             f"the adapter recorded {digest[:16]}... (its base was {want and base_dir}); "
-                             "load it with the base it was trained on")
+                             f"the adapter recorded {digest[:16]}...; load it with the base it was trained on")
 
 
 # -- save / load ------------------------------------------------------------------------------------------------
 
 def is_adapter_folder(folder: str | Path) -> bool:
-    return (Path(folder) / ADAPTER_JSON).is_file()
+    """An adapter folder: our adapter file and no config.json (`save` writes none)."""
+    return (Path(folder) / ADAPTER_JSON).is_file() and not (Path(folder) / "config.json").is_file()
 
 
 def save(model, tmp: Path, final: Path) -> None:
@@ -351,7 +351,7 @@ def save(model, tmp: Path, final: Path) -> None:
     meta = {"format": FORMAT, "version": VERSION, "adapter": att.config.settings(),
             "base": {"path": os.path.relpath(base["path"], Path(final).resolve()), "abs_path": base["path"],
                      "sha256": base["sha256"], "vocab_size": V0},
-            "vocab_size": V, "blockdiff": asdict(model.cfg.diffusion) if model.cfg.diffusion else None,
+            "vocab_size": V, "blockdiff": asdict(model.cfg.diffusion),
             "note": "a blockdiff mask-only adapter: load it with blockdiff (load_checkpoint), not as a plain model"}
     (tmp / ADAPTER_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -366,8 +366,8 @@ def read_meta(folder: str | Path) -> dict:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: not a {FORMAT} version {VERSION} file (format {meta.get('format')!r}, "
                          f"version {meta.get('version')!r})")
-    for key in ("adapter", "base", "vocab_size"):
-        if key not in meta:
+    for key in ("adapter", "base", "vocab_size", "blockdiff"):
+        if not meta.get(key):
             raise ValueError(f"{path}: field {key!r} is missing")
     return meta
 
@@ -396,7 +396,7 @@ def load_config(folder: str | Path, base: str | Path | None = None):
     meta = read_meta(folder)
     cfg = load_hf_config(base_folder(folder, meta, base))
     cfg.vocab_size = int(meta["vocab_size"])
-    cfg.diffusion = DiffusionInfo(**meta["blockdiff"]) if meta.get("blockdiff") else None
+    cfg.diffusion = DiffusionInfo(**meta["blockdiff"])
     return cfg
 
 
@@ -423,9 +423,7 @@ def load(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str 
                          f"recorded {V0}")
     if V > V0:
         resize_vocab(model, V)
-    model.cfg.diffusion = DiffusionInfo(**meta["blockdiff"]) if meta.get("blockdiff") else None
-    if model.cfg.diffusion is None:
-        raise ValueError(f"{folder / ADAPTER_JSON}: field 'blockdiff' is missing (an adapter needs its [MASK] id)")
+    model.cfg.diffusion = DiffusionInfo(**meta["blockdiff"])
     try:
         cfg = AdapterConfig(**meta["adapter"])
     except (TypeError, ValueError) as e:
