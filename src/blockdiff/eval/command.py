@@ -82,6 +82,55 @@ def run_models(run: Path, which: str) -> list[tuple[str, Path]]:
     return models
 
 
+def checked_examples(which: str, families, n: int | None, seed: int) -> tuple[list, str]:
+    """The checkable chat prompts of --checked (a split of data/real_prompts.py or a jsonl file), filtered to
+    `families`, and a seeded sample of `n` of them (None = all, in their order)."""
+    import random
+
+    from ..data.real_prompts import checked_prompts, read_checked_prompts
+
+    if which in ("dev", "final"):
+        prompts, split = checked_prompts(which), f"real-{which}"
+    elif which.endswith(".jsonl") or Path(which).is_file():
+        if not Path(which).is_file():
+            raise ValueError(f"--checked: {which} does not exist")
+        prompts, split = read_checked_prompts(which), str(which)
+    else:
+        raise ValueError(f"--checked: expected dev, final or a .jsonl file, got {which!r}")
+    prompts = [p for p in prompts if p.task in families] if which in ("dev", "final") else prompts
+    if not prompts:
+        raise ValueError(f"--checked {which}: no prompts of the tasks {', '.join(families)}")
+    if n is not None and n < len(prompts):
+        idx = sorted(random.Random(seed).sample(range(len(prompts)), n))
+        prompts = [prompts[i] for i in idx]
+    return prompts, split
+
+
+def read_ppl(path: str, n: int) -> list[tuple[str, str]]:
+    """(prompt, answer) texts of the first `n` lines of a jsonl file with fields 'prompt' and 'answer'."""
+    from ..data.documents import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--ppl: {p} does not exist")
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if len(rows) >= n:
+            break
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) and d[k] for k in ("prompt", "answer")):
+            raise DataError(f"{p}:{i}: expected an object with non-empty string fields 'prompt' and 'answer'")
+        rows.append((d["prompt"], d["answer"]))
+    if not rows:
+        raise DataError(f"{p}: no lines")
+    return rows
+
+
 def parse_models(items: list[str]) -> list[tuple[str, Path]]:
     out = []
     for item in items:
@@ -113,7 +162,18 @@ def add_eval_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
                    help="block decoding modes for block-diffusion checkpoints (default: threshold,S,Q, plus spec where "
                         "the checkpoint can run it)")
     e.add_argument("--threshold", type=float, default=None, help="M2T threshold of threshold mode (default: the mode's)")
-    e.add_argument("--prompts", type=int, default=200, help="held-out prompts (count; cycles through the tasks)")
+    e.add_argument("--prompts", type=int, default=None,
+                   help="held-out prompts (count; cycles through the tasks; default 200); with --checked a seeded "
+                        "sample of that many (default: all)")
+    e.add_argument("--checked", default=None, metavar="dev|final|FILE.jsonl",
+                   help="instead of the synthetic tasks: checkable chat prompts for a real instruction model (the "
+                        "dev or final split of blockdiff/data/real_prompts.py, or a jsonl file of task, prompt, "
+                        "check, answers), each rendered with the checkpoint's own chat template")
+    e.add_argument("--ppl", default=None, metavar="FILE.jsonl",
+                   help="also report each model's held-out perplexity on the 'answer' given 'prompt' of each line "
+                        "(e.g. the parent's own answers: valid.jsonl of scripts/chat_distill_data.py)")
+    e.add_argument("--ppl-docs", type=int, default=64, help="lines of --ppl used (the first ones)")
+    e.add_argument("--ppl-samples", type=int, default=8, help="noisings per line for the ELBO perplexity")
     e.add_argument("--seed", type=int, default=123, help="prompt draw (123 = the conversion report's prompts)")
     e.add_argument("--tasks", default=None, help="comma-separated subset of add,reverse,sort,lookup (default: all)")
     e.add_argument("--max-new-tokens", type=int, default=32, help="generation budget per prompt (tokens)")
@@ -134,6 +194,7 @@ def add_eval_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def cmd_eval(args) -> int:
+    from ..data.real_prompts import FAMILIES
     from ..data.tasks import TASKS, generate_examples
     from ..load import load_checkpoint
     from ..machine import describe, set_threads
@@ -142,12 +203,15 @@ def cmd_eval(args) -> int:
 
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0 = auto), got {args.threads}")
-    if args.prompts < 1:
+    if args.prompts is not None and args.prompts < 1:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
-    tasks = TASKS if args.tasks is None else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    bad = [t for t in tasks if t not in TASKS]
+    known = FAMILIES if args.checked else TASKS
+    tasks = known if args.tasks is None else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    bad = [t for t in tasks if t not in known]
     if bad or not tasks:
-        raise ValueError(f"--tasks: unknown {', '.join(bad) or '(empty)'}; allowed: {', '.join(TASKS)}")
+        raise ValueError(f"--tasks: unknown {', '.join(bad) or '(empty)'}; allowed: {', '.join(known)}")
+    if args.ppl_docs < 1 or args.ppl_samples < 1:
+        raise ValueError("--ppl-docs and --ppl-samples must be >= 1")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.block_size is not None and args.block_size < 1:
@@ -164,11 +228,21 @@ def cmd_eval(args) -> int:
     decs = sweep_decodings(_floats("--sweep-thresholds", args.sweep_thresholds), _pairs(args.sweep_pairs))
     if args.no_frontier:
         decs = None
+    if args.checked:
+        examples, split = checked_examples(args.checked, tasks, args.prompts, args.seed)
+    else:
+        examples, split = generate_examples("heldout", args.prompts or 200, seed=args.seed, tasks=tasks), "heldout"
+    ppl_rows = read_ppl(args.ppl, args.ppl_docs) if args.ppl else None
     set_threads(args.threads)
-    examples = generate_examples("heldout", args.prompts, seed=args.seed, tasks=tasks)
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    result = compare(models, examples, settings, progress=say,
-                     prompts_info={"split": "heldout", "n": len(examples), "seed": args.seed, "tasks": list(tasks)})
+    ppl = None
+    if ppl_rows:
+        tok = load_checkpoint(models[0][1]).tokenizer
+        ppl = [(tok.encode(pr), tok.encode(an) + [tok.eos_id]) for pr, an in ppl_rows]
+    result = compare(models, examples, settings, progress=say, chat=bool(args.checked), ppl=ppl,
+                     ppl_samples=args.ppl_samples,
+                     prompts_info={"split": split, "n": len(examples), "seed": args.seed, "tasks": list(tasks)}
+                     | ({"ppl_file": args.ppl, "ppl_docs": len(ppl_rows)} if ppl_rows else {}))
     if decs:
         for m in result.models:
             if m["kind"] != "AR":

@@ -145,24 +145,85 @@ class Comparison:
         return {"prompts": self.prompts, "settings": self.settings, "models": self.models, "sweeps": self.sweeps}
 
 
+def chat_hooks(loaded) -> dict:
+    """run_decoding's hooks for chat prompts: the user message rendered with the checkpoint's own chat template
+    (generation header included), and the answer read back without the template's end-of-turn markers."""
+    from ..data.chat_template import ChatTemplate, answer_text, encode_prompt, user_turn
+
+    template = ChatTemplate(loaded.tokenizer)
+    return {"encode": lambda ex: encode_prompt(user_turn(ex.prompt), loaded.tokenizer, template),
+            "output_text": lambda ids: answer_text(loaded.tokenizer, ids)}
+
+
+def agreement(outputs: Sequence[str], reference: Sequence[str]) -> float:
+    """Fraction of prompts whose output text equals the reference's (e.g. the parent's greedy AR output)."""
+    if len(outputs) != len(reference) or not outputs:
+        raise ValueError(f"{len(outputs)} outputs against {len(reference)} reference outputs")
+    return sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
+
+
 def compare(models: Sequence[tuple[str, str | Path]], examples: Sequence[TaskExample], settings: DecodeSettings,
-            *, prompts_info: dict | None = None, progress: Callable[[str], None] | None = None) -> Comparison:
-    """Evaluate `models` [(name, folder)] on the same `examples`, each with its own kind of decoding."""
+            *, prompts_info: dict | None = None, progress: Callable[[str], None] | None = None,
+            chat: bool = False, ppl: Sequence[tuple[list[int], list[int]]] | None = None,
+            ppl_samples: int = 8) -> Comparison:
+    """Evaluate `models` [(name, folder)] on the same `examples`, each with its own kind of decoding.
+
+    chat: prompts are user messages, rendered with each checkpoint's chat template (`chat_hooks`).
+    Every row gets `agree`: the fraction of its outputs equal to the first model's first row (the reference,
+    usually the parent's greedy AR). ppl: (context, continuation) token pairs (e.g. the parent's own held-out
+    answers); each model gets `ppl` = {"ar": exact next-token perplexity of the continuations (for a block-diffusion
+    checkpoint with shifted labels and a causal clean stream: its AR stream), "elbo": the block-diffusion bound's
+    perplexity (`ppl_samples` noisings; block-diffusion checkpoints only)}."""
     from ..load import load_checkpoint
 
     out = Comparison(prompts_info or {"n": len(examples)}, asdict(settings))
+    reference: list[str] | None = None
     for name, folder in models:
         loaded = load_checkpoint(folder)
+        hooks = chat_hooks(loaded) if chat else {}
         rows = {}
         for dec in settings.decodings(loaded):
-            rows[dec.label] = run_decoding(loaded, examples, dec, settings)
+            r = rows[dec.label] = run_decoding(loaded, examples, dec, settings, **hooks)
+            if reference is None:
+                reference = r["outputs"]
+                out.prompts["reference"] = f"{name} {dec.label}"
+            r["agree"] = agreement(r["outputs"], reference)
             if progress:
-                r = rows[dec.label]
-                progress(f"{name} {dec.label}: accuracy {r['accuracy']:.3f} {r['ci95']}, TPF {r['tpf']:.2f}, "
-                         f"{r['tps']:.0f} tokens/s")
-        out.models.append({"name": name, "folder": str(folder), "kind": "block diffusion" if loaded.is_diffusion
-                           else "AR", "rows": rows})
+                progress(f"{name} {dec.label}: accuracy {r['accuracy']:.3f} {r['ci95']}, agree {r['agree']:.3f}, "
+                         f"TPF {r['tpf']:.2f}, {r['tps']:.1f} tokens/s")
+        entry = {"name": name, "folder": str(folder), "kind": "block diffusion" if loaded.is_diffusion else "AR",
+                 "rows": rows}
+        if ppl:
+            entry["ppl"] = perplexities(loaded, ppl, samples=ppl_samples)
+            if progress:
+                progress(f"{name} perplexity: {entry['ppl']}")
+        out.models.append(entry)
     return out
+
+
+def perplexities(loaded, requests: Sequence[tuple[list[int], list[int]]], *, samples: int = 8) -> dict:
+    """exp(mean NLL per continuation token): exact AR (the causal stream) and, for a block-diffusion checkpoint,
+    its ELBO bound (an upper bound on its perplexity in expectation)."""
+    import math
+
+    from .likelihood import ar_loglikelihood, elbo_loglikelihood
+
+    n = sum(len(c) for _, c in requests)
+    res = {"tokens": n}
+    spec_ok = True
+    if loaded.is_diffusion:
+        from ..decode.spec import check_spec_model
+
+        try:
+            check_spec_model(loaded.model)
+        except ValueError:
+            spec_ok = False  # no AR stream (labels "same" or a block-causal clean stream)
+    if spec_ok:
+        res["ar"] = round(math.exp(-sum(r.logprob for r in ar_loglikelihood(loaded.model, requests)) / n), 4)
+    if loaded.is_diffusion:
+        lls = elbo_loglikelihood(loaded.model, requests, samples=samples, seed=0)
+        res["elbo"] = round(math.exp(-sum(r.logprob for r in lls) / n), 4)
+    return res
 
 
 def format_markdown(c: Comparison | dict, title: str = "blockdiff eval") -> str:
@@ -177,12 +238,13 @@ def format_markdown(c: Comparison | dict, title: str = "blockdiff eval") -> str:
     head = (f"{p.get('n')} {p.get('split', 'heldout')} prompts (seed {p.get('seed', '?')}), max {s['max_new_tokens']} "
             f"new tokens, batch {s['batch_size']}, temperature {s['temperature']}")
     lines = [f"# {title}", "", head, "",
-             "| model | decoding | accuracy | 95% CI | " + " | ".join(tasks) + " | TPF | tokens/s | forwards |",
-             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
+             "| model | decoding | accuracy | 95% CI | " + " | ".join(tasks) + " | agree | TPF | tokens/s | forwards |",
+             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     for name, r in rows:
         per = " | ".join(f"{r['per_task'].get(k, 0.0):.3f}" for k in tasks)
         lo, hi = r["ci95"]
-        lines.append(f"| {name} | {r['decoding']} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {per} | "
+        agree = f"{r['agree']:.3f}" if "agree" in r else ""
+        lines.append(f"| {name} | {r['decoding']} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {per} | {agree} | "
                      f"{r['tpf']:.2f} | {r['tps']:.1f} | {r['forwards']} |")
     lines += ["", "Per task: accuracy [95% CI] / TPF", "", "| model | decoding | " + " | ".join(tasks) + " |",
               "|---|---|" + "---|" * len(tasks)]
@@ -190,6 +252,15 @@ def format_markdown(c: Comparison | dict, title: str = "blockdiff eval") -> str:
         cells = [f"{r['per_task'][k]:.2f} [{r['ci95_per_task'][k][0]:.2f}, {r['ci95_per_task'][k][1]:.2f}] / "
                  f"{r['tpf_per_task'][k]:.2f}" for k in tasks]
         lines.append(f"| {name} | {r['label']} | " + " | ".join(cells) + " |")
+    if p.get("reference"):
+        lines += ["", f"agree: fraction of outputs identical to {p['reference']}'s."]
+    if any("ppl" in m for m in d["models"]):
+        lines += ["", "Held-out perplexity (per continuation token; ar = exact next-token, elbo = the block-diffusion "
+                  "bound)", "", "| model | tokens | ar | elbo |", "|---|---|---|---|"]
+        for m in d["models"]:
+            if "ppl" in m:
+                q = m["ppl"]
+                lines.append(f"| {m['name']} | {q['tokens']} | {q.get('ar', '')} | {q.get('elbo', '')} |")
     if d.get("sweeps"):
         lines += ["", "## Frontier sweep (accuracy vs TPF)", "", "| model | sweep | M2T | T2T | accuracy | 95% CI | TPF |",
                   "|---|---|---|---|---|---|---|"]

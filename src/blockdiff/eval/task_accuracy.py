@@ -4,7 +4,9 @@
 `blockdiff eval`, the conversion report, the benchmarks, the harness check): accuracy with a 95% Wilson interval,
 per-task accuracy and interval, TPF (overall and per task), tokens per second and forwards.
 
-Accuracy: exact match of the continuation (cut at EOS) with the task's answer (`data.tasks.is_correct`).
+Accuracy: exact match of the continuation (cut at EOS) with the task's answer (`data.tasks.is_correct`), or, for
+an example that carries its own rule (a `data.real_prompts.CheckedPrompt`: contains, number, runs the code...),
+that rule.
 Speed: generated tokens (up to and including EOS) per forward (TPF) and per second of decoding wall time (TPS).
 """
 
@@ -30,8 +32,10 @@ def score(examples: Sequence[TaskExample], texts: Sequence[str], gens: Sequence,
     task_tok: dict[str, int] = defaultdict(int)
     task_fw: dict[str, int] = defaultdict(int)
     samples = []
+    oks = []
     for ex, text, g in zip(examples, texts, gens):
-        ok = is_correct(ex, text)
+        ok = bool(ex.is_correct(text)) if hasattr(ex, "is_correct") else is_correct(ex, text)
+        oks.append(ok)
         hits[ex.task].append(ok)
         task_tok[ex.task] += g.n_generated
         task_fw[ex.task] += g.forwards
@@ -51,7 +55,8 @@ def score(examples: Sequence[TaskExample], texts: Sequence[str], gens: Sequence,
         "generated_tokens": n_tokens,
         "forwards": forwards,
         "seconds": seconds,
-        "correct": [bool(is_correct(ex, t)) for ex, t in zip(examples, texts)],
+        "correct": oks,
+        "outputs": list(texts),
         "samples": samples,
     }
 
