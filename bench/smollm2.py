@@ -2,7 +2,7 @@
 conversion (`recipes/smollm2_wsd.toml`), on held-out checkable chat prompts, in one run.
 
     python bench/smollm2.py [--parent runs/smollm2-135m] [--converted runs/smollm2-bd/final]
-        [--splits final,dev] [--modes threshold,S,Q,spec] [--speed-prompts 24] [--batch 16] [--threads 2]
+        [--splits final[,dev]] [--modes threshold,S,Q,spec] [--speed-prompts 24] [--batch 16] [--threads 2]
 
 Quality, per split of blockdiff/data/real_prompts.py ("final" is the reported number; "dev" the split looked at while
 building; neither is in the conversion corpus): every prompt rendered with the checkpoint's chat template, the parent
@@ -40,7 +40,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parent", default="runs/smollm2-135m")
     ap.add_argument("--converted", default="runs/smollm2-bd/final")
-    ap.add_argument("--splits", default="final,dev", help="held-out splits for accuracy (comma-separated)")
+    ap.add_argument("--splits", default="final", help="held-out splits for accuracy (comma-separated; dev is the split looked at while building)")
     ap.add_argument("--modes", default="threshold,S,Q,spec", help="block modes of the converted model")
     ap.add_argument("--speed-prompts", type=int, default=24, help="prompts decoded at batch 1 for tokens/s (0 = skip)")
     ap.add_argument("--speed-modes", default=None, help="modes timed at batch 1 (default: --modes)")
