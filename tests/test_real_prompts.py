@@ -212,3 +212,15 @@ def test_chat_distill_data_writes_the_parents_own_greedy_answers(tmp_path):
     r = subprocess.run([sys.executable, "scripts/chat_distill_data.py", "--model", str(tmp_path), "--out",
                         str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "not an HF model folder" in r.stderr
+
+
+def test_smollm2_recipe_is_valid_and_ends_on_the_decoding_block():
+    """recipes/smollm2_wsd.toml parses and validates as written (its model and data folders are made by
+    `make smollm2-convert`, not needed here); the EOS padding is a multiple of the block it ends with."""
+    from blockdiff.train.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes" / "smollm2_wsd.toml")
+    assert r.objective.labels == "shift" and r.objective.clean_stream == "causal" and r.diffusion.ar_weight > 0
+    assert [p.block_size for p in r.phases] == [4, 16, 32, 16]
+    assert r.data.eos_pad_multiple % r.phases[-1].block_size == 0
+    assert r.model.path.endswith("runs/smollm2-135m") and r.data.train[0].endswith("runs/smollm2-data/train.jsonl")
