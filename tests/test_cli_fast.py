@@ -104,16 +104,26 @@ def test_mode_takes_any_case_and_a_bad_mode_is_one_line(tiny_bd_dir):
 
 
 def test_every_recipe_the_readme_names_exists():
-    """A recipe the README passes to --recipe is in the repository, or the README copies one to it first."""
+    """A recipe the README or a docs page passes to --recipe is in the repository, or that page copies one to it
+    first (`cp recipes/x.toml my.toml`), or shows a complete recipe to save under that name (a ```toml block with
+    [model] and [[phases]]). The docs pages hold the commands the README's reference moved to (issue 21 item 17)."""
     import re
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    text = (repo / "README.md").read_text()
-    named = set(re.findall(r"--recipe\s+(\S+\.toml)", text))
-    copied = {dst for src, dst in re.findall(r"^cp\s+(\S+\.toml)\s+(\S+\.toml)", text, re.M) if (repo / src).is_file()}
-    missing = sorted(r for r in named if not (repo / r).is_file() and r not in copied)
-    assert named and not missing, missing
+    pages = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    missing, named_anywhere = [], set()
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        named = set(re.findall(r"--recipe\s+(\S+\.toml)", text))
+        named_anywhere |= named
+        copied = {dst for src, dst in re.findall(r"^cp\s+(\S+\.toml)\s+(\S+\.toml)", text, re.M)
+                  if (repo / src).is_file()}
+        shown = any("[model]" in block and "[[phases]]" in block
+                    for block in re.findall(r"```toml\n(.*?)```", text, re.S))
+        missing += [f"{page.relative_to(repo)}: {r}" for r in sorted(named)
+                    if not (repo / r).is_file() and r not in copied and not shown]
+    assert named_anywhere and not missing, missing
 
 
 def test_posttrain_bench_leaves_no_untracked_file(tmp_path):

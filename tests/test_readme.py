@@ -1,11 +1,12 @@
-"""The README's commands run as written, in the order shown, from a fresh folder.
+"""The README's and the docs' commands run as written, in the order shown, from a fresh folder.
 
-Every `blockdiff ...` line of the ```bash blocks under the README sections named in SECTIONS is run in process,
-in order, in a temporary folder holding only what a fresh clone has (`recipes/`, `assets/`), with short budgets
-appended (fewer examples, one step per phase, a few tokens): the commands must succeed as written, each one
-finding what the earlier ones produced. Lines that are not `blockdiff` commands (`source .venv/bin/activate`,
-`make ...`) are skipped; `make demo` is itself `make-data` + `convert` of the bundled recipe, which the CLI block
-repeats.
+Every `blockdiff ...` line of the ```bash blocks under the sections named in SECTIONS (a file and a `## ` heading:
+the README's quick start, then the command pages the README's reference moved to, issue 21 item 17) is run in
+process, in that order, in a temporary folder holding only what a fresh clone has (`recipes/`, `assets/`), with
+short budgets appended (fewer examples, one step per phase, a few tokens): the commands must succeed as written,
+each one finding what the earlier ones produced. Lines that are not `blockdiff` commands (`source
+.venv/bin/activate`, `make ...`) are skipped; `make demo` is itself `make-data` + `convert` of the bundled recipe,
+which the quick start repeats.
 """
 
 from __future__ import annotations
@@ -22,23 +23,31 @@ from cli_helpers import run_cli
 from blockdiff.train.recipe import tomllib  # tomli on Python 3.10
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("CLI", "Post-training")  # README headings whose bash blocks are a user's first commands
+# (file, `## ` heading) whose bash blocks are a user's first commands, in the order a user meets them
+SECTIONS = (("README.md", "Quick start"),
+            ("docs/cli.md", "Commands, in order"),
+            ("docs/post_training.md", "Running it"))
+
+
+def section_commands(path: str, heading: str) -> list[list[str]]:
+    """argv of every `blockdiff` line in the bash blocks under `## heading` of path (comments dropped)."""
+    text = (REPO / path).read_text(encoding="utf-8")
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    bodies = [body for title, body in zip(parts[1::2], parts[2::2]) if title.strip() == heading]
+    assert len(bodies) == 1, f"{path} has {len(bodies)} sections '## {heading}'"
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", bodies[0], flags=re.S):
+        for line in block.splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv and argv[0] == "blockdiff":
+                commands.append(argv[1:])
+    assert commands, f"no blockdiff command under '## {heading}' of {path}"
+    return commands
 
 
 def readme_commands() -> list[list[str]]:
-    """argv of every `blockdiff` line in the bash blocks of SECTIONS, in README order (comments dropped)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    parts = re.split(r"^## (.+)$", text, flags=re.M)
-    commands = []
-    for title, body in zip(parts[1::2], parts[2::2]):
-        if title.strip() not in SECTIONS:
-            continue
-        for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S):
-            for line in block.splitlines():
-                argv = shlex.split(line, comments=True)
-                if argv and argv[0] == "blockdiff":
-                    commands.append(argv[1:])
-    return commands
+    """argv of every `blockdiff` line of SECTIONS, in order."""
+    return [argv for path, heading in SECTIONS for argv in section_commands(path, heading)]
 
 
 def short_budget(argv: list[str], cwd: Path) -> list[str]:
