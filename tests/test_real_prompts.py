@@ -224,3 +224,36 @@ def test_smollm2_recipe_is_valid_and_ends_on_the_decoding_block():
     assert [p.block_size for p in r.phases] == [4, 16, 32, 16]
     assert r.data.eos_pad_multiple % r.phases[-1].block_size == 0
     assert r.model.path.endswith("runs/smollm2-135m") and r.data.train[0].endswith("runs/smollm2-data/train.jsonl")
+
+
+def test_real_model_results_table_matches_the_committed_json():
+    """docs/real-model.md's parent-vs-converted table is the committed bench/results/smollm2-2026-12-07.json, not
+    retyped numbers: accuracy and interval, agreement, TPF, batch-1 tokens/s and ratio, row by row."""
+    import re
+
+    d = json.loads((ROOT / "bench" / "results" / "smollm2-2026-12-07.json").read_text())
+    acc = {m["name"]: m["rows"] for m in d["accuracy"]["final"]["models"]}
+    speed = {m["name"]: m["rows"] for m in d["speed"]["models"]}
+    text = (ROOT / "docs" / "real-model.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\| (parent|converted) \| ([^|]+) \| ([^|]*) \| ([^|]*) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$",
+                     line)
+        if m:
+            rows[(m[1], m[2].strip())] = m
+    labels = {"greedy AR": ("parent", "AR", "AR"), "its own greedy AR": ("converted", None, "own AR"),
+              "spec (lossless)": ("converted", "spec", "spec"), "threshold 0.95, B 16": ("converted", "threshold", "threshold"),
+              "S": ("converted", "S", "S"), "Q": ("converted", "Q", "Q")}
+    assert {k[1] for k in rows} == set(labels)
+    for (name, label), m in rows.items():
+        _, akey, skey = labels[label]
+        s = speed[name][skey]
+        assert (float(m[6]), float(m[7])) == (round(s["tps"], 1), round(s["tps"] / speed["parent"]["AR"]["tps"], 2))
+        if akey is None:
+            continue
+        a = acc[name][akey]
+        lo, hi = a["ci95"]
+        assert m[3].strip() == f"{a['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+        assert float(m[5]) == round(a["tpf"], 2)
+        if name == "converted":
+            assert float(m[4]) == round(a["agree"], 3)
