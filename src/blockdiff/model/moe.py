@@ -13,7 +13,7 @@ adds the expert_bias buffer. A folder whose config.json sets either to false sti
 runs it, and the values are written back unchanged (docs/moe.md).
 
 `expert_bias` is a buffer, not a parameter: no optimiser ever touches it. During conversion we keep it frozen
-(README "Choices"): LLaDA2 does not publish its bias-update rule, and the Ling bias already balances the
+(docs/choices.md): LLaDA2 does not publish its bias-update rule, and the Ling bias already balances the
 experts for the routing the checkpoint learned.
 
 Experts are stored stacked ([E, I, d] gate / up, [E, d, I] down, nn.Linear orientation per expert) so HF's

@@ -77,7 +77,7 @@ def prepare_model(recipe: Recipe, device: torch.device, task: Task | None = None
     id lies past the table; a new [MASK] row starts at the mean of the trained rows, `init_rows_to_mean`) and
     record the checkpoint's diffusion facts.
     A Ling 2.0 (bailing_moe_v2) parent becomes a llada2_moe model (`as_llada2_moe`); its router expert_bias
-    is a buffer, so training leaves it frozen (README "Choices")."""
+    is a buffer, so training leaves it frozen (docs/choices.md)."""
     task = task or make_task(recipe)
     loaded = load_checkpoint(recipe.model.path, device=device, train=True)
     model, tok = loaded.model, loaded.tokenizer

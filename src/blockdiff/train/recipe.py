@@ -315,7 +315,7 @@ def _build(cls, raw: Any, where: str, section: str = "", base: Any = None, label
         moved = [f"{n} is now {MOVED[section, n]}" for n in unknown if (section, n) in MOVED]
         if moved:
             raise RecipeError(f"{where}: {'; '.join(moved)} (the recipe format gave each objective its own section, "
-                              "see README \"Recipes\")")
+                              "see docs/cli.md, \"Recipes\")")
         runtime = [n for n in unknown if n in {f.name for f in dataclasses.fields(cls)}]
         if runtime:
             raise RecipeError(f"{where}: {', '.join(runtime)} is set by the run (from the checkpoint or the phase), "
