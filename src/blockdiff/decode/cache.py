@@ -35,6 +35,16 @@ class KVCache:
         self.lengths = [0] * batch  # committed tokens per row
         self._len_t = torch.zeros(batch, dtype=torch.long, device=device)
 
+    @staticmethod
+    def bytes_per_position(cfg, dtype=torch.float32) -> int:
+        """Bytes one position of one row takes: K and V of every layer ([kv_heads, head_dim] each)."""
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for K and V (every row and slot, used or not)."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
     @property
     def capacity(self) -> int:
         """Rows this cache can hold."""

@@ -70,17 +70,27 @@ def context_needed(model, n_prompt: int, cfg: DecodeConfig, *, ar: bool = False)
     return canvas_length(n_prompt, cfg.max_new_tokens, cfg.block_size, alignment(model)[1])
 
 
-def check_context(model, n_prompt: int, cfg: DecodeConfig, *, ar: bool = False) -> int:
+def check_context(model, n_prompt: int, cfg: DecodeConfig, *, ar: bool = False,
+                  limit: tuple[int, str] | None = None) -> int:
     """The one context-length check (engine, CLI, server): the prompt plus max_new_tokens, rounded up to whole
-    blocks, must fit the model's max_position_embeddings. Returns the positions needed."""
+    blocks, must fit the model's max_position_embeddings, and `limit` = (positions, what they are) when given (the
+    server's max model len). Returns the positions needed."""
     need = context_needed(model, n_prompt, cfg, ar=ar)
-    limit = getattr(model.cfg, "max_position_embeddings", None)
-    if limit and need > limit:
-        unrounded = ar or cfg.mode == "spec" or cfg.window
-        rounding = "" if unrounded else f", rounded up to whole blocks of {cfg.block_size},"
-        raise ValueError(f"prompt of {n_prompt} tokens + max_new_tokens {cfg.max_new_tokens}{rounding} needs {need} "
-                         f"positions, more than the model's context of {limit} (max_position_embeddings)")
+    context = getattr(model.cfg, "max_position_embeddings", None)
+    limits = [(context, f"the model's context of {context} (max_position_embeddings)")] if context else []
+    for most, what in limits + ([limit] if limit is not None else []):
+        if need > most:
+            unrounded = ar or cfg.mode == "spec" or cfg.window
+            rounding = "" if unrounded else f", rounded up to whole blocks of {cfg.block_size},"
+            raise ValueError(f"prompt of {n_prompt} tokens + max_new_tokens {cfg.max_new_tokens}{rounding} needs "
+                             f"{need} positions, more than {what}")
     return need
+
+
+def cache_slack(block_size: int) -> int:
+    """KV slots a scheduler's cache rows hold past the longest decode (`max_len`): a forward writes up to max(B, a
+    spec row's width) slots past a row's committed prefix (rows of one forward are padded to its widest row)."""
+    return max(block_size, 2 * MAX_DRAFT_LEN + 2) + 1
 
 
 @dataclass
@@ -117,12 +127,9 @@ class Scheduler:
         self.shift, self.causal_clean = alignment(model)
         p = next(model.parameters())
         self.device, self.vocab = p.device, model.cfg.vocab_size
-        # a forward writes up to max(B, a spec row's width) slots past a row's committed prefix (rows of one forward
-        # are padded to its widest row): room for that past the longest decode
         self.max_len = max_len
         self.drafting = DraftPolicy()  # how many drafts the spec rows take per forward (decode/spec.py)
-        self.cache = KVCache(model.cfg, max_rows, max_len + max(block_size, 2 * MAX_DRAFT_LEN + 2) + 1,
-                             device=p.device, dtype=p.dtype)
+        self.cache = KVCache(model.cfg, max_rows, max_len + cache_slack(block_size), device=p.device, dtype=p.dtype)
         self.cache.keep([])  # start empty: rows join with `append`
         self.rows: list[Row] = []  # active rows, in cache-row order
         self.pending: list[Row] = []  # added, not yet prefilled
@@ -544,5 +551,5 @@ class ARScheduler(Scheduler):
         return out
 
 
-__all__ = ["ARScheduler", "Scheduler", "StepResult", "alignment", "check_context", "check_prompts",
+__all__ = ["ARScheduler", "Scheduler", "StepResult", "alignment", "cache_slack", "check_context", "check_prompts",
            "context_needed", "first_stop", "fill_after_eos"]

@@ -8,14 +8,26 @@ its inbox, drop jobs past their deadline, admit waiting jobs FIFO while the runn
 then one `step()` of each scheduler that has rows (one per block size in use: the forward is [rows, B]) and hand
 every row's StepUpdate / Generation to its job. A full waiting queue refuses new jobs at once (`Overloaded`: the
 server answers 503 with Retry-After).
+
+Memory (serve/kv_budget.py): every scheduler's KV cache is the plan's rows x positions. The one of the server's
+block size is allocated when the Batcher is built (at start, in the main thread: too little memory is a one-line
+error there); a job of another block size waits until the running batch drains, and the idle cache is freed
+before another is allocated, so one cache exists at a time.
+
+If the loop dies (a bug, or a failed allocation), it does not leave anyone waiting: the reason goes to stderr,
+every job it holds (running, waiting, being admitted, still in the inbox) ends with a 500 naming it, later
+submissions are refused (`LoopDead`: 503 naming it) and `/health` answers 503 with it. The server process stays up
+so that the reason can be read there; a supervisor's health check restarts it.
 """
 
 from __future__ import annotations
 
 import itertools
 import queue
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,11 +36,16 @@ import torch
 
 from ..decode.config import DecodeConfig
 from ..decode.scheduler import ARScheduler, Scheduler
+from .kv_budget import CachePlan
 from .metrics import Metrics
 
 
 class Overloaded(Exception):
     """The waiting queue is full."""
+
+
+class LoopDead(Exception):
+    """The decoding loop has died; the message says why."""
 
 
 @dataclass(eq=False)
@@ -64,10 +81,10 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, model, *, mask_id: int | None, ar: bool, max_running: int, max_queue: int, max_len: int,
+    def __init__(self, model, *, mask_id: int | None, ar: bool, block_size: int, plan: CachePlan, max_queue: int,
                  metrics: Metrics):
         self.model, self.mask_id, self.ar = model, mask_id, ar
-        self.max_running, self.max_queue, self.max_len = max_running, max_queue, max_len
+        self.plan, self.max_running, self.max_queue = plan, plan.rows, max_queue
         self.metrics = metrics
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Job] = deque()
@@ -77,8 +94,10 @@ class Batcher:
         self._lock = threading.Lock()
         self._queued = 0  # jobs submitted and not yet admitted (inbox + waiting), under _lock
         self._stop = threading.Event()
-        self.error: BaseException | None = None
+        self.error: str | None = None  # why the loop died (set once, under _lock)
+        self._admitting: Job | None = None  # the job between the waiting queue and its rows
         self.thread = threading.Thread(target=self._run, name="blockdiff-batcher", daemon=True)
+        self._scheduler(1 if ar else block_size)  # the server's cache, allocated now (module docstring)
 
     # ------------------------------------------------------------------------------ called from the handlers
     def start(self) -> None:
@@ -89,18 +108,27 @@ class Batcher:
         self.inbox.put(None)
         self.thread.join(timeout=10)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the loop is not running (None while it runs)."""
+        if self.error is not None:
+            return self.error
+        if not self.thread.is_alive():
+            return "the decoding loop is not running"
+        return None
+
     def submit(self, job: Job) -> None:
-        if self.error is not None or not self.thread.is_alive():
-            raise Overloaded("the decoding loop is not running (see the server log); /health says so too")
         if job.rows > self.max_running:
             raise ValueError(f"the request needs {job.rows} rows (prompts x n) but the server runs at most "
                              f"{self.max_running} (--max-running)")
-        with self._lock:
+        with self._lock:  # with the loop's failure handler: a job is either refused here or ended by it
+            if self.failure is not None:
+                raise LoopDead(self.failure)
             if self._queued >= self.max_queue:
                 raise Overloaded(f"the server's queue is full ({self.max_queue} waiting requests, --max-queue)")
             self._queued += 1
-        self.metrics.queue.inc()
-        self.inbox.put(("add", job))
+            self.metrics.queue.inc()
+            self.inbox.put(("add", job))
 
     def cancel(self, job: Job) -> None:
         self.inbox.put(("cancel", job))
@@ -122,14 +150,39 @@ class Batcher:
                 self._drain(block=not busy and not self.waiting)
                 self._expire()
                 self._admit()
-                for s in list(self.schedulers.values()):
-                    if not s.idle:
-                        self._step(s)
-        except BaseException as e:  # a bug, not bad input: fail every job loudly rather than hang them
-            self.error = e
-            for job in {j for j, _, _ in self.rows.values()} | set(self.waiting):
-                job.emit(("error", 500, f"the decoding loop failed: {type(e).__name__}: {e}"))
-            raise
+                self._step_all()
+        except BaseException as e:  # a bug or a failed allocation, not bad input: end every job, say why
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        """The loop died: the reason on stderr, a 500 to every job it holds, LoopDead to later submissions."""
+        said = str(e).strip().splitlines()
+        reason = f"the decoding loop failed: {type(e).__name__}" + (f": {said[0]}" if said else "")
+        with self._lock:  # from here on `submit` refuses: nothing more reaches the inbox
+            self.error = reason
+        traceback.print_exception(e, file=sys.stderr)
+        jobs = {j for j, _, _ in self.rows.values()} | set(self.waiting)
+        if self._admitting is not None:  # it had left the waiting queue and may hold no row yet
+            jobs.add(self._admitting)
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and item[0] == "add":
+                jobs.add(item[1])
+        for job in jobs:
+            job.emit(("error", 500, reason))
+        self.rows.clear()
+        self.waiting.clear()
+        self.schedulers.clear()  # frees the cache
+        self.metrics.kv_cache_bytes.set(0)
+        with self._lock:
+            self._queued = 0
+        self.metrics.queue.set(0)
+        self._gauges()
+        print(f"[blockdiff serve] {reason}; {len(jobs)} request(s) ended with a 500, new ones get a 503 and "
+              "/health reports it: restart the server", file=sys.stderr, flush=True)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -179,21 +232,31 @@ class Batcher:
                 self.metrics.timeouts.inc()
                 job.emit(("error", 504, "the request timed out (--request-timeout)"))
 
-    def _scheduler(self, cfg: DecodeConfig) -> Scheduler:
-        B = 1 if self.ar else cfg.block_size
-        if B not in self.schedulers:
+    def _scheduler(self, block_size: int) -> Scheduler | None:
+        """The scheduler of `block_size`, built (its cache allocated) if needed; None while another block size's
+        batch runs (one cache at a time: module docstring)."""
+        if block_size not in self.schedulers:
+            if any(not s.idle for s in self.schedulers.values()):
+                return None
+            self.schedulers.clear()  # free the idle cache before allocating the next one
+            self.metrics.kv_cache_bytes.set(0)
+            max_len = self.plan.max_len(block_size)
             if self.ar:
-                self.schedulers[B] = ARScheduler(self.model, max_rows=self.max_running, max_len=self.max_len)
+                sched = ARScheduler(self.model, max_rows=self.plan.rows, max_len=max_len)
             else:
-                self.schedulers[B] = Scheduler(self.model, mask_id=self.mask_id, block_size=B,
-                                               max_rows=self.max_running, max_len=self.max_len)
-        return self.schedulers[B]
+                sched = Scheduler(self.model, mask_id=self.mask_id, block_size=block_size, max_rows=self.plan.rows,
+                                  max_len=max_len)
+            self.schedulers[block_size] = sched
+            self.metrics.kv_cache_bytes.set(sched.cache.nbytes)
+        return self.schedulers[block_size]
 
     def _admit(self) -> None:
         while self.waiting and len(self.rows) + self.waiting[0].rows <= self.max_running:
-            job = self.waiting.popleft()
+            sched = self._scheduler(1 if self.ar else self.waiting[0].cfg.block_size)
+            if sched is None:  # the head job's block size waits for the running batch to drain
+                break
+            job = self._admitting = self.waiting.popleft()
             self._dequeue(job)
-            sched = self._scheduler(job.cfg)
             job.left = job.rows
             try:
                 for c, prompt, g in job.choices():
@@ -205,7 +268,15 @@ class Batcher:
             except ValueError as e:  # checked by the handler already; kept so a slip is a 400, not a hang
                 self._drop(job, "error")
                 job.emit(("error", 400, str(e)))
+            self._admitting = None
+            del sched  # no reference of ours may keep an idle cache alive past the next `_scheduler`
         self._gauges()
+
+    def _step_all(self) -> None:
+        """One step of each scheduler that has rows (a method, so no local outlives it and keeps a cache alive)."""
+        for sched in list(self.schedulers.values()):
+            if not sched.idle:
+                self._step(sched)
 
     def _step(self, sched: Scheduler) -> None:
         out = sched.step()

@@ -3,8 +3,10 @@ Imported by cli.py's parser, so it imports nothing heavy at module level (fastap
 verb runs).
 
 Order of a start: the flags are checked, then the port is bound (a busy port is one line and exit 2 at once, not
-after the model loaded), then the checkpoint loads and the server runs on that socket. Ctrl-C drains the batch
-(server.Server.drain: --shutdown-grace seconds to finish, then every request is ended properly) and exits 130."""
+after the model loaded), then the checkpoint loads, the KV cache is fitted to its budget and allocated
+(serve/kv_budget.py: its size is printed on stderr; one that does not fit is one line and exit 2), and the server
+runs on that socket. Ctrl-C drains the batch (server.Server.drain: --shutdown-grace seconds to finish, then every
+request is ended properly) and exits 130."""
 
 from __future__ import annotations
 
@@ -32,6 +34,13 @@ def add_serve_parser(sub, add_decoding_args, decode_config, formatter_class=None
     s.add_argument("--port", type=int, default=8000, help="TCP port")
     s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
     s.add_argument("--max-running", type=int, default=16, help="rows decoded at once (a request uses prompts x n)")
+    s.add_argument("--max-model-len", type=int, default=0,
+                   help="positions one request may span: prompt + max_tokens, rounded up to whole blocks (0 = the "
+                        "model's context, or what --max-running rows of the KV cache budget hold; given, the rows are "
+                        "what fits)")
+    s.add_argument("--kv-memory", type=float, default=0.0,
+                   help="GiB the KV cache may take, allocated at start (0 = a quarter of the memory free after the "
+                        "model loaded: RAM, or the GPU's)")
     s.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a row; more are refused with 503 and Retry-After")
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take (then 504)")
@@ -49,9 +58,12 @@ def add_serve_parser(sub, add_decoding_args, decode_config, formatter_class=None
 def _check_limits(args) -> None:
     for flag, v, lo in (("--port", args.port, 0), ("--max-running", args.max_running, 1),
                         ("--max-queue", args.max_queue, 1), ("--max-body-bytes", args.max_body_bytes, 1024),
-                        ("--threads", args.threads, 0)):
+                        ("--threads", args.threads, 0), ("--max-model-len", args.max_model_len, 0)):
         if v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    if not args.kv_memory >= 0 or args.kv_memory == float("inf"):
+        raise ValueError(f"--kv-memory must be a number of GiB >= 0 (0 = a quarter of the free memory), "
+                         f"got {args.kv_memory}")
     if args.port > 65535:
         raise ValueError(f"--port must be <= 65535, got {args.port}")
     if not args.request_timeout > 0:
@@ -109,12 +121,23 @@ def _serve_on(sock: socket.socket, args, base) -> int:
     name = args.served_model_name or Path(args.model).resolve().name
     settings = ServeSettings(model_name=name, base=base, ar=ar, max_running=args.max_running,
                              max_queue=args.max_queue, request_timeout=args.request_timeout,
-                             max_body_bytes=args.max_body_bytes)
+                             max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
+                             kv_memory=args.kv_memory)
+    try:
+        app = create_app(loaded, settings)  # fits and allocates the KV cache
+    except (RuntimeError, MemoryError) as e:
+        oom = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate" in str(e)  # CPU: "can't allocate"
+        if not oom:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot allocate the KV cache ({first}); lower --kv-memory, --max-model-len or "
+                         "--max-running") from None
     kind = "AR" if ar else f"block diffusion, mode {base.mode}, B={base.block_size}"
     port = sock.getsockname()[1]  # --port 0: the port the system chose
+    print(f"[blockdiff serve] {app.state.server.plan.describe()}", file=sys.stderr, flush=True)
     print(f"[blockdiff serve] {args.model} as {name!r} ({kind}) on {device} ({threads} thread(s)), "
           f"http://{args.host}:{port}/ (viewer), /v1 (OpenAI API)", file=sys.stderr, flush=True)
-    stopped_by = serve(create_app(loaded, settings), sock, grace=args.shutdown_grace)
+    stopped_by = serve(app, sock, grace=args.shutdown_grace)
     if stopped_by == signal.SIGINT:
         raise KeyboardInterrupt  # cli.main: one line, exit 130
     return 0

@@ -112,11 +112,19 @@ def parse_stop(body: dict) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def parse_decoding(body: dict, base: DecodeConfig, *, max_tokens_limit: int) -> tuple[DecodeConfig, dict]:
-    """The DecodeConfig of a request: the server's `base` with the fields the body sets, each range-checked."""
+def parse_decoding(body: dict, base: DecodeConfig, *, max_tokens_limit: int,
+                   limit_name: str = "") -> tuple[DecodeConfig, dict]:
+    """The DecodeConfig of a request: the server's `base` with the fields the body sets, each range-checked
+    (`limit_name` says what max_tokens_limit is, in the message of a max_tokens above it)."""
     f: dict = {}
-    mt = _number(body, "max_tokens", 1, max_tokens_limit, integer=True)
-    mct = _number(body, "max_completion_tokens", 1, max_tokens_limit, integer=True)
+    budget = []
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = _number(body, name, 1, float("inf"), integer=True)
+        if v is not None and v > max_tokens_limit:
+            raise bad(name, f"must be >= 1 and <= {max_tokens_limit}" + (f", {limit_name}" if limit_name else "")
+                      + f", got {v}")
+        budget.append(v)
+    mt, mct = budget
     if mt is not None or mct is not None:
         f["max_new_tokens"] = mt if mt is not None else mct
     mode = _typed(body, "mode", str, "a string")
@@ -139,7 +147,8 @@ def parse_decoding(body: dict, base: DecodeConfig, *, max_tokens_limit: int) -> 
     return cfg, f
 
 
-def parse_common(body: dict, base: DecodeConfig, *, max_tokens_limit: int, chat: bool) -> GenRequest:
+def parse_common(body: dict, base: DecodeConfig, *, max_tokens_limit: int, chat: bool,
+                 limit_name: str = "") -> GenRequest:
     """The fields completions and chat share (the prompt is set by the caller)."""
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
@@ -158,7 +167,7 @@ def parse_common(body: dict, base: DecodeConfig, *, max_tokens_limit: int, chat:
         v = _number(body, name, -2, 2)
         if v:
             raise bad(name, "is not supported by this server (use repeat_penalty, a block-diffusion extra)")
-    cfg, fields = parse_decoding(body, base, max_tokens_limit=max_tokens_limit)
+    cfg, fields = parse_decoding(body, base, max_tokens_limit=max_tokens_limit, limit_name=limit_name)
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise bad("stream_options", "must be an object")

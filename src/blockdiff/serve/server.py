@@ -4,10 +4,12 @@
     POST /v1/chat/completions   messages rendered with the tokenizer's chat template
     GET  /v1/models, /health, /metrics (Prometheus text), / and /viz (the live denoising view)
 
-Requests are checked here (protocol.py: a 400 naming the field, never a 500 for bad input) and decoded by the
-batcher's background thread (batcher.py: continuous batching). Streaming (docs/serving.md): a chunk carries only
-text that can no longer change, so the concatenated deltas equal the non-streamed text; `stream_denoise: true`
-adds the provisional per-step state (masked slots, edits) for viewers, with empty text deltas.
+Requests are checked here (protocol.py: a 400 naming the field, never a 500 for bad input; a decode longer than
+the KV cache's max model len, kv_budget.py, is a 400 naming --max-model-len) and decoded by the batcher's
+background thread (batcher.py: continuous batching; if it dies, every request ends with its reason). Streaming
+(docs/serving.md): a chunk carries only text that can no longer change, so the concatenated deltas equal the
+non-streamed text; `stream_denoise: true` adds the provisional per-step state (masked slots, edits) for viewers,
+with empty text deltas.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.chat_template import ANSWER_ENDS, ChatTemplate
 from ..decode.config import DecodeConfig
-from ..decode.scheduler import check_context, check_prompts
+from ..decode.scheduler import check_context, check_prompts, context_needed
 from ..decode.spec import check_spec_model
 from ..decode.window import check_window_model
-from .batcher import Batcher, Job, Overloaded
+from .batcher import Batcher, Job, LoopDead, Overloaded
+from .kv_budget import kv_budget, plan_cache
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, GenRequest, chat_messages, completion_prompts, parse_common
 from .text import ChoiceText, denoise_state
@@ -53,6 +56,8 @@ class ServeSettings:
     request_timeout: float = 300.0  # seconds from arrival to the last token
     max_body_bytes: int = 1 << 20
     retry_after: int = 1  # seconds, in the Retry-After header of a 503
+    max_model_len: int = 0  # positions a request may span (0: the model's context, or what fits the budget)
+    kv_memory: float = 0.0  # GiB the KV cache may take (0: kv_budget.KV_MEMORY_FRACTION of the free memory)
 
 
 class CountRequests:
@@ -103,17 +108,24 @@ class Server:
     def __init__(self, loaded, settings: ServeSettings):
         self.model, self.tok, self.settings = loaded.model, loaded.tokenizer, settings
         self.mask_id = None if settings.ar else loaded.info.mask_token_id
-        self.max_len = self.model.cfg.max_position_embeddings
+        p = next(self.model.parameters())
+        block_size = 1 if settings.ar else settings.base.block_size
+        budget, source = kv_budget(settings.kv_memory, p.device)
+        self.plan = plan_cache(self.model.cfg, p.dtype, block_size=block_size, max_running=settings.max_running,
+                               max_model_len=settings.max_model_len, budget=budget, source=source,
+                               min_len=context_needed(self.model, 1, settings.base, ar=settings.ar))
+        self.max_len = self.plan.max_model_len
         self.metrics = Metrics()
-        self.batcher = Batcher(self.model, mask_id=self.mask_id, ar=settings.ar, max_running=settings.max_running,
-                               max_queue=settings.max_queue, max_len=self.max_len, metrics=self.metrics)
+        self.batcher = Batcher(self.model, mask_id=self.mask_id, ar=settings.ar, block_size=block_size,
+                               plan=self.plan, max_queue=settings.max_queue, metrics=self.metrics)
         self.template = ChatTemplate(self.tok)
         self.closing = False  # set by `drain`: new requests get 503
 
     # ------------------------------------------------------------------------------ requests
     async def completion(self, request: Request, chat: bool):
         body = await read_json(request, self.settings.max_body_bytes)
-        req = parse_common(body, self.settings.base, max_tokens_limit=self.max_len, chat=chat)
+        req = parse_common(body, self.settings.base, max_tokens_limit=self.max_len, chat=chat,
+                           limit_name="the server's max model len (--max-model-len)")
         if chat:
             req.prompts = [self.tok.encode(self.template.render(chat_messages(body), add_generation_prompt=True))]
         else:
@@ -136,17 +148,25 @@ class Server:
                     check_window_model(model)
             except ValueError as e:
                 raise APIError(400, str(e), param="mode" if req.cfg.mode == "spec" else "window") from None
+        plan = self.plan
+        most = plan.max_len(1 if s.ar else req.cfg.block_size)
+        limit = (most, f"the server's max model len of {most} (--max-model-len; the KV cache holds {plan.rows} rows "
+                       f"x {plan.positions} positions within --kv-memory)")
         for k, ids in enumerate(req.prompts):
             try:
                 check_prompts([ids], model.cfg.vocab_size, self.mask_id)
-                check_context(model, len(ids), req.cfg, ar=s.ar)
             except ValueError as e:
-                msg = str(e).replace("prompt 0", f"prompt {k}")
-                code = "context_length_exceeded" if "context" in msg else None
-                raise APIError(400, f"{param}: {msg}", param=param, code=code) from None
-        if len(req.prompts) * req.n > s.max_running:
-            raise APIError(400, f"n x prompts = {len(req.prompts) * req.n} rows exceeds the server's "
-                                f"{s.max_running} (--max-running)", param="n")
+                raise APIError(400, f"{param}: {str(e).replace('prompt 0', f'prompt {k}')}", param=param) from None
+            try:
+                check_context(model, len(ids), req.cfg, ar=s.ar, limit=limit)
+            except ValueError as e:
+                raise APIError(400, f"{param}: {e}", param=param, code="context_length_exceeded") from None
+        rows = len(req.prompts) * req.n
+        if rows > plan.rows:
+            why = (f"--max-running {plan.max_running} lowered to {plan.rows} by the KV cache budget: raise --kv-memory "
+                   "or lower --max-model-len" if plan.rows < plan.max_running else "--max-running")
+            raise APIError(400, f"n x prompts = {rows} rows exceeds the {plan.rows} rows the server decodes at once "
+                                f"({why})", param="n")
 
     async def run(self, request: Request, req: GenRequest):
         loop = asyncio.get_running_loop()
@@ -162,6 +182,9 @@ class Server:
         except Overloaded as e:
             raise APIError(503, str(e), type="overloaded_error", code="queue_full",
                            headers={"Retry-After": str(self.settings.retry_after)}) from None
+        except LoopDead as e:
+            raise APIError(503, f"{e}; the server cannot decode until it is restarted", type="server_error",
+                           code="decoding_loop_failed") from None
         except ValueError as e:
             raise APIError(400, str(e), param="n") from None
         text_eos = () if req.cfg.ignore_eos else job.eos_ids  # the text ends at EOS unless EOS is ignored
@@ -314,9 +337,9 @@ def create_app(loaded, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        b = server.batcher
-        if b.error is not None or not b.thread.is_alive():
-            return JSONResponse({"status": "error"}, status_code=503)
+        failure = server.batcher.failure
+        if failure is not None:
+            return JSONResponse({"status": "error", "error": failure}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
