@@ -346,26 +346,12 @@ def section_moe(run: Run) -> dict:
 
 
 def recipe_toml(run: Run, data: Path, fsdp: str, steps: int) -> str:
+    """bench/scale.py's recipe at this run's size and device (threads 0: torch's default)."""
+    import scale as scale_bench
+
     b, L = run.pick((2, 32), (16, 256))
-    return f"""
-[model]
-path = "{REPO / 'assets/tiny-ar'}"
-[data]
-train = ["{data / 'train.jsonl'}"]
-seq_len = {L}
-[train]
-batch_size = {b}
-warmup_steps = 2
-save_every = {steps}
-eval_every = {steps}
-device = "{run.device}"
-[parallel]
-fsdp = "{fsdp}"
-[[phases]]
-block_size = {run.pick(8, 32)}
-steps = {steps}
-lr = 3e-4
-"""
+    return scale_bench.recipe_toml(REPO / "assets" / "tiny-ar", data, batch=b, seq_len=L, steps=steps, threads=0,
+                                   fsdp=fsdp, device=run.device, block_size=run.pick(8, 32))
 
 
 def section_fsdp(run: Run) -> dict:

@@ -34,7 +34,9 @@ from blockdiff.data.bundled import write_bundled_corpus
 REPO = Path(__file__).resolve().parents[1]
 
 
-def recipe_toml(model: Path, data: Path, *, batch: int, seq_len: int, steps: int, threads: int, fsdp: str) -> str:
+def recipe_toml(model: Path, data: Path, *, batch: int, seq_len: int, steps: int, threads: int, fsdp: str,
+                device: str = "cpu", block_size: int = 32) -> str:
+    """The measured recipe (also bench/gpu.py's FSDP2 section): one phase, checkpoints and evals only at the end."""
     return f"""
 [model]
 path = "{model}"
@@ -47,11 +49,11 @@ warmup_steps = 2
 save_every = {steps}
 eval_every = {steps}
 threads = {threads}
-device = "cpu"
+device = "{device}"
 [parallel]
 fsdp = "{fsdp}"
 [[phases]]
-block_size = 32
+block_size = {block_size}
 steps = {steps}
 lr = 3e-4
 """

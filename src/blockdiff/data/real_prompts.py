@@ -389,24 +389,17 @@ def corpus_prompts(n: int, seed: int = 0) -> list[str]:
     in (n, seed); the list cycles with new phrasings once the items run out."""
     rng = random.Random(seed)
     pool: list[str] = []
-    for country, _ in CAPITALS.items():
-        if split_of("capital:" + country) == "train":
-            pool += [f"What is the capital of {country}?", f"Tell me about the capital city of {country}."]
-    for name in ELEMENTS:
-        if split_of("element:" + name) == "train":
-            pool += [f"What is the chemical symbol for {name}?", f"What is {name} used for?"]
-    for w, _ in OPPOSITES.items():
-        if split_of("opposite:" + w) == "train":
-            pool += [f"What is the opposite of the word \"{w}\"?", f"Use the word \"{w}\" in a sentence."]
-    for w in PLURALS:
-        if split_of("plural:" + w) == "train":
-            pool += [f"What is the plural of the word \"{w}\"?", f"Write a sentence with the word \"{w}\"."]
-    for q, _ in COUNTS:
-        if split_of("count:" + q) == "train":
-            pool += [q, f"{q} Explain briefly."]
-    for q, _ in YESNO:
-        if split_of("yesno:" + q) == "train":
-            pool += [f"Answer with only yes or no. {q}", q]
+    # (items, split key prefix, phrasings of a train item): the checkable families, each item asked two ways
+    asked = [
+        (CAPITALS, "capital", ("What is the capital of {}?", "Tell me about the capital city of {}.")),
+        (ELEMENTS, "element", ("What is the chemical symbol for {}?", "What is {} used for?")),
+        (OPPOSITES, "opposite", ('What is the opposite of the word "{}"?', 'Use the word "{}" in a sentence.')),
+        (PLURALS, "plural", ('What is the plural of the word "{}"?', 'Write a sentence with the word "{}".')),
+        ([q for q, _ in COUNTS], "count", ("{}", "{} Explain briefly.")),
+        ([q for q, _ in YESNO], "yesno", ("Answer with only yes or no. {}", "{}")),
+    ]
+    for items, key, phrasings in asked:
+        pool += [p.format(item) for item in items if split_of(f"{key}:{item}") == "train" for p in phrasings]
     for op, a, b in _arith_items(3000, seed=11):
         if split_of(f"arith:{a}{op}{b}") == "train":
             pool.append(rng.choice([f"What is {a} {_ARITH_WORDS[op]} {b}?", f"Calculate {a} {op} {b}.",
