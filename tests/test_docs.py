@@ -93,3 +93,18 @@ def test_docs_cli_has_a_row_for_every_verb():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     rows = set(re.findall(r"^\| `blockdiff ([a-z-]+)` \|", (REPO / "docs" / "cli.md").read_text(encoding="utf-8"), re.M))
     assert rows == set(sub.choices), (sorted(rows), sorted(sub.choices))
+
+
+def test_docs_cli_flags_is_generated_from_the_parser():
+    """docs/cli-flags.md is exactly what scripts/cli_reference.py prints: a flag added, renamed or re-defaulted in
+    the code without regenerating the page fails here (regenerate: python scripts/cli_reference.py >
+    docs/cli-flags.md)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli_reference", REPO / "scripts" / "cli_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.reference()
+    assert (REPO / "docs" / "cli-flags.md").read_text(encoding="utf-8") == text
+    for flag in ("--kv-memory", "--max-model-len", "--checked", "--ppl", "--adapter-rank"):
+        assert f"`{flag} " in text or f"`{flag}`" in text, flag
