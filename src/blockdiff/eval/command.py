@@ -163,8 +163,8 @@ def add_eval_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
                         "the checkpoint can run it)")
     e.add_argument("--threshold", type=float, default=None, help="M2T threshold of threshold mode (default: the mode's)")
     e.add_argument("--prompts", type=int, default=None,
-                   help="held-out prompts (count; cycles through the tasks; default 200); with --checked a seeded "
-                        "sample of that many (default: all)")
+                   help="held-out prompts (count; cycles through the tasks; 200 if not given); with --checked a "
+                        "seeded sample of that many (all if not given)")
     e.add_argument("--checked", default=None, metavar="dev|final|FILE.jsonl",
                    help="instead of the synthetic tasks: checkable chat prompts for a real instruction model (the "
                         "dev or final split of blockdiff/data/real_prompts.py, or a jsonl file of task, prompt, "
