@@ -55,7 +55,7 @@ def main() -> int:
     import torch
 
     from blockdiff.data.real_prompts import checked_prompts
-    from blockdiff.eval.command import read_ppl
+    from blockdiff.eval.command import ppl_requests, read_ppl
     from blockdiff.eval.compare import (
         Decoding, DecodeSettings, agreement, chat_hooks, compare, format_markdown, run_decoding,
     )
@@ -67,8 +67,7 @@ def main() -> int:
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     ppl = None
     if a.ppl:
-        tok = load_checkpoint(models[0][1]).tokenizer
-        ppl = [(tok.encode(p), tok.encode(x) + [tok.eos_id]) for p, x in read_ppl(a.ppl, a.ppl_docs)]
+        ppl = ppl_requests(read_ppl(a.ppl, a.ppl_docs), load_checkpoint(models[0][1]).tokenizer)
     t_start = time.perf_counter()
     results, md = {}, [f"# SmolLM2-135M-Instruct: parent vs block-diffusion conversion ({dt.date.today()})", ""]
     for i, split in enumerate(s for s in a.splits.split(",") if s):

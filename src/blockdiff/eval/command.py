@@ -131,6 +131,11 @@ def read_ppl(path: str, n: int) -> list[tuple[str, str]]:
     return rows
 
 
+def ppl_requests(rows: list[tuple[str, str]], tok) -> list[tuple[list[int], list[int]]]:
+    """`read_ppl`'s (prompt, answer) rows as (context, continuation + EOS) token ids: the answer and its end."""
+    return [(tok.encode(p), tok.encode(a) + [tok.eos_id]) for p, a in rows]
+
+
 def parse_models(items: list[str]) -> list[tuple[str, Path]]:
     out = []
     for item in items:
@@ -235,10 +240,7 @@ def cmd_eval(args) -> int:
     ppl_rows = read_ppl(args.ppl, args.ppl_docs) if args.ppl else None
     set_threads(args.threads)
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    ppl = None
-    if ppl_rows:
-        tok = load_checkpoint(models[0][1]).tokenizer
-        ppl = [(tok.encode(pr), tok.encode(an) + [tok.eos_id]) for pr, an in ppl_rows]
+    ppl = ppl_requests(ppl_rows, load_checkpoint(models[0][1]).tokenizer) if ppl_rows else None
     result = compare(models, examples, settings, progress=say, chat=bool(args.checked), ppl=ppl,
                      ppl_samples=args.ppl_samples,
                      prompts_info={"split": split, "n": len(examples), "seed": args.seed, "tasks": list(tasks)}
