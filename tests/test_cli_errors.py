@@ -217,7 +217,7 @@ def test_token_cache_goes_to_the_user_cache(tiny_ar_dir, tiny_data, tmp_path, mo
     monkeypatch.setenv("BLOCKDIFF_CACHE", str(tmp_path / "cache"))
     recipe = write_recipe(tmp_path, tiny_ar_dir, tiny_data, steps=1)
     assert run_cli(["convert", "--recipe", recipe, "--out", tmp_path / "run", "--no-progress"])[0] == 0
-    assert list((tmp_path / "cache" / "tokens").glob("tokens-*.npz"))
+    assert list((tmp_path / "cache" / "tokens").glob("tokens-*/meta.json"))  # data/token_cache.py
     assert not (tmp_path / ".cache").exists()  # nothing beside --out
 
 

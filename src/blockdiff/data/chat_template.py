@@ -57,10 +57,11 @@ def user_turn(prompt: str, system: str | None = None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
-def validate_messages(messages, where: str, *, need_assistant: bool = True) -> list[dict]:
+def validate_messages(messages, where: str, *, need_assistant: bool = True, field: str = "messages") -> list[dict]:
     """Check an OpenAI-style message list; raise DataError naming `where` (file:line) and the field."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+        raise DataError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} objects, "
+                        f"got {type(messages).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise DataError(f"{where}: messages[{i}] is a JSON {type(m).__name__}, expected an object")

@@ -1,10 +1,12 @@
-"""Read user data files (.txt and .jsonl) with errors that say where and why: the package's one jsonl
-reader (`read_jsonl`, also used by the post-training readers) and the pretraining documents.
+"""Read user text files (.txt, .jsonl, .json) with errors that say where and why: the package's one jsonl
+reader (`read_jsonl`, also used by the post-training readers and data/sources.py) and the pretraining documents.
 
 A `.txt` file is one document. A `.jsonl` file holds one JSON object per non-blank line, whose
-`text_field` is the document. Nothing is skipped silently: every problem raises `DataError` with
-a message starting `path:line:` (or `path:` when no line applies) that says what was found and
-what was expected.
+`text_field` is the document; it is read line by line (never whole), so a large file streams. A `.json`
+file is either JSON lines too or one JSON array of objects (read whole). Nothing is skipped silently: every
+problem raises `DataError` with a message starting `path:line:` (or `path:` when no line applies) that says
+what was found and what was expected. Folders, globs, parquet / arrow files and saved Hugging Face datasets
+are data/sources.py's.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-EXTENSIONS: tuple[str, ...] = (".txt", ".jsonl")
 
 
 class DataError(ValueError):
@@ -25,21 +25,53 @@ class DataError(ValueError):
 class Document:
     text: str
     source: str  # the file it came from, as given (directories expanded)
-    line: int  # 1-based line in a .jsonl file; 0 for a whole-file .txt document
+    line: int  # 1-based line of a .jsonl file or row of a table / dataset; 0 for a whole-file .txt document
 
 
-def _decode(path: Path, data: bytes) -> str:
+def _decode(path: Path, data: bytes, line: int = 1, offset: int = 0) -> str:
+    """`data` is the file's bytes from byte `offset` (on line `line`) onwards."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
+        line += data.count(b"\n", 0, e.start)
         raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte offset {e.start} "
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte offset {offset + e.start} "
             f"of the file: {e.reason}); expected UTF-8 text, re-encode the file "
             "(e.g. `iconv -f latin1 -t utf-8`)"
         ) from None
     # A leading byte-order mark (Windows editors) is not part of the text.
-    return text.removeprefix("\ufeff")
+    return text.removeprefix("\ufeff") if offset == 0 else text
+
+
+def _json_objects(path: Path, example: str) -> Iterator[tuple[int, object]]:
+    """(1-based line, parsed value) of each non-blank line, read one line at a time; a `.json` file that holds
+    one array instead yields its items (numbered from 1)."""
+    with open(path, "rb") as f:
+        first = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+        f.seek(0)
+        if path.suffix == ".json" and first == b"[":
+            try:
+                items = json.loads(_decode(path, f.read()))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); expected an "
+                                f"array of objects like [{example}] or one object per line") from None
+            if not isinstance(items, list):
+                raise DataError(f"{path}: a JSON {type(items).__name__}; expected an array of objects or JSON lines")
+            yield from enumerate(items, start=1)
+            return
+        offset = 0
+        for lineno, raw in enumerate(f, start=1):
+            text = _decode(path, raw, lineno, offset)
+            offset += len(raw)
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                    f"expected one JSON object per line like {example}"
+                ) from None
 
 
 def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), *, example: str | None = None,
@@ -51,18 +83,8 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), *, example: str |
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     example = example or "{" + ", ".join(f'"{f}": ...' for f in fields) + "}"
-    content = _decode(path, path.read_bytes())
     n = 0
-    for lineno, raw in enumerate(content.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                f"expected one JSON object per line like {example}"
-            ) from None
+    for lineno, obj in _json_objects(path, example):
         if not isinstance(obj, dict):
             raise DataError(
                 f"{path}:{lineno}: line is a JSON {type(obj).__name__}, not an object; "
@@ -78,15 +100,14 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), *, example: str |
         raise DataError(f"{path}: empty file (no lines); expected one JSON object per line like {example}")
 
 
-def _read_txt(path: Path) -> list[Document]:
+def read_txt(path: Path) -> Iterator[Document]:
     text = _decode(path, path.read_bytes())
     if not text.strip():
         raise DataError(f"{path}: empty file (no text); expected a .txt file holding one document")
-    return [Document(text=text, source=str(path), line=0)]
+    yield Document(text=text, source=str(path), line=0)
 
 
-def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
-    docs = []
+def jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
     lines = read_jsonl(path, (text_field,), example=f'{{"{text_field}": "..."}}',
                        missing_hint="; pass text_field= to read another field")
     for lineno, obj in lines:
@@ -97,36 +118,12 @@ def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
             )
         if not text.strip():
             raise DataError(f"{path}:{lineno}: field {text_field!r} is empty; expected non-empty text")
-        docs.append(Document(text=text, source=str(path), line=lineno))
-    return docs
-
-
-def _expand(path: Path) -> list[Path]:
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in EXTENSIONS)
-        if not files:
-            raise DataError(
-                f"{path}: directory holds no {' or '.join(EXTENSIONS)} files (searched recursively)"
-            )
-        return files
-    if path.suffix not in EXTENSIONS:
-        raise DataError(
-            f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; "
-            f"expected one of {', '.join(EXTENSIONS)}"
-        )
-    return [path]
+        yield Document(text=text, source=str(path), line=lineno)
 
 
 def read_documents(paths: list[str | Path], text_field: str = "text") -> list[Document]:
-    """Documents of every file in `paths` (files, or directories searched recursively), in order."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]  # a lone path is an easy mistake; treat it as a list of one
-    if not paths:
-        raise DataError(f"no data paths given; expected files or directories of {', '.join(EXTENSIONS)}")
-    docs: list[Document] = []
-    for p in paths:
-        for f in _expand(Path(p)):
-            docs.extend(_read_txt(f) if f.suffix == ".txt" else _jsonl_documents(f, text_field))
-    return docs
+    """Documents of every source in `paths` (files, folders searched recursively, globs, saved datasets; see
+    data/sources.py), in order, in memory. Large corpora: `sources.iter_documents` streams them."""
+    from .sources import iter_documents  # sources imports this module
+
+    return list(iter_documents(paths, text_field))

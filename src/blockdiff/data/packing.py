@@ -110,6 +110,13 @@ class PackedDataset:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch of rows `idx`: input_ids, doc_ids, positions (and loss_mask when set)."""
+        batch = {"input_ids": self.input_ids[idx], "doc_ids": self.doc_ids[idx], "positions": self.positions[idx]}
+        if self.loss_mask is not None:
+            batch["loss_mask"] = self.loss_mask[idx]
+        return batch
+
 
 def _pad_documents(
     corpus: TokenizedCorpus, pad_id: int, multiple: int
@@ -127,24 +134,14 @@ def _pad_documents(
     return stream, padded
 
 
-def pack(
-    corpus: TokenizedCorpus, seq_len: int, pad_id: int, eos_pad_multiple: int = 0
-) -> PackedDataset:
-    """Pack documents in order into rows of `seq_len` tokens.
-
-    `eos_pad_multiple > 0` pads each document (which already ends in EOS) with `pad_id` to a
-    multiple of that many tokens, inside the document, so the model learns EOS EOS ... after an
-    answer (LLaDA2 SFT pads answers with EOS to whole blocks). A document that does not fit in
-    the rest of a row starts a new row, the gap being padding with its own document id; one longer
-    than `seq_len` is cut into `seq_len` pieces, each starting a row and each its own document.
-    """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    stream, lengths = _pad_documents(corpus, pad_id, eos_pad_multiple)
+def _place(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Greedy placement of documents of `lengths` tokens in rows of `seq_len`: (flat start of each piece in the
+    [n_rows * seq_len] output, its length, n_rows). Pieces cover the document stream contiguously, in order, and
+    every row starts with a piece."""
     # Greedy placement is sequential (each document depends on the row fill before it), so it is
-    # a Python loop over documents; all per-token work below is vectorised.
-    piece_dst: list[int] = []  # flat index in the [N * L] output where each piece starts
-    piece_len: list[int] = []  # pieces cover `stream` contiguously, in order
+    # a Python loop over documents; all per-token work is vectorised.
+    piece_dst: list[int] = []
+    piece_len: list[int] = []
     row, fill = 0, 0
     for n in lengths.tolist():
         if n > seq_len - fill:
@@ -159,11 +156,27 @@ def pack(
         fill += n
         if fill == seq_len:
             row, fill = row + 1, 0
-    n_rows = row + (fill > 0)
+    return np.asarray(piece_dst, dtype=np.int64), np.asarray(piece_len, dtype=np.int64), row + (fill > 0)
+
+
+def pack(
+    corpus: TokenizedCorpus, seq_len: int, pad_id: int, eos_pad_multiple: int = 0
+) -> PackedDataset:
+    """Pack documents in order into rows of `seq_len` tokens.
+
+    `eos_pad_multiple > 0` pads each document (which already ends in EOS) with `pad_id` to a
+    multiple of that many tokens, inside the document, so the model learns EOS EOS ... after an
+    answer (LLaDA2 SFT pads answers with EOS to whole blocks). A document that does not fit in
+    the rest of a row starts a new row, the gap being padding with its own document id; one longer
+    than `seq_len` is cut into `seq_len` pieces, each starting a row and each its own document.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    stream, lengths = _pad_documents(corpus, pad_id, eos_pad_multiple)
+    piece_dst, piece_len, n_rows = _place(lengths, seq_len)
     size = n_rows * seq_len
 
-    dst = np.asarray(piece_dst, dtype=np.int64)
-    lens = np.asarray(piece_len, dtype=np.int64)
+    dst, lens = piece_dst, piece_len
     src = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else lens
     input_ids = np.full(size, pad_id, dtype=np.int64)
     input_ids[np.repeat(dst - src, lens) + np.arange(len(stream))] = stream
@@ -185,6 +198,52 @@ def pack(
     )
 
 
+class PackedRows:
+    """The rows `pack` builds, made on demand from a (memory-mapped) corpus: only the placement (three int64
+    numbers per piece) is held, and `rows(idx)` reads the tokens of the rows asked for, so a corpus larger than
+    memory trains. Equal to `pack(corpus, ...)` row for row (tests/test_data_sources.py)."""
+
+    loss_mask = None
+
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int, pad_id: int, eos_pad_multiple: int = 0):
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.corpus, self.pad_id, self._seq_len = corpus, pad_id, seq_len
+        self._lengths = np.diff(corpus.doc_offsets)  # real tokens per document (EOS included)
+        padded = self._lengths if eos_pad_multiple <= 0 else -(-self._lengths // eos_pad_multiple) * eos_pad_multiple
+        self._padded_offsets = np.concatenate([[0], np.cumsum(padded)])  # document starts in the padded stream
+        self._dst, lens, self._n_rows = _place(padded, seq_len)
+        self._end = self._dst + lens
+        self._src = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else lens  # piece start in the stream
+
+    def __len__(self) -> int:
+        return self._n_rows
+
+    @property
+    def seq_len(self) -> int:
+        return self._seq_len
+
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        L = self._seq_len
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        q = (idx[:, None] * L + np.arange(L)).reshape(-1)  # flat output positions [B * L]
+        j = np.searchsorted(self._dst, q, side="right") - 1  # the piece at or before each position
+        inside = q < self._end[j]  # else: the padding document at a row's end
+        first = np.searchsorted(self._dst, q - q % L)  # the row's first piece (every row starts with one)
+        doc_ids = j - first + ~inside
+        positions = np.where(inside, q - self._dst[j], q - self._end[j])
+        s = self._src[j] + q - self._dst[j]  # index in the padded document stream
+        k = np.minimum(np.searchsorted(self._padded_offsets, s, side="right") - 1, len(self._lengths) - 1)
+        within = s - self._padded_offsets[k]
+        real = inside & (within < self._lengths[k])  # a real token, not EOS padding or the row's padding
+        ids = np.full(len(q), self.pad_id, dtype=np.int64)
+        ids[real] = self.corpus.tokens[self.corpus.doc_offsets[k[real]] + within[real]]
+        shape = (len(idx), L)
+        return {"input_ids": torch.from_numpy(ids).view(shape),
+                "doc_ids": torch.from_numpy(doc_ids.astype(np.int32)).view(shape),
+                "positions": torch.from_numpy(positions).view(shape)}
+
+
 class BatchStream:
     """Deterministic infinite stream of batches: epoch e visits rows in randperm(seed + e) order.
 
@@ -192,7 +251,7 @@ class BatchStream:
     works, even one larger than the dataset. `state_dict` / `load_state_dict` resume exactly.
     """
 
-    def __init__(self, data: PackedDataset, batch_size: int, seed: int):
+    def __init__(self, data: PackedDataset | PackedRows, batch_size: int, seed: int):
         if len(data) == 0:
             raise ValueError("cannot stream batches from an empty PackedDataset (no rows)")
         if batch_size <= 0:
@@ -223,15 +282,7 @@ class BatchStream:
             need -= take
             if self.index == len(self.data):
                 self.epoch, self.index = self.epoch + 1, 0
-        idx = torch.cat(rows)
-        batch = {
-            "input_ids": self.data.input_ids[idx],
-            "doc_ids": self.data.doc_ids[idx],
-            "positions": self.data.positions[idx],
-        }
-        if self.data.loss_mask is not None:
-            batch["loss_mask"] = self.data.loss_mask[idx]
-        return batch
+        return self.data.rows(torch.cat(rows))
 
     @property
     def sequences_consumed(self) -> int:

@@ -25,6 +25,7 @@ import torch
 from .chat_template import ChatExample, ChatTemplate, tokenize_conversation, user_turn, validate_messages
 from .documents import DataError, read_jsonl
 from .packing import PackedDataset
+from .sources import iter_field
 from .tasks import SYSTEM_PROMPT, TaskExample, generate_examples
 from .tokenizer import Tokenizer
 
@@ -51,14 +52,16 @@ def _filter_length(examples: list, seq_len: int, policy: str, what: str) -> list
     return kept
 
 
-def read_chat(paths: list[str], tok: Tokenizer, *, block_size: int, seq_len: int, over_length: str = "drop") -> list[ChatExample]:
+def read_chat(paths: list[str], tok: Tokenizer, *, block_size: int, seq_len: int, over_length: str = "drop",
+              field: str = "messages", split: str = "train") -> list[ChatExample]:
+    """Conversations in `field` of every row of `paths`: jsonl files, or any source of data/sources.py (parquet,
+    arrow, a saved dataset's `split`)."""
     template = ChatTemplate(tok)
     out = []
-    for p in paths:
-        for lineno, obj in read_jsonl(p, ("messages",)):
-            where = f"{Path(p)}:{lineno}"
-            msgs = validate_messages(obj["messages"], where)
-            out.append(tokenize_conversation(msgs, tok, template, block_size, where))
+    for src, row, value in iter_field(paths, field, "messages", split=split, key="messages_field"):
+        where = src.at(row)
+        msgs = validate_messages(value, where, field=field)
+        out.append(tokenize_conversation(msgs, tok, template, block_size, where))
     return _filter_length(out, seq_len, over_length, "conversations")
 
 

@@ -87,9 +87,16 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)  # .txt / .jsonl files or folders
-    valid: list[str] = field(default_factory=list)  # held-out files for ELBO perplexity (may be empty)
-    text_field: str = "text"  # jsonl field holding the document text
+    # Files (.txt .jsonl .json .parquet .arrow), folders, globs ("corpus/*.parquet") or datasets saved with
+    # `datasets`' save_to_disk (docs/data.md; data/sources.py)
+    train: list[str] = field(default_factory=list)
+    valid: list[str] = field(default_factory=list)  # held-out sources for ELBO perplexity (may be empty)
+    text_field: str = "text"  # field (jsonl key, table column) holding the document text
+    # Chat messages field: conversion/ar render its rows with the checkpoint's chat template into documents (instead
+    # of reading text_field); sft reads its conversations from it ("" = "messages")
+    messages_field: str = ""
+    split: str = "train"  # the split `train` reads from a saved DatasetDict
+    valid_split: str = "validation"  # the split `valid` reads from a saved DatasetDict
     seq_len: int = 256  # L, tokens per packed row
     eos_pad_multiple: int = 0  # pad every document with EOS to a multiple of this many tokens (0 = off)
     cache_dir: str = ""  # tokenised-data cache folder ("" = the user cache, train/tasks.py default_cache_dir)
@@ -108,6 +115,8 @@ class DataSection:
             raise ValueError(f"valid_rows must be >= 1, got {self.valid_rows}")
         if self.over_length not in OVER_LENGTH:
             raise ValueError(f"over_length must be {' or '.join(OVER_LENGTH)}, got {self.over_length!r}")
+        if not self.text_field:
+            raise ValueError("text_field must name a field (\"text\" by default)")
 
 
 @dataclass

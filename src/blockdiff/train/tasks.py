@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..data.documents import read_documents
-from ..data.packing import BatchStream, PackedDataset, pack, tokenize_documents
+from ..data.chat_template import ChatTemplate
+from ..data.packing import BatchStream, PackedDataset, PackedRows
 from ..data.post_data import chat_rows, read_chat, read_pairs, read_rl_prompts
+from ..data.token_cache import corpus_tokens
 from ..model.config import DiffusionInfo, effective_block_size
 from ..objectives.cap import cap_loss
 from ..objectives.diffusion import ar_loss, ar_nll, diffusion_loss, elbo_nll
@@ -54,16 +55,15 @@ def alignment_fields(info: DiffusionInfo | None) -> dict:
     return {"shift": info.shift, "clean_causal": info.causal_clean}
 
 
-def _batches(rows: PackedDataset, limit: int, batch_size: int, device, loss_mask: bool = True) -> list[dict]:
+def _batches(rows: PackedDataset | PackedRows, limit: int, batch_size: int, device,
+             loss_mask: bool = True) -> list[dict]:
     n = min(limit, len(rows))
     out = []
     for i in range(0, n, batch_size):
-        sl = slice(i, min(i + batch_size, n))
-        b = {"input_ids": rows.input_ids[sl].to(device), "doc_ids": rows.doc_ids[sl].to(device),
-             "positions": rows.positions[sl].to(device)}
-        if loss_mask:
-            b["loss_mask"] = rows.loss_mask[sl].to(device)
-        out.append(b)
+        b = rows.rows(torch.arange(i, min(i + batch_size, n)))
+        if not loss_mask:
+            b.pop("loss_mask", None)
+        out.append({k: v.to(device) for k, v in b.items()})
     return out
 
 
@@ -168,12 +168,13 @@ class SFT(Conversion):
     def batches(self, device, run_dir):
         r, d, tok = self.recipe, self.recipe.data, self.tok
 
-        def rows(paths):
-            exs = read_chat(paths, tok, block_size=self.final_block_size, seq_len=d.seq_len, over_length=d.over_length)
+        def rows(paths, split):
+            exs = read_chat(paths, tok, block_size=self.final_block_size, seq_len=d.seq_len, over_length=d.over_length,
+                            field=d.messages_field or "messages", split=split)
             return chat_rows(exs, d.seq_len, tok.pad_id, pack=d.pack)
 
-        valid = _batches(rows(d.valid), d.valid_rows, r.train.batch_size, device) if d.valid else []
-        return BatchStream(rows(d.train), r.train.batch_size, seed=r.train.seed), valid
+        valid = _batches(rows(d.valid, d.valid_split), d.valid_rows, r.train.batch_size, device) if d.valid else []
+        return BatchStream(rows(d.train, d.split), r.train.batch_size, seed=r.train.seed), valid
 
     def objective(self, block_size):
         dcfg = self._diffusion_config(block_size)
@@ -245,16 +246,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blockdiff"
 
 
-def load_corpus(recipe: Recipe, tok, run_dir: Path) -> tuple[PackedDataset, PackedDataset | None]:
-    """Documents -> tokens (cached) -> packed rows, for conversion and AR pretraining."""
+def load_corpus(recipe: Recipe, tok, run_dir: Path) -> tuple[PackedRows, PackedRows | None]:
+    """Sources -> documents -> tokens (streamed once into the memory-mapped cache, data/token_cache.py) -> rows
+    packed on demand, for conversion and AR pretraining. `[data] messages_field` rows are rendered with the
+    checkpoint's chat template."""
     cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_dir() / "tokens"
     d = recipe.data
+    template = ChatTemplate(tok) if d.messages_field else None
+    chat = {"messages_field": d.messages_field, "render": template.render, "template": template.source} \
+        if template else {}
 
-    def build(paths: list[str]) -> PackedDataset:
-        docs = read_documents(paths, text_field=d.text_field)
-        corpus = tokenize_documents(docs, tok, cache)
-        return pack(corpus, d.seq_len, pad_id=tok.pad_id, eos_pad_multiple=d.eos_pad_multiple)
+    def build(entries: list[str], split: str) -> PackedRows:
+        corpus = corpus_tokens(entries, tok, cache, split=split, text_field=d.text_field, **chat)
+        return PackedRows(corpus, d.seq_len, pad_id=tok.pad_id, eos_pad_multiple=d.eos_pad_multiple)
 
-    train = build(d.train)
-    valid = build(d.valid) if d.valid else None
+    train = build(d.train, d.split)
+    valid = build(d.valid, d.valid_split) if d.valid else None
     return train, valid
