@@ -374,6 +374,16 @@ def test_results_record_measured_machines():
     assert not bad, "\n".join(bad)
 
 
+def test_bench_peak_memory_is_vmhwm_not_ru_maxrss():
+    """ru_maxrss carries a forking parent's peak on Linux (commit 7fb94f0): the bench scripts measure VmHWM through
+    bench/machine.peak_rss_mb, whose ru_maxrss is only the fallback where /proc is missing (not Linux). A small parent
+    reading its children's peak (RUSAGE_CHILDREN) is another measurement and allowed."""
+    users = [p.name for p in sorted((REPO / "bench").glob("*.py")) if "RUSAGE_SELF" in p.read_text()]
+    assert users == ["machine.py"], users
+    text = (REPO / "bench/machine.py").read_text()
+    assert text.index("VmHWM") < text.index("RUSAGE_SELF")  # the fallback
+
+
 @pytest.mark.parametrize("value, like, want", [(0.845, "0.85", "0.84"), (0.519, "0.52x", "0.52x"),
                                                (1733.4, "1,733 MB", "1,733 MB"), (3969.0, "3969", "3969"),
                                                (-1.1177, "-1.12", "-1.12"), (22.5568, "22.56", "22.56")])
