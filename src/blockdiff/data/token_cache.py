@@ -2,7 +2,7 @@
 
 A cache entry is a folder `tokens-<key>/` holding `tokens.i32` (every document's ids followed by one EOS,
 concatenated, int32), `offsets.i64` (document i is tokens[offsets[i]:offsets[i+1]], int64) and `meta.json`
-(counts, written last). Documents are encoded ENCODE_CHUNK at a time and appended to the files, so memory is
+(counts, written last). Documents are encoded a chunk at a time (ENCODE_CHUNK documents or ENCODE_CHARS characters) and appended to the files, so memory is
 bounded by a chunk whatever the corpus size; the finished folder is renamed into place, so a killed run
 leaves no half entry. A later run memory-maps the two arrays (`TokenizedCorpus` over np.memmap): packing and
 batches read only the rows they touch (data/packing.py PackedRows).
@@ -29,7 +29,10 @@ from .packing import TokenizedCorpus
 from .sources import Source, fingerprint, iter_documents, resolve
 from .tokenizer import Tokenizer
 
-ENCODE_CHUNK = 4096  # documents per encode_batch call: bounds the text and Encoding objects alive at once
+# One encode_batch call takes documents until either bound: its Encoding objects (ids, offsets, token strings) weigh
+# ~50x the text, so the character bound is what keeps memory flat (measured in dev/LOG.md 2026-12-07).
+ENCODE_CHUNK = 4096  # documents
+ENCODE_CHARS = 1 << 20  # characters
 FORMAT = "blockdiff-tokens-v2"
 
 
@@ -55,12 +58,17 @@ def _load(folder: Path) -> TokenizedCorpus | None:
 
 def _write(folder: Path, docs, tok: Tokenizer) -> dict:
     """Encode `docs` (an iterator) into folder's two arrays; returns the counts."""
-    n_tokens, n_docs = 0, 0
+    n_tokens, n_docs, docs = 0, 0, iter(docs)
     eos = np.array([tok.eos_id], dtype=np.int32)
     with open(folder / "tokens.i32", "wb") as ft, open(folder / "offsets.i64", "wb") as fo:
         fo.write(np.zeros(1, dtype=np.int64).tobytes())
         while True:
-            texts = [d.text for _, d in zip(range(ENCODE_CHUNK), docs)]
+            texts, chars = [], 0
+            for d in docs:
+                texts.append(d.text)
+                chars += len(d.text)
+                if len(texts) == ENCODE_CHUNK or chars >= ENCODE_CHARS:
+                    break
             if not texts:
                 break
             lengths = np.empty(len(texts), dtype=np.int64)
