@@ -185,6 +185,40 @@ def test_non_bool_mask_rejected():
         model(ids_for(), None, causal(T).float())
 
 
+def test_bool_mask_becomes_one_additive_mask_shared_by_every_layer(monkeypatch):
+    """SDPA turns a bool mask into an additive float one in every layer, and autograd then keeps one b x T x T copy
+    per layer for backward (16 MiB a layer at T = 2048). The model converts it once: every layer's attention keeps
+    the same storage, and logits and gradients are bit-identical to letting SDPA convert it (additive_mask made a
+    no-op: the old path)."""
+    from blockdiff.model import attention
+
+    n = 16
+    mask = dense_mask("block_causal", seq_len=n, block_size=4)
+    ids = ids_for(n=n)
+
+    def run():
+        model = tiny_model(num_layers=3).train()
+        masks = {}
+
+        def pack(t):
+            if t.dim() == 4 and t.shape[-2:] == (n, n):
+                masks[t.untyped_storage().data_ptr()] = t.dtype
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(ids, None, mask)
+            logits.square().mean().backward()
+        return logits.detach(), [p.grad for p in model.parameters()], masks
+
+    logits, grads, masks = run()
+    assert list(masks.values()) == [torch.float32]  # one float mask kept, not one per layer
+    monkeypatch.setattr("blockdiff.model.transformer.additive_mask", lambda m, dtype: m)
+    old_logits, old_grads, old_masks = run()
+    assert len(old_masks) == 3  # the old path: SDPA's own conversion, kept by each of the 3 layers
+    assert torch.equal(logits, old_logits) and all(torch.equal(a, b) for a, b in zip(grads, old_grads))
+    assert attention.additive_mask(mask, torch.float32).dtype == torch.float32
+
+
 def test_flex_block_mask_equals_dense_through_model():
     model = tiny_model()
     ids = ids_for(n=16)

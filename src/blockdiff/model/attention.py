@@ -1,7 +1,8 @@
 """Rotary embeddings and the attention kernel dispatch (SDPA with a dense boolean mask, or FlexAttention).
 
 The model never decides which tokens see which: the caller passes the mask (see `masks.py`).
-- dense bool tensor [b or 1, 1, Q, K] (True = attend) -> `scaled_dot_product_attention` (CPU training path);
+- dense bool tensor [b or 1, 1, Q, K] (True = attend) -> `scaled_dot_product_attention` (CPU training path); the
+  model turns it into SDPA's additive float mask once per forward (`additive_mask`), not once per layer;
 - a FlexAttention `BlockMask` -> `flex_attention` (CUDA path; on CPU torch 2.13 supports its forward only);
 - None -> every query sees every key (used when decoding one block against an exact KV cache).
 """
@@ -70,13 +71,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+def check_mask(mask) -> None:
+    """The masks a model accepts: None, a BlockMask, or a bool tensor (True = attend). A 0 / 1 float mask would be
+    read by SDPA as an additive bias (attend everywhere): refused."""
+    if mask is not None and not (BlockMask is not None and isinstance(mask, BlockMask)) and mask.dtype != torch.bool:
+        raise TypeError(f"attention mask must be a bool tensor (True = attend) or a BlockMask, got {mask.dtype}")
+
+
+def additive_mask(mask, dtype: torch.dtype):
+    """A bool mask (True = attend) as SDPA's additive float mask (0 where True, -inf where False); anything else
+    unchanged. SDPA makes exactly this tensor from a bool mask itself (same values, so the same outputs, bit for
+    bit), but in every layer, and under autograd each layer keeps its own copy for backward: b x T x T x 4 bytes a
+    layer, 16 MiB at T = 2048 and 256 MiB at T = 8192, times the layers. Made once per forward, all layers share
+    one tensor (tests/test_model.py)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-    """q [b, h, Q, d], k/v [b, hkv, K, d] -> [b, h, Q, d]. GQA handled by the kernel."""
+    """q [b, h, Q, d], k/v [b, hkv, K, d] -> [b, h, Q, d]. GQA handled by the kernel. `mask`: None, a BlockMask, a
+    bool mask or the additive float mask `additive_mask` made from one."""
     gqa = q.shape[1] != k.shape[1]
     if BlockMask is not None and isinstance(mask, BlockMask):
         return _flex(q, k, v, mask, gqa)
-    if mask is not None and mask.dtype != torch.bool:
-        raise TypeError(f"attention mask must be a bool tensor (True = attend) or a BlockMask, got {mask.dtype}")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import rope_cache_attend, rope_cos_sin, rope_inv_freq
+from .attention import additive_mask, check_mask, rope_cache_attend, rope_cos_sin, rope_inv_freq
 from .config import ModelConfig
 
 
@@ -148,6 +148,9 @@ class DecoderLM(nn.Module):
         elif positions.dim() == 1:
             positions = positions.expand(b, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        check_mask(mask)
+        if not torch.is_autocast_enabled(x.device.type):  # autocast: q's dtype is not x's; SDPA converts it then
+            mask = additive_mask(mask, x.dtype)  # once for every layer (SDPA would convert it in each)
         # The last layer only needs outputs where logits are read: its other positions matter only as keys and
         # values. With a dense (or no) mask and no cache, its queries, attention rows and FFN are restricted to
         # `logits_slice` (on [x_t ; x0] that skips the clean half's last-layer compute). Elsewhere, slice after.
