@@ -33,10 +33,14 @@ from pathlib import Path
 from ..model.config import ModelConfig, effective_block_size
 
 GIB = 1024**3
-# CPU: the autograd intermediates the per-token count leaves out (dtype casts, views made contiguous) and what glibc's
-# allocator keeps after freeing, measured as a factor on the counted activations of the bundled model
-# (tests/test_plan.py: 5 shapes, b x L from 8 x 256 to 1 x 2048, dense, MDLM and [x_t ; x0]).
-CPU_OVERHEAD = 1.4
+# CPU, fitted (not counted): the layers' saved activations x this factor is what the process's peak RSS grows by for
+# them. It covers a layer's backward working set (the gradients of its activations, live while they are computed)
+# and what glibc's allocator keeps after a free (freed heap memory stays resident and the next step's tensors do not
+# fit it exactly). Small models need more (1.35-1.95 over the runs of tests/test_plan.py's shapes, which move by
+# ~20% from run to run), real-size ones less (1.0-1.3: bench/plan_shapes.py); 1.3 keeps both within the tests'
+# bounds (dev/LOG.md 2026-12-07). Everything else in the plan is counted, and tests/test_plan.py checks the count
+# against autograd's saved tensors.
+CPU_ALLOCATOR_FACTOR = 1.3
 # Per-device memory of common accelerators (GiB); `--device-memory` overrides.
 DEVICE_MEMORY_GIB = {"h100": 80, "h200": 141, "a100": 80, "a100-40gb": 40, "l40s": 48, "a10g": 24, "4090": 24,
                      "b200": 180, "mi300x": 192}
@@ -96,14 +100,17 @@ def _layer_elems_per_token(cfg: ModelConfig, moe_layer: bool) -> int:
 def plan_memory(cfg: ModelConfig, *, seq_len: int, batch_size: int, block_size: int, kind: str = "diffusion",
                 devices: int = 1, device: str = "cuda", device_memory: int | None = None, fsdp: bool | None = None,
                 ac: bool = False, param_bf16: bool | None = None, complementary: bool = False, decode_batch: int = 1,
-                model: str = "", adapter=None, loss_chunk_tokens: int | None = None) -> MemoryPlan:
+                model: str = "", adapter=None, loss_chunk_tokens: int | None = None, ar_loss: bool = False,
+                clean_causal: bool = True, shift: bool = False) -> MemoryPlan:
     """The per-device plan. `kind`: recipe objective kind ("ar" has no [x_t ; x0] doubling; "dpo" runs chosen and
     rejected plus the frozen reference model); `complementary` masks double the rows. `fsdp` defaults to
     devices > 1. `adapter` (a mask_adapter.AdapterConfig with kind "lora"): the parent is frozen, so gradients
     and AdamW moments exist only for the adapter's parameters; the frozen weights are held as in a full run
     (fp32, sharded under FSDP) and the activations are counted alike (backward still runs through every block to
     reach the adapters of the earlier ones). `loss_chunk_tokens`: tokens per chunk of the loss head (0 = off, None =
-    the losses' default, objectives/chunked_ce.py LOSS_CHUNK_TOKENS)."""
+    the losses' default, objectives/chunked_ce.py LOSS_CHUNK_TOKENS). `ar_loss`: the AR next-token loss beside the
+    diffusion loss ([diffusion] ar_weight > 0), on the same forward when `clean_causal`, else on one more. `shift`:
+    shifted labels (the clean half's logits are read, so its last layer runs whole)."""
     if loss_chunk_tokens is None:  # imported here: chunked_ce imports torch, and `blockdiff --help` reads this module
         from ..objectives.chunked_ce import LOSS_CHUNK_TOKENS as loss_chunk_tokens
     cuda = device != "cpu"
@@ -143,25 +150,52 @@ def plan_memory(cfg: ModelConfig, *, seq_len: int, batch_size: int, block_size: 
         layers = rows * T * cfg.hidden_size * act_b * cfg.num_layers + rows * T * max(per_tok) * act_b
     else:
         layers = rows * T * sum(per_tok) * act_b
-    # tokens whose logits exist at once: a chunk of the scored (noisy-half) tokens, or all of them unchunked
-    head_tokens = rows * L if loss_chunk_tokens <= 0 else min(loss_chunk_tokens, rows * L)
-    head = head_tokens * cfg.vocab_size * (act_b + 4)  # logits (bf16 on CUDA) + fp32 log-softmax
-    acts = layers + head + rows * T * cfg.hidden_size * act_b * 2  # + embedding output, final norm
-    mask = 0 if cuda else rows * T * T * 5  # CPU: the dense bool mask and SDPA's float copy of it
-    plan.rows["activations"] = int(acts * (CPU_OVERHEAD if not cuda else 1.0)) + mask
-    plan.rows["transient"] = head_tokens * cfg.vocab_size * 4  # the logits' gradient
+    # The last layer runs only the noisy half's queries and FFN when nothing reads the clean half's logits (same-
+    # position labels and no AR loss from this forward: transformer.py's fused last layer)
+    if T == 2 * L and not ac and not (shift or (ar_loss and clean_causal)):
+        layers -= rows * L * per_tok[-1] * act_b
+    # The AR loss on the clean stream (ar_weight > 0) comes from the same forward when the clean half is causal,
+    # else from one more forward of the clean rows alone (its activations are kept too)
+    extra_ar_forward = ar_loss and kind != "ar" and T == 2 * L and not clean_causal
+    if extra_ar_forward:
+        layers += rows * L * sum(per_tok) * act_b
+    # The loss head (objectives/chunked_ce.py). Each cross-entropy call -- the diffusion loss over the masked tokens,
+    # the AR loss over the clean stream -- scores up to rows x L tokens. At most one chunk of them: one pass, and
+    # autograd keeps the fp32 log-softmax [n, V]. More: each chunk is recomputed in backward, nothing V-wide is kept.
+    V, d = cfg.vocab_size, cfg.hidden_size
+    calls = 2 if ar_loss and kind != "ar" else 1
+    scored = rows * L
+    recompute = 0 < loss_chunk_tokens < scored
+    c = loss_chunk_tokens if recompute else scored  # tokens whose logits exist at once
+    head_saved = 0 if recompute else calls * scored * V * 4
+    layers += rows * T * d * act_b * 2  # + embedding output, final norm
+    acts = int(layers * (1.0 if cuda else CPU_ALLOCATOR_FACTOR)) + head_saved
+    mask = 0 if cuda else rows * T * T * 5  # CPU: the dense bool mask and the additive float mask made from it once
+    plan.rows["activations"] = acts + mask
+    # The largest temporaries on top: in backward, a chunk's logits and log-softmax (when recomputed), the gradients
+    # of the cross-entropy and of the log-softmax ([c, V] fp32 each), and the head's weight gradient [V, d] before it
+    # is added to the accumulated one (fp32 like the master weights); at the optimizer step, when the activations
+    # are gone, AdamW's update buffer (torch's foreach AdamW: one fp32 tensor per parameter of its largest group:
+    # train/optim.py puts the embeddings in one group, every other matrix in the other)
+    backward_tmp = c * V * ((act_b + 4) if recompute else 0) + 2 * c * V * 4 + V * d * 4
+    trained = A if adapter is not None and adapter.enabled else P
+    group = trained if trained != P else max(P - V * d, V * d)
+    plan.rows["transient"] = max(backward_tmp, group * 4 // n - plan.rows["activations"])
     if kind == "dpo":
         plan.rows["reference model"] = P * (2 if bf16 else 4) // n
         plan.notes.append("dpo: the frozen reference model is held too (sharded like the weights under FSDP)")
     plan.kv_cache = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (2 if cuda else 4) \
         * cfg.max_position_embeddings * decode_batch
     if not cuda:
-        plan.notes.append(f"cpu: fp32 activations x {CPU_OVERHEAD} (intermediates and allocator, measured), dense mask")
+        plan.notes.append(f"cpu: fp32 activations, the layers' x {CPU_ALLOCATOR_FACTOR} (backward working set and "
+                          "allocator, fitted), dense attention mask")
     if T == 2 * L:
         plan.notes.append(f"block diffusion B={B} < L={L}: the forward runs [x_t ; x0], T = 2L = {T}")
-    if head_tokens < rows * L:
-        plan.notes.append(f"loss head in chunks of {head_tokens} tokens (logits recomputed in backward) instead of "
-                          f"all {rows * L}")
+    if recompute:
+        plan.notes.append(f"loss head in chunks of {c} tokens (logits recomputed in backward) instead of all {scored}")
+    if calls == 2:
+        plan.notes.append("AR loss beside the diffusion loss: two cross-entropy calls"
+                          + (", and one more forward of the clean rows" if extra_ar_forward else ""))
     return plan
 
 
@@ -173,13 +207,15 @@ def plan_for_recipe(recipe, cfg: ModelConfig, *, devices: int, device: str, devi
     smallest = min(blocks)
     par = recipe.parallel
     fsdp = par.fsdp == "on" or (par.fsdp == "auto" and devices > 1)
+    diffusion = recipe.objective.kind in ("diffusion", "sft")
     return plan_memory(cfg, seq_len=L, batch_size=recipe.train.batch_size, block_size=smallest,
                        kind=recipe.objective.kind, devices=devices, device=device, device_memory=device_memory,
                        fsdp=fsdp, ac=par.ac == "full", complementary=recipe.objective.kind in ("diffusion", "sft")
                        and recipe.diffusion.complementary,
                        param_bf16=None if par.param_dtype == "auto" else par.param_dtype == "bfloat16", model=model,
                        adapter=recipe.adapter, loss_chunk_tokens=recipe.diffusion.loss_chunk_tokens
-                       if recipe.objective.kind in ("diffusion", "sft") else None)
+                       if diffusion else None, ar_loss=diffusion and recipe.diffusion.ar_weight > 0,
+                       clean_causal=recipe.objective.clean_stream == "causal", shift=recipe.objective.labels == "shift")
 
 
 def device_memory_bytes(device: str, memory_gib: float | None) -> int | None:
