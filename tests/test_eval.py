@@ -165,6 +165,30 @@ def test_conversion_report_rows_are_the_compare_rows():
     assert f"| converted | {spec['decoding']} | {spec['accuracy']:.3f} |" in md
 
 
+def test_conversion_report_evaluation_is_held_to_its_budget():
+    """issue 20 part 6: the report's evaluation of a real-size model cost more than its training. With a budget
+    that one prompt already fills, only that prompt is evaluated (its rows are evaluate_model's on it, and the
+    report says how many were asked for); with room for all, every prompt is, and nothing is marked."""
+    from blockdiff.convert import evaluate_parent_and_converted, format_report
+    from blockdiff.train.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes/tiny_wsd.toml", {"eval.tasks": 6, "eval.max_new_tokens": 8})
+    cut = evaluate_parent_and_converted(recipe, AR_DIR, BD_DIR, budget_s=1e-3)
+    assert cut["prompts"] == 1 and cut["time_limited"]["asked"] == 6 and cut["eval_s"] > 0
+    one = generate_examples("heldout", 6, seed=123)[:1]
+    settings = DecodeSettings(max_new_tokens=8, steps=recipe.eval.steps, threshold=recipe.eval.threshold)
+    for rows, folder in ((cut["parent_rows"], AR_DIR), (cut["converted_rows"], BD_DIR)):
+        ref = evaluate_model(folder, one, settings)
+        assert {k: v["correct"] for k, v in rows.items()} == {k: v["correct"] for k, v in ref.items()}
+    md = format_report({"parent": str(AR_DIR), "model": str(BD_DIR), "steps": 0, "train_tokens_per_s": 0,
+                        "wall_s": 0, "train_wall_s": 0, "device": "cpu", "phases": [], "tasks": cut})
+    assert "Only 1 of the 6 prompts asked for" in md and "the report's evaluation" in md
+    full = evaluate_parent_and_converted(recipe, AR_DIR, BD_DIR, budget_s=1e6)
+    assert full["prompts"] == 6 and "time_limited" not in full
+    with pytest.raises(ValueError, match="time_share must be >= 0"):
+        load_recipe(REPO / "recipes/tiny_wsd.toml", {"eval.time_share": -1})
+
+
 def test_spec_row_only_where_the_checkpoint_can_run_it(tmp_path, bd):
     """Default modes add spec for a shift / causal checkpoint only; the same weights declared in LLaDA2's layout
     (labels same, block-causal clean stream) get threshold, S and Q, and asking spec of them is an error."""

@@ -34,18 +34,44 @@ class ConvertResult:
     report_path: Path
 
 
-def evaluate_parent_and_converted(recipe: Recipe, parent: Path, converted: Path, seed: int = 123) -> dict:
+# The report's evaluation may always take this long, whatever the training took: a short run is never cut to a
+# prompt or two (the bundled model evaluates its 200 prompts in about a minute).
+EVAL_FLOOR_S = 60.0
+
+
+def evaluate_parent_and_converted(recipe: Recipe, parent: Path, converted: Path, seed: int = 123,
+                                  budget_s: float | None = None) -> dict:
     """Parent and converted model on the same held-out prompts, each decoded with its own kind (greedy AR for AR
     checkpoints; threshold, S and Q block decoding for block-diffusion ones: a parent may itself be a converted
-    model when a conversion is continued)."""
+    model when a conversion is continued).
+
+    `budget_s` (None = no limit): the evaluation's time. The first prompt is evaluated on both models and timed
+    (model loading included); when all the prompts would not fit the budget at that pace, only as many as fit are
+    evaluated (at least that first one), and the result says how many were asked for."""
     ev = recipe.eval
     examples = generate_examples("heldout", ev.tasks, seed=seed)
     kw = dict(max_new_tokens=ev.max_new_tokens, steps=ev.steps, threshold=ev.threshold)
-    parent_res = evaluate_checkpoint(parent, examples, **kw)
-    conv_res = evaluate_checkpoint(converted, examples, **kw)
-    return {"prompts": len(examples), "seed": seed, "max_new_tokens": ev.max_new_tokens,
-            "ar_parent": next(iter(parent_res.values())), "parent_rows": parent_res, "converted_rows": conv_res,
-            "converted": conv_res.get("threshold") or next(iter(conv_res.values()))}
+    t0 = time.perf_counter()
+    limit = None
+    if budget_s is not None and len(examples) > 1:
+        pilot = evaluate_checkpoint(parent, examples[:1], **kw), evaluate_checkpoint(converted, examples[:1], **kw)
+        per_prompt = time.perf_counter() - t0
+        fit = int((budget_s - per_prompt) // per_prompt)
+        if fit < len(examples):
+            limit = {"asked": len(examples), "budget_s": round(budget_s, 1), "first_prompt_s": round(per_prompt, 1)}
+            examples = examples[:max(fit, 1)]
+    if limit is not None and len(examples) == 1:
+        parent_res, conv_res = pilot
+    else:
+        parent_res = evaluate_checkpoint(parent, examples, **kw)
+        conv_res = evaluate_checkpoint(converted, examples, **kw)
+    out = {"prompts": len(examples), "seed": seed, "max_new_tokens": ev.max_new_tokens,
+           "ar_parent": next(iter(parent_res.values())), "parent_rows": parent_res, "converted_rows": conv_res,
+           "converted": conv_res.get("threshold") or next(iter(conv_res.values()))}
+    if limit is not None:
+        out["time_limited"] = limit
+    out["eval_s"] = round(time.perf_counter() - t0, 1)
+    return out
 
 
 def run_conversion(recipe: Recipe, out: str | Path, *, resume: bool = False, progress: bool = True,
@@ -72,7 +98,9 @@ def run_conversion(recipe: Recipe, out: str | Path, *, resume: bool = False, pro
         report["merge"] = {"k": recipe.merge.top_k, "block_size": merged.block_size,
                            "chosen": [{"checkpoint": c.name, "val_ppl": _ppl(v)} for c, v in merged.chosen]}
     if recipe.eval.tasks > 0:
-        report["tasks"] = evaluate_parent_and_converted(recipe, Path(recipe.model.path), model_dir)
+        share = recipe.eval.time_share
+        budget = None if share <= 0 else max(share * result.wall_s, EVAL_FLOOR_S)
+        report["tasks"] = evaluate_parent_and_converted(recipe, Path(recipe.model.path), model_dir, budget_s=budget)
     report["train_wall_s"] = round(result.wall_s, 1)
     report["wall_s"] = round(result.wall_s + time.perf_counter() - t0, 1)
     report["device"] = "cuda" if torch.cuda.is_available() and recipe.train.device != "cpu" else "cpu"
@@ -101,7 +129,9 @@ def _phase_table(evals: list[dict]) -> list[dict]:
 def format_report(r: dict) -> str:
     lines = ["# blockdiff conversion report", "", f"- parent: `{r['parent']}`", f"- result: `{r['model']}`",
              f"- steps: {r['steps']}, training throughput {r['train_tokens_per_s']} tokens/s (of L per row)",
-             f"- wall time: {r['wall_s']} s on {r['device']}{_machine_line(r)}", "", "## Validation ELBO perplexity per WSD phase", "",
+             f"- wall time: {r['wall_s']} s on {r['device']}{_machine_line(r)}"
+             + (f" (training {r['train_wall_s']} s, the report's evaluation {r['tasks']['eval_s']} s)"
+                if "eval_s" in r.get("tasks", {}) and "train_wall_s" in r else ""), "", "## Validation ELBO perplexity per WSD phase", "",
              "| phase | block size | step | val ELBO ppl |", "|---|---|---|---|"]
     lines += [f"| {p['phase']} | {p['block_size']} | {p['step']} | {p['val_elbo_ppl']} |" for p in r["phases"]]
     if "merge" in r:
@@ -112,7 +142,13 @@ def format_report(r: dict) -> str:
         t = r["tasks"]
         tasks = list(t["ar_parent"]["per_task"])
         lines += ["", f"## Held-out synthetic tasks ({t['prompts']} prompts, seed {t.get('seed', 123)}, max "
-                      f"{t['max_new_tokens']} new tokens, batch 1)", "",
+                      f"{t['max_new_tokens']} new tokens, batch 1)", ""]
+        if "time_limited" in t:
+            cut = t["time_limited"]
+            lines += [f"Only {t['prompts']} of the {cut['asked']} prompts asked for: the first took "
+                      f"{cut['first_prompt_s']} s on both models, and the evaluation is held to {cut['budget_s']} s "
+                      "(`[eval] time_share` of the training's wall time). The interval is wide accordingly.", ""]
+        lines += [
                   "| model | decoding | accuracy | 95% CI | " + " | ".join(tasks) + " | TPF | tokens/s | vs parent |",
                   "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
         rows = [("AR parent" if k == "AR" else "parent", v) for k, v in t["parent_rows"].items()]

@@ -225,10 +225,16 @@ class EvalSection:
     max_new_tokens: int = 32  # generation budget per prompt (tokens)
     steps: int = 32  # denoising steps per block (DecodeConfig.steps)
     threshold: float | None = None  # threshold mode's M2T threshold; None = the mode's default (decode.config.MODES)
+    # The evaluation's time, held to this share of the training's wall time (never below convert.EVAL_FLOOR_S): one
+    # prompt of each model is timed first and as many prompts as fit are evaluated (all `tasks` when they do; the
+    # report says how many). 0 = no limit.
+    time_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.tasks < 0:
             raise ValueError(f"tasks must be >= 0, got {self.tasks}")
+        if self.time_share < 0:
+            raise ValueError(f"time_share must be >= 0 (0 = no limit), got {self.time_share}")
         from ..decode.engine import DecodeConfig  # its checks are the ones that apply
 
         DecodeConfig(max_new_tokens=self.max_new_tokens, steps=self.steps, threshold=self.threshold)
