@@ -108,7 +108,9 @@ def run(cmd: list[str], *, threads: int, log: Path, timeout: float = 7200) -> st
     return out.stdout
 
 
-def make_parent(shape: str, folder: Path) -> int:
+def make_parent(shape: str, folder: Path, published: bool = False) -> int:
+    """The random parent of `shape` (its published, uncut config with `published`), saved with the bundled tokenizer;
+    returns its parameter count."""
     import torch
 
     from blockdiff.data.tokenizer import load_tokenizer
@@ -116,7 +118,8 @@ def make_parent(shape: str, folder: Path) -> int:
     from blockdiff.model.config import ModelConfig
     from blockdiff.model.hf_io import save_pretrained
 
-    cfg = ModelConfig.from_hf(SHAPES[shape]["config"], source=shape)
+    entry = SHAPES[shape]
+    cfg = ModelConfig.from_hf(entry.get("published", entry["config"]) if published else entry["config"], source=shape)
     torch.manual_seed(0)
     model = build_model(cfg)
     model.init_weights(seed=0)
@@ -169,7 +172,7 @@ def cost(args, model: str, log: Path) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def serve(args, model: str, log: Path) -> dict:
+def serve(args, model: str, log: Path, mode: str | None = "S") -> dict:
     import httpx
     from serve_helpers import running_server
 
@@ -177,8 +180,8 @@ def serve(args, model: str, log: Path) -> dict:
         line = next((s for s in log.read_text().splitlines() if "KV cache" in s), "")
         name = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
         t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "add 12+34=", "max_tokens": 8,
-                                                      "mode": "S"}, timeout=600)
+        r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "add 12+34=", "max_tokens": 8}
+                       | ({"mode": mode} if mode else {}), timeout=600)
         latency = time.perf_counter() - t0
     m = re.search(r"KV cache ([\d.]+) GiB", line)
     return {"status": r.status_code, "latency_s": round(latency, 1), "kv_cache_gib": float(m[1]) if m else None,
@@ -195,6 +198,9 @@ def main() -> None:
     p.add_argument("--speed-tokens", type=int, default=32, help="generated tokens of the continuation workload")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
+    p.add_argument("--serve-only", action="store_true",
+                   help="only `blockdiff serve` the random parent (an AR model, the published shape uncut) with default "
+                        "flags: does it fit and answer? Prints the JSON, saves nothing")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
     if args.steps < 2:
@@ -205,12 +211,19 @@ def main() -> None:
     log = work / "log.txt"
     timings = {}
     t0 = time.perf_counter()
-    params = make_parent(args.shape, work / "parent")
+    params = make_parent(args.shape, work / "parent", published=args.serve_only)
     timings["parent_s"] = round(time.perf_counter() - t0, 1)
     res: dict = {"bench": "realsize", "date": dt.date.today().isoformat(), "cpu": cpu_name(), "threads": args.threads,
-                 "load1_at_start": describe(args.threads)["load1"], "shape": args.shape, "cut": SHAPES[args.shape]["cut"],
+                 "load1_at_start": describe(args.threads)["load1"], "shape": args.shape,
+                 "cut": "none" if args.serve_only and "published" in SHAPES[args.shape] else SHAPES[args.shape]["cut"],
                  "params": params}
     print(f"[realsize] parent {args.shape}: {params / 1e6:.0f}M params in {timings['parent_s']} s", flush=True)
+    if args.serve_only:
+        res["serve_parent"] = serve(args, str(work / "parent"), work / "serve.log", mode=None)
+        if tmp is not None:
+            tmp.cleanup()
+        print(json.dumps(res))
+        return
     res["convert"] = convert(args, work / "parent", work, log)
     print(f"[realsize] convert: {res['convert']}", flush=True)
     model = res["convert"].pop("model")

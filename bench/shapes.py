@@ -41,7 +41,7 @@ LLADA2_MINI = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe"
                "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "rope_theta": 600000,
                "max_position_embeddings": 32768}
 
-# What bench/plan_shapes.py runs: the two Qwen shapes whole; Llama-3.2-1B with 4 of its 16 layers (every layer is
+# What bench/plan_shapes.py runs ("published": the uncut config, where the entry is cut): the two Qwen shapes whole; Llama-3.2-1B with 4 of its 16 layers (every layer is
 # alike: fewer layers keep the per-layer and head terms, the part the plan counts); LLaDA2.0-mini with its dense
 # first layer and 2 MoE layers of 16 experts (each expert keeps its 2048 x 512 shape and 8 are routed per token as
 # in the real model, so the routed activations are the real ones; 256 experts x 20 layers is 16B parameters,
@@ -49,9 +49,9 @@ LLADA2_MINI = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe"
 SHAPES = {
     "qwen2.5-0.5b": {"config": QWEN25_05B, "cut": "none"},
     "qwen3-0.6b": {"config": QWEN3_06B, "cut": "none"},
-    "llama-3.2-1b": {"config": LLAMA32_1B | {"num_hidden_layers": 4}, "cut": "4 of 16 layers"},
+    "llama-3.2-1b": {"config": LLAMA32_1B | {"num_hidden_layers": 4}, "cut": "4 of 16 layers", "published": LLAMA32_1B},
     "llada2.0-mini": {"config": LLADA2_MINI | {"num_hidden_layers": 3, "num_experts": 16},
-                      "cut": "3 of 20 layers, 16 of 256 experts (8 routed, as published)"},
+                      "cut": "3 of 20 layers, 16 of 256 experts (8 routed, as published)", "published": LLADA2_MINI},
 }
 # The same Qwen2 family at the smallest size that still has GQA, RoPE, biases and tied embeddings: the benches'
 # smoke runs (tests/test_bench_realsize.py), never a measurement.

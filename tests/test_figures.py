@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+from doc_helpers import section
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -65,14 +66,6 @@ def clean(cell: str) -> str:
     return cell.replace("**", "").replace("`", "").strip()
 
 
-def section(path: str, heading: str) -> str:
-    text = (REPO / path).read_text(encoding="utf-8")
-    parts = re.split(r"^## (.+)$", text, flags=re.M)
-    bodies = [body for title, body in zip(parts[1::2], parts[2::2]) if title.strip() == heading]
-    assert len(bodies) == 1, f"{path}: {len(bodies)} sections '## {heading}'"
-    return bodies[0]
-
-
 def tables(text: str) -> list[list[dict[str, str]]]:
     """Every markdown table of text: rows of header -> cell."""
     out = []
@@ -102,7 +95,8 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 def test_every_results_section_with_a_table_is_checked_or_says_why():
     text = (REPO / RESULTS_MD).read_text(encoding="utf-8")
     checked = {"Main job", "Mask-only adapter conversion vs the full one", "Conversion benchmark", "Decoding",
-               "Serving", "Training step, block diffusion vs AR", "Post-training: measured effects on the bundled model"}
+               "Serving", "Training step, block diffusion vs AR", "Post-training: measured effects on the bundled model",
+               "Real-size shapes on this CPU"}
     prose = {"Bundled AR parent", "Many devices: FSDP2 on CPU"}  # checked below as sentences
     parts = re.split(r"^## (.+)$", text, flags=re.M)
     for title, body in zip(parts[1::2], parts[2::2]):
@@ -389,3 +383,27 @@ def test_bench_peak_memory_is_vmhwm_not_ru_maxrss():
                                                (-1.1177, "-1.12", "-1.12"), (22.5568, "22.56", "22.56")])
 def test_shown_as_rounds_as_python_formats(value, like, want):
     assert shown_as(value, like) == want
+
+
+@pytest.mark.parametrize("page,heading,md", [("docs/distributed.md", "The memory plan", "plan-shapes-2026-12-07.md"),
+                                             (RESULTS_MD, "Real-size shapes on this CPU", "realsize-2026-12-07.md")])
+def test_bench_tables_are_shown_as_the_bench_wrote_them(page, heading, md):
+    """Tables a bench writes itself (from the same numbers as its JSON) are pasted, not retyped: every table row of
+    the section is a line of the bench's markdown, and the JSON it wrote from the same numbers is committed beside it."""
+    written = (RESULTS / md).read_text(encoding="utf-8").splitlines()
+    rows = re.findall(r"^\|.*\|$", section(page, heading), flags=re.M)
+    assert rows, f"{page} '## {heading}' shows no table"
+    missing = [r for r in rows if r not in written]
+    assert not missing, f"{page} '## {heading}': rows not in bench/results/{md}:\n" + "\n".join(missing)
+    assert (RESULTS / md.replace(".md", ".json")).is_file()
+
+
+def test_real_size_row_of_the_readme_equals_the_json():
+    j, plan, f = load("realsize-2026-12-07.json"), load("plan-shapes-2026-12-07.json"), Figures()
+    got = find(r"conversion ([\d.]+) tokens/s at ([\d.]+ GiB) peak \(plan ([\d.]+ GiB)\); decoding: the parent "
+                  r"([\d.]+) tokens/s, S mode ([\d.]+x) .*? within (\d+%) of the measured peak on (\d) real shapes", README)
+    c, d = j["convert"], j["decode"]
+    for shown, value in zip(got, (c["train_tokens_per_s"], c["peak_rss_gib"], c["plan_gib"], d["ar"]["task_tps"],
+                                  d["S"]["task_vs_ar"], 100 * plan["worst_abs_error"], len(plan["rows"]))):
+        f.eq(shown, value, "README real-size")
+    f.done(7)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import run_cli
+from doc_helpers import section
 
 from blockdiff.train.recipe import tomllib  # tomli on Python 3.10
 
@@ -54,14 +55,6 @@ class Command:
     argv: list[str]  # after `blockdiff`, or the harness launcher's arguments
     harness: bool = False
     shown: list[str] = field(default_factory=list)  # the `# ` lines under it: what the page says it prints
-
-
-def section(path: str, heading: str) -> str:
-    text = (REPO / path).read_text(encoding="utf-8")
-    parts = re.split(r"^## (.+)$", text, flags=re.M)
-    bodies = [body for title, body in zip(parts[1::2], parts[2::2]) if title.strip() == heading]
-    assert len(bodies) == 1, f"{path} has {len(bodies)} sections '## {heading}'"
-    return bodies[0]
 
 
 def ansi_c_quotes(line: str) -> str:
