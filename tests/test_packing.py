@@ -1,5 +1,6 @@
 """Packing: a hand-checked layout, equality with a naive reference packer, cache, stream resume."""
 
+import json
 import time
 
 import numpy as np
@@ -129,40 +130,54 @@ DOCS = [Document("hello world", "a.txt", 0), Document("add 12+34=46", "b.jsonl",
 
 
 def test_tokenize_documents_layout(tok):
-    corpus = tokenize_documents(DOCS, tok, cache_dir=None)
+    corpus = tokenize_documents(DOCS, tok)
     assert corpus.tokens.dtype == np.int32 and corpus.doc_offsets.dtype == np.int64
     assert corpus.n_docs == 3 and corpus.n_tokens == corpus.doc_offsets[-1]
     for i, d in enumerate(DOCS):
         doc = corpus.tokens[corpus.doc_offsets[i]:corpus.doc_offsets[i + 1]].tolist()
         assert doc == tok.encode(d.text) + [tok.eos_id]
-    assert tokenize_documents([], tok, None).n_docs == 0
+    assert tokenize_documents([], tok).n_docs == 0
 
 
 def test_cache_hit_and_miss(tok, tmp_path, monkeypatch):
-    first = tokenize_documents(DOCS, tok, tmp_path)
-    assert not first.from_cache and len(list(tmp_path.glob("*.npz"))) == 1
-    assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file
+    """The token cache (data/token_cache.py): a second read of the same files is a hit that encodes nothing and
+    equals the first; changed text, another file name with the same text and another tokenizer each tokenise
+    again; a damaged entry is tokenised again, not trusted; no temporary folder is left."""
+    from blockdiff.data.token_cache import corpus_tokens
+
+    def write(name, docs):
+        (tmp_path / name).write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+        return [tmp_path / name]
+
+    cache = tmp_path / "cache"
+    src = write("b.jsonl", DOCS)
+    first = corpus_tokens(src, tok, cache)
+    assert not first.from_cache and len(list(cache.glob("tokens-*"))) == 1
+    assert not list(cache.glob(".tokens-*"))  # the entry is renamed into place: no half-written folder left
+    ref = tokenize_documents(DOCS, tok)  # the in-memory encoder, an independent computation
+    np.testing.assert_array_equal(first.tokens, ref.tokens)
+    np.testing.assert_array_equal(first.doc_offsets, ref.doc_offsets)
 
     def fail(*args, **kwargs):
         raise AssertionError("cache should have been hit")
 
     monkeypatch.setattr(Tokenizer, "encode_batch", fail)
-    again = tokenize_documents(DOCS, tok, tmp_path)
+    again = corpus_tokens(src, tok, cache)
     assert again.from_cache
     np.testing.assert_array_equal(again.tokens, first.tokens)
     np.testing.assert_array_equal(again.doc_offsets, first.doc_offsets)
     monkeypatch.undo()
 
-    changed_text = [Document("hello world!", "a.txt", 0)] + DOCS[1:]
-    changed_source = [Document("hello world", "c.txt", 0)] + DOCS[1:]
-    for docs, t in [(changed_text, tok), (changed_source, tok), (DOCS, tok.with_mask_token())]:
-        assert not tokenize_documents(docs, t, tmp_path).from_cache
-    assert len(list(tmp_path.glob("*.npz"))) == 4
+    changed_text = write("c.jsonl", [Document("hello world!", "c.jsonl", 1)] + DOCS[1:])
+    changed_source = write("d.jsonl", DOCS)
+    for entries, t in [(changed_text, tok), (changed_source, tok), (src, tok.with_mask_token())]:
+        assert not corpus_tokens(entries, t, cache).from_cache
+    assert len(list(cache.glob("tokens-*"))) == 4
 
-    # A damaged cache file is re-tokenized, not trusted.
-    for f in tmp_path.glob("*.npz"):
+    # A damaged cache entry is re-tokenized, not trusted.
+    for f in cache.glob("tokens-*/meta.json"):
         f.write_bytes(b"garbage")
-    assert not tokenize_documents(DOCS, tok, tmp_path).from_cache
+    assert not corpus_tokens(src, tok, cache).from_cache
 
 
 def _dataset(n_rows, seq_len=4):

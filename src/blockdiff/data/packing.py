@@ -1,4 +1,5 @@
-"""Tokenize documents once (cached on disk) and pack them into fixed-length rows with document ids.
+"""Tokenize documents (in memory here; cached on disk, streaming, by data/token_cache.py) and pack them into
+fixed-length rows with document ids.
 
 Packing follows LLaDA2 (arXiv:2512.15745, continual pretraining): documents are concatenated
 into rows of `seq_len` tokens and the attention mask keeps each document to itself, so every
@@ -9,15 +10,12 @@ document), and the unused tail of a row is padding that forms its own document.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from blockdiff.atomic import open_for_replace
 from blockdiff.data.documents import Document
 from blockdiff.data.tokenizer import Tokenizer
 
@@ -28,7 +26,7 @@ _ENCODE_CHUNK = 4096  # documents per encode_batch call: bounds the Encoding obj
 class TokenizedCorpus:
     tokens: np.ndarray  # int32 [n_tokens]: every document followed by one EOS, concatenated
     doc_offsets: np.ndarray  # int64 [n_docs + 1]: document i is tokens[doc_offsets[i]:doc_offsets[i+1]]
-    from_cache: bool = False  # True when loaded from the .npz cache instead of tokenized
+    from_cache: bool = False  # True when read from the token cache (data/token_cache.py) instead of tokenized
 
     @property
     def n_docs(self) -> int:
@@ -39,46 +37,10 @@ class TokenizedCorpus:
         return len(self.tokens)
 
 
-def _cache_key(docs: Sequence[Document], tok: Tokenizer) -> str:
-    h = hashlib.sha256(b"blockdiff-tokens-v1")
-    h.update(tok.fingerprint().encode())
-    for d in docs:
-        # Length prefixes keep ("ab", "c") and ("a", "bc") apart.
-        for field in (d.text, d.source):
-            b = field.encode("utf-8")
-            h.update(len(b).to_bytes(8, "little"))
-            h.update(b)
-    return h.hexdigest()
-
-
-def _load_cache(path: Path) -> TokenizedCorpus | None:
-    try:
-        with np.load(path) as f:
-            return TokenizedCorpus(f["tokens"], f["doc_offsets"], from_cache=True)
-    except (OSError, KeyError, ValueError):  # missing or unreadable: tokenize again
-        return None
-
-
-def _save_cache(path: Path, corpus: TokenizedCorpus) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open_for_replace(path, "wb") as f:
-        np.savez(f, tokens=corpus.tokens, doc_offsets=corpus.doc_offsets)
-
-
-def tokenize_documents(
-    docs: Sequence[Document], tok: Tokenizer, cache_dir: str | Path | None = None
-) -> TokenizedCorpus:
-    """Encode every document and append `tok.eos_id`; cached under `cache_dir` when given.
-
-    The cache key covers each document's text and source and the tokenizer fingerprint, so a
-    changed file or tokenizer re-tokenizes.
-    """
-    cache_path = None
-    if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"tokens-{_cache_key(docs, tok)}.npz"
-        cached = _load_cache(cache_path)
-        if cached is not None:
-            return cached
+def tokenize_documents(docs: Sequence[Document], tok: Tokenizer) -> TokenizedCorpus:
+    """Encode every document and append `tok.eos_id`, in memory. Training reads its corpus through the on-disk,
+    streaming cache instead (data/token_cache.py corpus_tokens); this is the small in-memory form (benchmarks, and
+    the tests' independent reference for that cache)."""
     lengths = np.zeros(len(docs), dtype=np.int64)
     pieces = []
     for start in range(0, len(docs), _ENCODE_CHUNK):
@@ -90,10 +52,7 @@ def tokenize_documents(
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    corpus = TokenizedCorpus(tokens, offsets)
-    if cache_path is not None:
-        _save_cache(cache_path, corpus)
-    return corpus
+    return TokenizedCorpus(tokens, offsets)
 
 
 @dataclass
